@@ -59,6 +59,19 @@ public class BookCountTests
         public override Tensor forward(Tensor x) => throw new NotSupportedException("shape-only stand-in");
     }
 
+    private sealed class Table : nn.Module<Tensor, Tensor>
+    {
+        private readonly Parameter weight;
+
+        public Table(long rows, long dim, Device device) : base("Embedding")
+        {
+            weight = new Parameter(empty(rows, dim, device: device));
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor x) => throw new NotSupportedException("shape-only stand-in");
+    }
+
     private sealed class Transformer : nn.Module<Tensor, Tensor>
     {
         private readonly nn.Module<Tensor, Tensor> word_embeddings;
@@ -67,7 +80,9 @@ public class BookCountTests
 
         public Transformer(Device device) : base("ChatGLMModel")
         {
-            word_embeddings = nn.Embedding(130528, 4096, device: device);
+            // TorchSharp's Embedding is created natively on the CPU and then moved (6 s and 2 GiB here), so the
+            // stand-in holds a meta-device table of the same shape instead.
+            word_embeddings = new Table(130528, 4096, device);
             for (int i = 0; i < 28; i++) layers.Add(new GlmLayerStandIn(device));
             final_layernorm = nn.LayerNorm(4096, device: device);
             RegisterComponents();
