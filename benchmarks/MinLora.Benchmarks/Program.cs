@@ -1,0 +1,148 @@
+using System.Diagnostics;
+using System.Globalization;
+using MinLora;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+// MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
+// (medians), cycling over enough weight copies to exceed the last-level cache.
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora [--rounds N] [--quick]
+var argsList = args.ToList();
+string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
+int rounds = ReadInt("--rounds", 7);
+bool quick = argsList.Contains("--quick");
+if (suite != "lora")
+{
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora)");
+    return 2;
+}
+Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians");
+LoraSuite.Run(rounds, quick);
+return 0;
+
+int ReadInt(string name, int fallback)
+{
+    int i = argsList.IndexOf(name);
+    return i >= 0 && i + 1 < argsList.Count ? int.Parse(argsList[i + 1], CultureInfo.InvariantCulture) : fallback;
+}
+
+/// <summary>LoRA overhead: forward of an adapted layer vs the plain layer, and a LoRA training step vs a full one.</summary>
+internal static class LoraSuite
+{
+    private sealed class Holder : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module<Tensor, Tensor> proj;
+
+        public Holder(long i, long o, ScalarType dtype) : base(nameof(Holder))
+        {
+            proj = nn.Linear(i, o, hasBias: false, dtype: dtype);
+            RegisterComponents();
+        }
+
+        public override Tensor forward(Tensor x) => proj.call(x);
+    }
+
+    public static void Run(int rounds, bool quick)
+    {
+        const long cacheBytes = 96L << 20; // 3× a 32 MiB L3
+        var shapes = quick ? new[] { (In: 1024L, Out: 1024L) } : new[] { (In: 4096L, Out: 4096L), (In: 4096L, Out: 12288L) };
+        var dtypes = new[] { ScalarType.Float32, ScalarType.BFloat16 };
+        Console.WriteLine();
+        Console.WriteLine("| weight | dtype | rows | plain linear | LoRA r=8 unmerged | ratio | merged (wrapper kept) | ratio |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        foreach (var (i, o) in shapes)
+        {
+            foreach (var dtype in dtypes)
+            {
+                long bytes = i * o * (dtype == ScalarType.Float32 ? 4 : 2);
+                int copies = (int)Math.Max(1, (cacheBytes + bytes - 1) / bytes);
+                var plain = Enumerable.Range(0, copies).Select(_ => new Holder(i, o, dtype)).ToList();
+                var lora = Enumerable.Range(0, copies).Select(_ => new Holder(i, o, dtype)).ToList();
+                var merged = Enumerable.Range(0, copies).Select(_ => new Holder(i, o, dtype)).ToList();
+                foreach (var m in lora) m.AddLora(new LoraConfig { Rank = 8, Init = LoraInit.Random });
+                foreach (var m in merged)
+                {
+                    m.AddLora(new LoraConfig { Rank = 8, Init = LoraInit.Random });
+                    m.MergeLora(unload: false);
+                }
+                foreach (var rows in new[] { 1L, 16L, 128L })
+                {
+                    using var x = randn(rows, i).to(dtype);
+                    var times = Measure(rounds, new Func<int, double>[]
+                    {
+                        k => Time(() => Forward(plain[k % copies], x)),
+                        k => Time(() => Forward(lora[k % copies], x)),
+                        k => Time(() => Forward(merged[k % copies], x)),
+                    }, copies);
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"| {i}×{o} | {dtype} | {rows} | {Ms(times[0])} | {Ms(times[1])} | {times[0] / times[1]:F2} | {Ms(times[2])} | {times[0] / times[2]:F2} |"));
+                }
+                foreach (var m in plain.Concat(lora).Concat(merged)) m.Dispose();
+            }
+        }
+
+        Console.WriteLine();
+        Console.WriteLine("Training step (forward + backward + AdamW), 128 rows, float32: full fine-tuning vs LoRA r=8 (base frozen)");
+        Console.WriteLine("| weight | full step | LoRA step | ratio (full ÷ LoRA) |");
+        Console.WriteLine("|---|---|---|---|");
+        foreach (var (i, o) in shapes)
+        {
+            using var full = new Holder(i, o, ScalarType.Float32);
+            using var adapted = new Holder(i, o, ScalarType.Float32);
+            adapted.AddLora(new LoraConfig { Rank = 8, Init = LoraInit.Random });
+            using var optFull = optim.AdamW(full.parameters(), lr: 1e-4);
+            using var optLora = optim.AdamW(adapted.GetLoraParameters(), lr: 1e-4);
+            using var x = randn(128, i);
+            var times = Measure(rounds, new Func<int, double>[]
+            {
+                _ => Time(() => Step(full, optFull, x)),
+                _ => Time(() => Step(adapted, optLora, x)),
+            }, 1);
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| {i}×{o} | {Ms(times[0])} | {Ms(times[1])} | {times[0] / times[1]:F2} |"));
+        }
+        Console.WriteLine();
+        Console.WriteLine("ratio > 1: the variant is faster than the baseline; < 1: slower (LoRA's extra work).");
+    }
+
+    private static void Forward(Holder m, Tensor x)
+    {
+        using var noGrad = no_grad();
+        using var y = m.call(x);
+    }
+
+    private static void Step(Holder m, optim.Optimizer opt, Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        opt.zero_grad();
+        m.call(x).square().mean().backward();
+        opt.step();
+    }
+
+    private static double Time(Action a)
+    {
+        var sw = Stopwatch.StartNew();
+        a();
+        return sw.Elapsed.TotalMilliseconds;
+    }
+
+    /// <summary>Per round, each variant runs <c>calls</c> times in turn; returns each variant's median per-call time.</summary>
+    private static double[] Measure(int rounds, Func<int, double>[] variants, int copies)
+    {
+        int calls = Math.Max(8, copies * 2);
+        foreach (var v in variants) for (int k = 0; k < copies; k++) v(k); // warm-up
+        var samples = variants.Select(_ => new List<double>()).ToArray();
+        for (int r = 0; r < rounds; r++)
+        {
+            for (int v = 0; v < variants.Length; v++)
+            {
+                double total = 0;
+                for (int k = 0; k < calls; k++) total += variants[v](k);
+                samples[v].Add(total / calls);
+            }
+        }
+        return samples.Select(s => s.OrderBy(t => t).ElementAt(s.Count / 2)).ToArray();
+    }
+
+    private static string Ms(double ms) => ms.ToString(ms < 1 ? "F3" : "F2", CultureInfo.InvariantCulture) + " ms";
+}
