@@ -343,50 +343,32 @@ internal sealed class AdapterParameters : nn.Module
     protected override void RegisterComponents() { }
 }
 
-/// <summary>LoRA on a <c>torch.nn.Linear</c> or an <see cref="ILinearLayer"/> (e.g. a quantized linear layer).</summary>
-public sealed class LoraLinear : LoraLayer
+/// <summary>
+/// A LoRA layer whose factors are child modules: A maps the input to r channels, B maps r channels to the output
+/// (<c>lora_A.&lt;adapter&gt;.weight</c>, <c>lora_B.&lt;adapter&gt;.weight</c>).
+/// </summary>
+public abstract class FactorModuleLoraLayer : LoraLayer
 {
     private readonly AdapterModules lora_A = new();
     private readonly AdapterModules lora_B = new();
-    private readonly long _in;
-    private readonly long _out;
 
-    internal LoraLinear(nn.Module<Tensor, Tensor> baseLayer) : base(nameof(LoraLinear), baseLayer)
+    private protected FactorModuleLoraLayer(string name, nn.Module<Tensor, Tensor> baseLayer) : base(name, baseLayer)
     {
-        switch (baseLayer)
-        {
-            case Linear l:
-                _in = l.in_features;
-                _out = l.out_features;
-                break;
-            case ILinearLayer q:
-                _in = q.InFeatures;
-                _out = q.OutFeatures;
-                break;
-            default:
-                throw new ArgumentException($"LoraLinear wraps Linear or ILinearLayer modules, not {baseLayer.GetType().Name}.", nameof(baseLayer));
-        }
         register_module(nameof(lora_A), lora_A);
         register_module(nameof(lora_B), lora_B);
     }
 
-    /// <summary>Input features of the wrapped layer.</summary>
-    public long InFeatures => _in;
+    /// <summary>The shape of the base weight that <c>B·A</c> is reshaped to.</summary>
+    private protected abstract long[] BaseWeightShape { get; }
 
-    /// <summary>Output features of the wrapped layer.</summary>
-    public long OutFeatures => _out;
-
-    internal override ScalarType BaseDtype => BaseLayer is ILinearLayer q ? q.OutputDtype : BaseParameter("weight").dtype;
-
-    private Device BaseDevice => BaseLayer is ILinearLayer q ? q.WeightDevice : BaseParameter("weight").device;
+    /// <summary>Creates the two factor modules (uninitialised values are fine: they are initialised here).</summary>
+    private protected abstract (nn.Module<Tensor, Tensor> A, nn.Module<Tensor, Tensor> B) NewFactors(int rank, ScalarType dtype);
 
     private protected override void CreateFactors(string adapterName, int rank, ScalarType dtype, LoraInit init)
     {
-        var device = BaseDevice;
-        var a = nn.Linear(_in, rank, hasBias: false, device: device, dtype: dtype);
-        var b = nn.Linear(rank, _out, hasBias: false, device: device, dtype: dtype);
-        InitFactorA(a.weight, init, rank);
-        InitFactorB(b.weight, init, rank);
+        var (a, b) = NewFactors(rank, dtype);
+        InitFactorA(Weight(a), init, rank);
+        InitFactorB(Weight(b), init, rank);
         lora_A.Add(adapterName, a);
         lora_B.Add(adapterName, b);
     }
@@ -399,31 +381,74 @@ public sealed class LoraLinear : LoraLayer
 
     internal override IEnumerable<(string Suffix, Parameter Tensor)> AdapterTensors(string adapterName)
     {
-        yield return ("lora_A.weight", ((Linear)lora_A[adapterName]).weight);
-        yield return ("lora_B.weight", ((Linear)lora_B[adapterName]).weight);
+        yield return ("lora_A.weight", Weight(lora_A[adapterName]));
+        yield return ("lora_B.weight", Weight(lora_B[adapterName]));
     }
 
     private protected override Tensor AdapterForward(string adapterName, Tensor input, LoraAdapterInfo info, bool training)
     {
-        var a = (Linear)lora_A[adapterName];
-        var x = input.dtype == a.weight.dtype ? input : input.to(a.weight.dtype);
+        var a = lora_A[adapterName];
+        var dtype = Weight(a).dtype;
+        var x = input.dtype == dtype ? input : input.to(dtype);
         var h = lora_B[adapterName].call(a.call(Dropout(x, info, training)));
         return info.Scaling == 1.0 ? h : h.mul(info.Scaling);
     }
 
     private protected override Tensor DeltaWeight(string adapterName, LoraAdapterInfo info)
     {
-        var wa = ((Linear)lora_A[adapterName]).weight;
-        var a = wa.to(MergeDtype(wa.dtype));
-        var b = ((Linear)lora_B[adapterName]).weight.to(MergeDtype(wa.dtype));
-        return b.matmul(a).mul_(info.Scaling); // [out, r] x [r, in] = [out, in]
+        var wa = Weight(lora_A[adapterName]); // [r, in(, kh, kw)]
+        var wb = Weight(lora_B[adapterName]); // [out, r(, 1, 1)]
+        var dt = MergeDtype(wa.dtype);
+        return wb.to(dt).flatten(1).matmul(wa.to(dt).flatten(1)).reshape(BaseWeightShape).mul_(info.Scaling);
     }
 
-    private protected override bool AddToBaseWeight(Tensor delta)
+    private protected override bool AddToBaseWeight(Tensor delta) => AddInFloat32(BaseParameter("weight"), delta);
+
+    private static Parameter Weight(nn.Module m)
     {
-        if (BaseLayer is ILinearLayer q) return q.AddToWeight(delta);
-        return AddInFloat32(BaseParameter("weight"), delta);
+        foreach (var (n, p) in m.named_parameters(false))
+        {
+            if (n == "weight") return p;
+        }
+        throw new InvalidOperationException($"LoRA factor {m.GetName()} has no weight.");
     }
+}
+
+/// <summary>LoRA on a <c>torch.nn.Linear</c> or an <see cref="ILinearLayer"/> (e.g. a quantized linear layer).</summary>
+public sealed class LoraLinear : FactorModuleLoraLayer
+{
+    private readonly long _in;
+    private readonly long _out;
+
+    internal LoraLinear(nn.Module<Tensor, Tensor> baseLayer) : base(nameof(LoraLinear), baseLayer)
+    {
+        (_in, _out) = baseLayer switch
+        {
+            Linear l => (l.in_features, l.out_features),
+            ILinearLayer q => (q.InFeatures, q.OutFeatures),
+            _ => throw new ArgumentException($"LoraLinear wraps Linear or ILinearLayer modules, not {baseLayer.GetType().Name}.", nameof(baseLayer)),
+        };
+    }
+
+    /// <summary>Input features of the wrapped layer.</summary>
+    public long InFeatures => _in;
+
+    /// <summary>Output features of the wrapped layer.</summary>
+    public long OutFeatures => _out;
+
+    internal override ScalarType BaseDtype => BaseLayer is ILinearLayer q ? q.OutputDtype : BaseParameter("weight").dtype;
+
+    private protected override long[] BaseWeightShape => new[] { _out, _in };
+
+    private protected override (nn.Module<Tensor, Tensor> A, nn.Module<Tensor, Tensor> B) NewFactors(int rank, ScalarType dtype)
+    {
+        var device = BaseLayer is ILinearLayer q ? q.WeightDevice : BaseParameter("weight").device;
+        return (nn.Linear(_in, rank, hasBias: false, device: device, dtype: dtype),
+                nn.Linear(rank, _out, hasBias: false, device: device, dtype: dtype));
+    }
+
+    private protected override bool AddToBaseWeight(Tensor delta) =>
+        BaseLayer is ILinearLayer q ? q.AddToWeight(delta) : base.AddToBaseWeight(delta);
 }
 
 /// <summary>LoRA on a <c>torch.nn.Embedding</c>: <c>y = E[ids] + scale·(Aᵀ[ids])·Bᵀ</c>.</summary>
@@ -498,10 +523,8 @@ public sealed class LoraEmbedding : LoraLayer
 /// LoRA on a <c>torch.nn.Conv2d</c> (groups = 1): A is a convolution with the base kernel, stride, padding and
 /// dilation from in_channels to r channels, B a 1×1 convolution from r to out_channels (PEFT's layout).
 /// </summary>
-public sealed class LoraConv2d : LoraLayer
+public sealed class LoraConv2d : FactorModuleLoraLayer
 {
-    private readonly AdapterModules lora_A = new();
-    private readonly AdapterModules lora_B = new();
     private readonly Conv2d _conv;
 
     internal LoraConv2d(Conv2d baseLayer) : base(nameof(LoraConv2d), baseLayer)
@@ -509,13 +532,13 @@ public sealed class LoraConv2d : LoraLayer
         if (baseLayer.groups != 1)
             throw new NotSupportedException($"LoRA on grouped convolutions (groups = {baseLayer.groups}) is not supported.");
         _conv = baseLayer;
-        register_module(nameof(lora_A), lora_A);
-        register_module(nameof(lora_B), lora_B);
     }
 
     internal override ScalarType BaseDtype => BaseParameter("weight").dtype;
 
-    private protected override void CreateFactors(string adapterName, int rank, ScalarType dtype, LoraInit init)
+    private protected override long[] BaseWeightShape => BaseParameter("weight").shape;
+
+    private protected override (nn.Module<Tensor, Tensor> A, nn.Module<Tensor, Tensor> B) NewFactors(int rank, ScalarType dtype)
     {
         var device = BaseParameter("weight").device;
         var k = (_conv.kernel_size[0], _conv.kernel_size[1]);
@@ -525,43 +548,6 @@ public sealed class LoraConv2d : LoraLayer
             ? nn.Conv2d(_conv.in_channels, rank, k, pt, stride, dilation, _conv.padding_mode, 1, bias: false, device: device, dtype: dtype)
             : nn.Conv2d(_conv.in_channels, rank, k, stride, (_conv.padding![0], _conv.padding[1]), dilation, _conv.padding_mode, 1, bias: false, device: device, dtype: dtype);
         var b = nn.Conv2d(rank, _conv.out_channels, (1L, 1L), bias: false, device: device, dtype: dtype);
-        InitFactorA(a.weight, init, rank);
-        InitFactorB(b.weight, init, rank);
-        lora_A.Add(adapterName, a);
-        lora_B.Add(adapterName, b);
-    }
-
-    private protected override void DeleteFactors(string adapterName)
-    {
-        lora_A.Remove(adapterName);
-        lora_B.Remove(adapterName);
-    }
-
-    internal override IEnumerable<(string Suffix, Parameter Tensor)> AdapterTensors(string adapterName)
-    {
-        yield return ("lora_A.weight", ((Conv2d)lora_A[adapterName]).weight);
-        yield return ("lora_B.weight", ((Conv2d)lora_B[adapterName]).weight);
-    }
-
-    private protected override Tensor AdapterForward(string adapterName, Tensor input, LoraAdapterInfo info, bool training)
-    {
-        var a = (Conv2d)lora_A[adapterName];
-        var x = input.dtype == a.weight.dtype ? input : input.to(a.weight.dtype);
-        var h = lora_B[adapterName].call(a.call(Dropout(x, info, training)));
-        return info.Scaling == 1.0 ? h : h.mul(info.Scaling);
-    }
-
-    private protected override Tensor DeltaWeight(string adapterName, LoraAdapterInfo info)
-    {
-        var dt = MergeDtype(((Conv2d)lora_A[adapterName]).weight.dtype);
-        var a = ((Conv2d)lora_A[adapterName]).weight.to(dt); // [r, in, kh, kw]
-        var b = ((Conv2d)lora_B[adapterName]).weight.to(dt); // [out, r, 1, 1]
-        var w = BaseParameter("weight");
-        return b.flatten(1).matmul(a.flatten(1)).reshape(w.shape).mul_(info.Scaling);
-    }
-
-    private protected override bool AddToBaseWeight(Tensor delta)
-    {
-        return AddInFloat32(BaseParameter("weight"), delta);
+        return (a, b);
     }
 }
