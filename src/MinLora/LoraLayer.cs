@@ -185,6 +185,30 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
         }
     }
 
+    /// <summary>
+    /// Replaces the wrapped base layer (for example by its quantized or dequantized version) keeping the adapters.
+    /// The old base is returned, not disposed.
+    /// </summary>
+    /// <param name="newBase">A layer of the same kind and shape that this wrapper supports.</param>
+    /// <returns>The previous base layer.</returns>
+    /// <exception cref="ArgumentException">The new base is of an unsupported kind or another shape.</exception>
+    /// <exception cref="InvalidOperationException">Adapters are merged into the current base.</exception>
+    public nn.Module<Tensor, Tensor> ReplaceBaseLayer(nn.Module<Tensor, Tensor> newBase)
+    {
+        ArgumentNullException.ThrowIfNull(newBase);
+        if (_merged.Count > 0)
+            throw new InvalidOperationException("Adapters are merged into the current base layer; unmerge them before replacing it.");
+        CheckCompatibleBase(newBase);
+        var old = BaseLayer;
+        Unproxy();
+        _base = newBase;
+        ProxyBase();
+        return old;
+    }
+
+    /// <summary>Throws when <paramref name="newBase"/> cannot replace the current base.</summary>
+    private protected abstract void CheckCompatibleBase(nn.Module<Tensor, Tensor> newBase);
+
     /// <summary>Detaches and returns the base layer; the wrapper no longer exposes its tensors.</summary>
     internal nn.Module<Tensor, Tensor> ReleaseBase()
     {
@@ -449,6 +473,18 @@ public sealed class LoraLinear : FactorModuleLoraLayer
 
     private protected override bool AddToBaseWeight(Tensor delta) =>
         BaseLayer is ILinearLayer q ? q.AddToWeight(delta) : base.AddToBaseWeight(delta);
+
+    private protected override void CheckCompatibleBase(nn.Module<Tensor, Tensor> newBase)
+    {
+        var (i, o) = newBase switch
+        {
+            Linear l => (l.in_features, l.out_features),
+            ILinearLayer q => (q.InFeatures, q.OutFeatures),
+            _ => throw new ArgumentException($"A LoraLinear base must be a Linear or an ILinearLayer, not {newBase.GetType().Name}.", nameof(newBase)),
+        };
+        if (i != _in || o != _out)
+            throw new ArgumentException($"The new base maps {i} → {o} features; this layer maps {_in} → {_out}.", nameof(newBase));
+    }
 }
 
 /// <summary>LoRA on a <c>torch.nn.Embedding</c>: <c>y = E[ids] + scale·(Aᵀ[ids])·Bᵀ</c>.</summary>
@@ -517,6 +553,12 @@ public sealed class LoraEmbedding : LoraLayer
     {
         return AddInFloat32(BaseParameter("weight"), delta);
     }
+
+    private protected override void CheckCompatibleBase(nn.Module<Tensor, Tensor> newBase)
+    {
+        if (newBase is not Embedding e || e.weight is not { } w || w.shape[0] != _num || w.shape[1] != _dim)
+            throw new ArgumentException($"The new base must be an Embedding of shape [{_num}, {_dim}].", nameof(newBase));
+    }
 }
 
 /// <summary>
@@ -549,5 +591,11 @@ public sealed class LoraConv2d : FactorModuleLoraLayer
             : nn.Conv2d(_conv.in_channels, rank, k, stride, (_conv.padding![0], _conv.padding[1]), dilation, _conv.padding_mode, 1, bias: false, device: device, dtype: dtype);
         var b = nn.Conv2d(rank, _conv.out_channels, (1L, 1L), bias: false, device: device, dtype: dtype);
         return (a, b);
+    }
+
+    private protected override void CheckCompatibleBase(nn.Module<Tensor, Tensor> newBase)
+    {
+        if (newBase is not Conv2d c || !c.weight.shape.SequenceEqual(BaseParameter("weight").shape) || c.groups != 1)
+            throw new ArgumentException("The new base must be a Conv2d of the same shape and groups = 1.", nameof(newBase));
     }
 }

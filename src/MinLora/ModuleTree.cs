@@ -7,7 +7,11 @@ using static TorchSharp.torch;
 namespace MinLora;
 
 /// <summary>One module found in a tree walk, with the parent that holds it.</summary>
-internal readonly record struct ModuleSite(string Path, nn.Module Parent, string Name, nn.Module Module);
+/// <param name="Path">The module's dotted path from the root (its state-dict prefix).</param>
+/// <param name="Parent">The module that holds it.</param>
+/// <param name="Name">Its registered name in the parent.</param>
+/// <param name="Module">The module.</param>
+public readonly record struct ModuleSite(string Path, nn.Module Parent, string Name, nn.Module Module);
 
 /// <summary>
 /// Walking a TorchSharp module tree and swapping one module for another in its parent. TorchSharp has no
@@ -19,8 +23,11 @@ public static class ModuleTree
     private static readonly FieldInfo? SubmodulesField =
         typeof(nn.Module).GetField("_internal_submodules", BindingFlags.Instance | BindingFlags.NonPublic);
 
-    /// <summary>Every descendant of <paramref name="root"/> with its parent; does not look inside LoRA wrappers.</summary>
-    internal static IEnumerable<ModuleSite> Walk(nn.Module root, string prefix = "")
+    /// <summary>Every descendant of <paramref name="root"/> with its parent, depth first; does not look inside LoRA wrappers.</summary>
+    /// <param name="root">The root module (not itself yielded).</param>
+    /// <param name="prefix">A path prefix for the yielded paths.</param>
+    /// <returns>The sites, parents before children.</returns>
+    public static IEnumerable<ModuleSite> Walk(nn.Module root, string prefix = "")
     {
         foreach (var (name, child) in root.named_children().ToList())
         {

@@ -1,0 +1,384 @@
+using System.Runtime.InteropServices;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MinLora.Quantization;
+
+/// <summary>Which implementation computes a <see cref="QuantizedLinear"/>'s product for small row counts.</summary>
+public enum QuantizedKernel
+{
+    /// <summary>Dequantize the weight, then <c>linear</c> (the reference path; always used for gradients and many rows).</summary>
+    Dequantize,
+    /// <summary>libtorch's <c>_weight_int8pack_mm</c> (CPU vectorised; CUDA).</summary>
+    Int8Pack,
+    /// <summary>libtorch's <c>_weight_int4pack_mm_for_cpu</c> on a CPU-packed copy of the weight.</summary>
+    Int4PackCpu,
+    /// <summary>libtorch's CUDA tinygemm <c>_weight_int4pack_mm</c> (sm80+) on a CUDA-packed copy of the weight.</summary>
+    Int4PackCuda,
+}
+
+/// <summary>Settings of a <see cref="QuantizedLinear"/> that do not change its stored weights.</summary>
+public sealed record QuantizedLinearOptions
+{
+    /// <summary>
+    /// Element type activations are cast to for the quantized product (the output is cast back to the input's
+    /// type). libtorch's quantized CPU kernels are vectorised for bfloat16 only (15–50× slower in float32), so
+    /// bfloat16 is the default; <c>Float32</c> selects the exact dequantize path everywhere.
+    /// </summary>
+    /// <value>The default value is <c>BFloat16</c>.</value>
+    public ScalarType ComputeDtype { get; init; } = ScalarType.BFloat16;
+
+    /// <summary>
+    /// Up to this many rows (tokens) per call the fused kernel is used; above it the weight is dequantized to
+    /// <see cref="ComputeDtype"/> and multiplied with <c>linear</c>, which is faster for large batches.
+    /// </summary>
+    /// <value>The default value is 16.</value>
+    public int KernelMaxRows { get; init; } = 16;
+
+    /// <summary>Use libtorch's fused kernels where they apply (false: always dequantize).</summary>
+    /// <value>The default value is true.</value>
+    public bool UseKernels { get; init; } = true;
+}
+
+/// <summary>
+/// A weight-only quantized linear layer <c>y = x·dequant(W)ᵀ + b</c> holding packed integer weights, scales (and
+/// zero points for group-wise int4) and the float bias; see <see cref="QuantizationFormat"/> for the layouts.
+/// Gradients flow to the input (not to the frozen weights), so LoRA and prefix tuning can train on top of it.
+/// </summary>
+/// <remarks>
+/// State-dict keys: <c>weight</c>, <c>weight_scale</c>, <c>weight_zero</c> (group-wise int4 only) and <c>bias</c>, as in
+/// ChatGLM's quantized checkpoints. The fast-kernel form of the weight (libtorch's packed int4 layouts, which depend on
+/// the device and CPU instruction set) is derived from those and never saved. After copying new values into the
+/// buffers directly (e.g. <c>load_state_dict</c>), call <see cref="RefreshKernel"/> or use
+/// <see cref="QuantizeExtensions.LoadQuantizedStateDict"/>.
+/// </remarks>
+public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
+{
+    private Tensor weight;
+    private Tensor weight_scale;
+    private Tensor? weight_zero;
+    private Parameter? bias;
+    private readonly KernelState _kernel = new();
+
+    private sealed class KernelState
+    {
+        public QuantizedKernel Kind = QuantizedKernel.Dequantize;
+        public string? Reason;
+        public Tensor? Weight;   // packed int4 (CPU or CUDA layout); null for int8 (uses the canonical buffer)
+        public Tensor? Scales;   // int8: scales in the compute dtype; int4: scales-and-zeros [K/g, N, 2] bf16
+        public int Group;
+
+        public void Clear()
+        {
+            Weight?.Dispose();
+            Scales?.Dispose();
+            Weight = null;
+            Scales = null;
+            Kind = QuantizedKernel.Dequantize;
+        }
+    }
+
+    private QuantizedLinear(QuantizedWeight q, long inFeatures, long outFeatures, Tensor? biasValue, ScalarType outputDtype, QuantizedLinearOptions options)
+        : base(nameof(QuantizedLinear))
+    {
+        Format = q.Format;
+        GroupSize = q.GroupSize;
+        InFeatures = inFeatures;
+        OutFeatures = outFeatures;
+        OutputDtype = outputDtype;
+        Options = options;
+        weight = q.Weight.DetachFromDisposeScope();
+        weight_scale = q.Scale.DetachFromDisposeScope();
+        weight_zero = q.Zero?.DetachFromDisposeScope();
+        if (biasValue is not null)
+            bias = new Parameter(biasValue.detach().clone().DetachFromDisposeScope(), requires_grad: false);
+        RegisterComponents();
+        RefreshKernel();
+    }
+
+    /// <summary>The layout of the stored weight.</summary>
+    public QuantizationFormat Format { get; }
+
+    /// <summary>Group size along the input dimension (in_features for per-row formats).</summary>
+    public int GroupSize { get; }
+
+    /// <inheritdoc />
+    public long InFeatures { get; }
+
+    /// <inheritdoc />
+    public long OutFeatures { get; }
+
+    /// <summary>The floating type of the layer this one replaced (the default type of LoRA adapters on it).</summary>
+    public ScalarType OutputDtype { get; private set; }
+
+    /// <summary>Compute settings.</summary>
+    public QuantizedLinearOptions Options { get; }
+
+    /// <summary>The implementation chosen at construction (or at the last <see cref="RefreshKernel"/>).</summary>
+    public QuantizedKernel Kernel => _kernel.Kind;
+
+    /// <summary>Why the fused kernel is not used, when <see cref="Kernel"/> is <see cref="QuantizedKernel.Dequantize"/>.</summary>
+    public string? KernelFallbackReason => _kernel.Reason;
+
+    /// <inheritdoc />
+    public Device WeightDevice => weight.device;
+
+    /// <summary>Bits per weight element of the stored format.</summary>
+    public int Bits => Format == QuantizationFormat.Int8PerRow ? 8 : 4;
+
+    /// <summary>Quantizes a <c>Linear</c> layer. A layer on the <c>meta</c> device gives an empty skeleton on <paramref name="skeletonDevice"/> to load a checkpoint into.</summary>
+    /// <param name="linear">The float layer (left unchanged).</param>
+    /// <param name="format">The layout.</param>
+    /// <param name="groupSize">Group size for <see cref="QuantizationFormat.Int4Grouped"/>.</param>
+    /// <param name="options">Compute settings; null for the defaults.</param>
+    /// <param name="skeletonDevice">Where a meta-device layer's empty buffers are allocated (default CPU).</param>
+    /// <returns>The quantized layer, on the linear's device.</returns>
+    /// <exception cref="ArgumentException">Non-floating weights, odd in_features for int4, or a group size that does not divide in_features.</exception>
+    public static QuantizedLinear FromLinear(Linear linear, QuantizationFormat format, int groupSize = 128, QuantizedLinearOptions? options = null, Device? skeletonDevice = null)
+    {
+        ArgumentNullException.ThrowIfNull(linear);
+        var w = linear.weight;
+        if (!w.is_floating_point())
+            throw new ArgumentException($"Cannot quantize a Linear with {w.dtype} weights: expected a floating type.", nameof(linear));
+        options ??= new QuantizedLinearOptions();
+        using var scope = NewDisposeScope();
+        if (w.device_type == DeviceType.META)
+        {
+            return Empty(linear.in_features, linear.out_features, linear.bias is not null, format, groupSize, w.dtype, skeletonDevice ?? CPU, options);
+        }
+        var q = QuantizationMath.Quantize(w, format, groupSize);
+        var layer = new QuantizedLinear(q, linear.in_features, linear.out_features, linear.bias, w.dtype, options);
+        return layer;
+    }
+
+    /// <summary>An empty layer of the given shape and format (all zeros), to load a quantized checkpoint into.</summary>
+    /// <param name="inFeatures">K.</param>
+    /// <param name="outFeatures">N.</param>
+    /// <param name="hasBias">Whether the layer has a bias.</param>
+    /// <param name="format">The layout.</param>
+    /// <param name="groupSize">Group size for <see cref="QuantizationFormat.Int4Grouped"/>.</param>
+    /// <param name="outputDtype">The float type of the bias and of outputs.</param>
+    /// <param name="device">Where to allocate.</param>
+    /// <param name="options">Compute settings.</param>
+    /// <returns>The skeleton.</returns>
+    /// <exception cref="ArgumentException">Bad sizes for the format.</exception>
+    public static QuantizedLinear Empty(long inFeatures, long outFeatures, bool hasBias, QuantizationFormat format, int groupSize = 128, ScalarType outputDtype = ScalarType.Float32, Device? device = null, QuantizedLinearOptions? options = null)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inFeatures);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(outFeatures);
+        device ??= CPU;
+        using var scope = NewDisposeScope();
+        using var meta = zeros(outFeatures, inFeatures, dtype: ScalarType.Float32, device: device);
+        var q = QuantizationMath.Quantize(meta, format, groupSize); // validates the shape; all-zero buffers
+        var b = hasBias ? zeros(outFeatures, dtype: outputDtype, device: device) : null;
+        return new QuantizedLinear(q, inFeatures, outFeatures, b, outputDtype, options ?? new QuantizedLinearOptions());
+    }
+
+    /// <summary>The stored quantized weight (the live buffers).</summary>
+    public QuantizedWeight QuantizedWeight => new(Format, weight, weight_scale, weight_zero, GroupSize);
+
+    /// <summary>The bias, if any (frozen).</summary>
+    public Parameter? Bias => bias;
+
+    /// <summary>The weight dequantized to <paramref name="dtype"/> [out, in].</summary>
+    /// <param name="dtype">Element type of the result.</param>
+    /// <returns>A new tensor.</returns>
+    public Tensor Dequantize(ScalarType dtype = ScalarType.Float32) => QuantizationMath.Dequantize(QuantizedWeight, dtype);
+
+    /// <summary>Bytes of the stored state (weights, scales, zeros, bias) plus the kernel's packed copy, if any.</summary>
+    /// <returns>The byte count.</returns>
+    public long GetSizeInBytes()
+    {
+        long bytes = Bytes(weight) + Bytes(weight_scale) + (weight_zero is null ? 0 : Bytes(weight_zero)) + (bias is null ? 0 : Bytes(bias));
+        return bytes + (_kernel.Weight is null ? 0 : Bytes(_kernel.Weight)) + (_kernel.Scales is null ? 0 : Bytes(_kernel.Scales));
+    }
+
+    /// <inheritdoc />
+    public override Tensor forward(Tensor input)
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        if (input.shape.Length == 0 || input.shape[^1] != InFeatures)
+            throw new ArgumentException($"QuantizedLinear expects inputs [..., {InFeatures}], got [{string.Join(", ", input.shape)}].", nameof(input));
+        using var scope = NewDisposeScope();
+        long rows = input.numel() / InFeatures;
+        bool needsGrad = input.requires_grad && is_grad_enabled();
+        var outShape = input.shape.ToArray();
+        outShape[^1] = OutFeatures;
+        Tensor y;
+        if (_kernel.Kind != QuantizedKernel.Dequantize && !needsGrad && rows <= Options.KernelMaxRows)
+        {
+            var x = input.reshape(rows, InFeatures).to(Options.ComputeDtype).contiguous();
+            y = _kernel.Kind switch
+            {
+                QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
+                QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+                _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+            };
+            if (bias is not null) y = y.add(bias.to(y.dtype));
+            y = y.reshape(outShape);
+        }
+        else
+        {
+            var dt = Options.ComputeDtype;
+            var w = Dequantize(dt);
+            y = nn.functional.linear(input.to(dt), w, bias?.to(dt));
+        }
+        return (y.dtype == input.dtype ? y : y.to(input.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Rebuilds the fused-kernel form of the weight from the stored buffers and chooses the kernel for this device
+    /// (checking it once against the dequantize path). Call it after writing into the buffers directly.
+    /// </summary>
+    public void RefreshKernel()
+    {
+        _kernel.Clear();
+        _kernel.Reason = null;
+        if (!Options.UseKernels) { _kernel.Reason = "kernels disabled by options"; return; }
+        if (Options.ComputeDtype == ScalarType.Float32 || Options.ComputeDtype == ScalarType.Float64)
+        {
+            _kernel.Reason = $"compute dtype {Options.ComputeDtype}: libtorch's quantized kernels are only fast for bfloat16/float16 activations";
+            return;
+        }
+        var device = weight.device_type;
+        if (device is not (DeviceType.CPU or DeviceType.CUDA)) { _kernel.Reason = $"no kernel for device {device}"; return; }
+        if (!QuantizationKernels.Available) { _kernel.Reason = "TorchScript kernels unavailable: " + QuantizationKernels.CompileError; return; }
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            if (Format == QuantizationFormat.Int8PerRow)
+            {
+                // Measured on libtorch 2.10 (AVX-512): with in_features not a multiple of 16 the CPU kernel returns
+                // garbage for one row and crashes the process for several. Never call it there.
+                if (device == DeviceType.CPU && InFeatures % 16 != 0)
+                    throw new NotSupportedException($"libtorch's CPU int8 kernel needs in_features divisible by 16 (got {InFeatures})");
+                _kernel.Scales = weight_scale.to(Options.ComputeDtype).DetachFromDisposeScope();
+                _kernel.Kind = QuantizedKernel.Int8Pack;
+            }
+            else
+            {
+                BuildInt4(device);
+            }
+            ProbeKernel();
+        }
+        catch (Exception ex) when (ex is ExternalException or ArgumentException or InvalidOperationException or NotSupportedException)
+        {
+            _kernel.Clear();
+            _kernel.Reason = ex.Message.Split('\n')[0];
+        }
+    }
+
+    private void BuildInt4(DeviceType device)
+    {
+        if (Options.ComputeDtype != ScalarType.BFloat16)
+            throw new NotSupportedException("libtorch's int4 kernels take bfloat16 activations only");
+        int group = Format == QuantizationFormat.Int4Grouped ? GroupSize : PerRowGroup(InFeatures);
+        long groups = InFeatures / group;
+        // scales-and-zeros [K/g, N, 2] bf16 with w = (u − 8)·scale + zero.
+        Tensor scales, zerosT, u;
+        if (Format == QuantizationFormat.Int4Grouped)
+        {
+            scales = weight_scale.t();
+            zerosT = weight_zero!.t();
+            u = QuantizationMath.UnpackUnsignedNibbles(weight);
+        }
+        else
+        {
+            // ChatGLM: w = q·s with q ∈ [−7, 7]  ⇒  u = q + 8, zero = 0, the row scale repeated over the groups.
+            scales = weight_scale.unsqueeze(0).expand(groups, OutFeatures);
+            zerosT = zeros(groups, OutFeatures, dtype: ScalarType.BFloat16, device: weight.device);
+            u = QuantizationMath.UnpackSignedNibbles(weight).to(ScalarType.Int16).add(8);
+        }
+        _kernel.Scales = stack(new[] { scales.to(ScalarType.BFloat16), zerosT.to(ScalarType.BFloat16) }, 2).contiguous().DetachFromDisposeScope();
+        _kernel.Group = group;
+        if (device == DeviceType.CPU)
+        {
+            if (OutFeatures % 16 != 0) throw new NotSupportedException($"the CPU int4 kernel needs out_features divisible by 16 (got {OutFeatures})");
+            _kernel.Weight = QuantizationKernels.Int4PackCpu(u.to(ScalarType.Int32).contiguous()).DetachFromDisposeScope();
+            _kernel.Kind = QuantizedKernel.Int4PackCpu;
+        }
+        else
+        {
+            const int innerKTiles = 8;
+            if (InFeatures % (innerKTiles * 16) != 0 || OutFeatures % 8 != 0)
+                throw new NotSupportedException($"the CUDA int4 kernel needs in_features % 128 == 0 and out_features % 8 == 0 (got {InFeatures}, {OutFeatures})");
+            var packed = QuantizationMath.PackUnsignedNibbles(u);
+            _kernel.Weight = QuantizationKernels.Int4PackCuda(packed, innerKTiles).DetachFromDisposeScope();
+            _kernel.Kind = QuantizedKernel.Int4PackCuda;
+        }
+    }
+
+    /// <summary>
+    /// Runs the kernel once on a small input and compares it with the dequantize path on a random subset of output
+    /// rows (guards against layout surprises without dequantizing the whole weight).
+    /// </summary>
+    private void ProbeKernel()
+    {
+        using var scope = NewDisposeScope();
+        var gen = new Generator(1234, weight.device);
+        var x = randn(new long[] { 2, InFeatures }, generator: gen, device: weight.device).to(Options.ComputeDtype);
+        var fast = _kernel.Kind switch
+        {
+            QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
+            QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+            _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+        };
+        var rows = randperm(OutFeatures, generator: gen, device: weight.device).narrow(0, 0, Math.Min(OutFeatures, 64));
+        var subset = new QuantizedWeight(Format, weight.index_select(0, rows), weight_scale.index_select(0, rows), weight_zero?.index_select(0, rows), GroupSize);
+        var reference = x.to(ScalarType.Float32).matmul(QuantizationMath.Dequantize(subset).t());
+        var err = fast.to(ScalarType.Float32).index_select(1, rows).sub(reference).abs().max().item<float>();
+        var mag = reference.abs().max().item<float>();
+        // bf16 activations and scales: relative rounding ~2⁻⁸ per term; 2 % of the largest output is far above
+        // rounding and far below a layout error (which scrambles the whole result).
+        if (!(err <= 0.02f * mag + 1e-6f))
+            throw new InvalidOperationException($"kernel {_kernel.Kind} disagrees with the dequantized reference (max error {err} vs magnitude {mag}); using the dequantize path");
+    }
+
+    /// <inheritdoc />
+    public bool AddToWeight(Tensor delta)
+    {
+        ArgumentNullException.ThrowIfNull(delta);
+        if (!delta.shape.SequenceEqual(new[] { OutFeatures, InFeatures }))
+            throw new ArgumentException($"Expected a delta of shape [{OutFeatures}, {InFeatures}], got [{string.Join(", ", delta.shape)}].", nameof(delta));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var merged = Dequantize(ScalarType.Float32).add_(delta.to(ScalarType.Float32).to(weight.device));
+        if (!isfinite(merged).all().item<bool>())
+            throw new InvalidOperationException("Merging would make the weight non-finite; refusing to change it.");
+        var q = QuantizationMath.Quantize(merged, Format, GroupSize);
+        weight.copy_(q.Weight);
+        weight_scale.copy_(q.Scale);
+        if (weight_zero is not null) weight_zero.copy_(q.Zero!);
+        RefreshKernel();
+        return false; // re-quantized: rounding changes outputs beyond float rounding
+    }
+
+    /// <inheritdoc />
+    protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
+    {
+        _kernel.Clear();
+        base._toEpilog(dtype, device, non_blocking);
+        if (dtype is { } t) OutputDtype = t;
+        RefreshKernel();
+    }
+
+    /// <inheritdoc />
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _kernel.Clear();
+        base.Dispose(disposing);
+    }
+
+    private static int PerRowGroup(long k)
+    {
+        foreach (var g in new[] { 128, 256, 64, 32 })
+        {
+            if (k % g == 0) return g;
+        }
+        throw new NotSupportedException($"in_features {k} is not divisible by any int4 kernel group size (32–256)");
+    }
+
+    private static long Bytes(Tensor t) => t.numel() * t.element_size();
+}
