@@ -7,18 +7,22 @@ using static TorchSharp.torch;
 
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora [--rounds N] [--quick]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant [--rounds N] [--quick] [--default-malloc]
 var argsList = args.ToList();
 string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 int rounds = ReadInt("--rounds", 7);
 bool quick = argsList.Contains("--quick");
-if (suite != "lora")
+// Keep freed native memory for reuse (see NativeAllocator): otherwise every large temporary pays page faults.
+bool retained = !argsList.Contains("--default-malloc") && NativeAllocator.RetainFreedMemory();
+if (suite is not ("lora" or "quant"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant)");
     return 2;
 }
-Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians");
-LoraSuite.Run(rounds, quick);
+Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +
+    (retained ? "glibc retaining freed memory" : "default glibc allocator"));
+if (suite == "lora") LoraSuite.Run(rounds, quick);
+else QuantSuite.Run(rounds, quick);
 return 0;
 
 int ReadInt(string name, int fallback)
@@ -119,7 +123,7 @@ internal static class LoraSuite
         opt.step();
     }
 
-    private static double Time(Action a)
+    internal static double Time(Action a)
     {
         var sw = Stopwatch.StartNew();
         a();
@@ -127,7 +131,7 @@ internal static class LoraSuite
     }
 
     /// <summary>Per round, each variant runs <c>calls</c> times in turn; returns each variant's median per-call time.</summary>
-    private static double[] Measure(int rounds, Func<int, double>[] variants, int copies)
+    internal static double[] Measure(int rounds, Func<int, double>[] variants, int copies)
     {
         int calls = Math.Max(8, copies * 2);
         foreach (var v in variants) for (int k = 0; k < copies; k++) v(k); // warm-up

@@ -1,4 +1,5 @@
 using System.Globalization;
+using MinLora;
 using MinLora.Samples.LoraBasics;
 
 // dotnet run --project samples/MinLora.Samples.LoraBasics [-- --steps N --rank R --alpha A --lr LR --seed S --out DIR]
@@ -34,6 +35,7 @@ catch (Exception ex) when (ex is ArgumentException or FormatException or Overflo
 }
 
 Console.WriteLine("MinLora: LoRA fine-tuning of a small network (CPU)");
+NativeAllocator.RetainFreedMemory(); // reuse freed native memory (see NativeAllocator's docs)
 try
 {
     var result = LoraBasicsDemo.Run(options);

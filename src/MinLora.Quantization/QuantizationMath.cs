@@ -84,37 +84,39 @@ public static class QuantizationMath
         return result;
     }
 
-    /// <summary>Reconstructs the float weight [N, K] from its quantized form.</summary>
+    /// <summary>Reconstructs the float weight [N, K] from its quantized form, computing in <paramref name="dtype"/>.</summary>
     /// <param name="q">The quantized weight.</param>
-    /// <param name="dtype">The element type of the result.</param>
+    /// <param name="dtype">The element type of the result (and of the arithmetic: float64 is exact, bfloat16 rounds once more).</param>
     /// <returns>A new tensor.</returns>
     public static Tensor Dequantize(QuantizedWeight q, ScalarType dtype = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(q);
+        if (dtype == ScalarType.BFloat16 && q.Weight.device_type == DeviceType.CPU && FastDequantize.IsSupported)
+            return FastDequantize.ToBFloat16(q);
         using var scope = NewDisposeScope();
         Tensor w;
         switch (q.Format)
         {
             case QuantizationFormat.Int8PerRow:
-                w = q.Weight.to(ScalarType.Float32).mul_(q.Scale.to(ScalarType.Float32).unsqueeze(1));
+                w = q.Weight.to(dtype).mul_(q.Scale.to(dtype).unsqueeze(1));
                 break;
             case QuantizationFormat.Int4PerRowChatGlm:
-                w = UnpackSignedNibbles(q.Weight).to(ScalarType.Float32).mul_(q.Scale.to(ScalarType.Float32).unsqueeze(1));
+                w = UnpackSignedNibbles(q.Weight).to(dtype).mul_(q.Scale.to(dtype).unsqueeze(1));
                 break;
             case QuantizationFormat.Int4Grouped:
             {
-                var u = UnpackUnsignedNibbles(q.Weight).to(ScalarType.Float32);
-                long n = u.shape[0], k = u.shape[1], groups = k / q.GroupSize;
-                w = u.reshape(n, groups, q.GroupSize).sub_(8)
-                    .mul_(q.Scale.to(ScalarType.Float32).unsqueeze(2))
-                    .add_(q.Zero!.to(ScalarType.Float32).unsqueeze(2))
-                    .reshape(n, k);
+                long n = q.Weight.shape[0], k = q.Weight.shape[1] * 2, groups = k / q.GroupSize;
+                // (u − 8)·s + z = u·s + (z − 8·s): two in-place passes over the unpacked weight.
+                var s = q.Scale.to(ScalarType.Float32);
+                var shift = q.Zero!.to(ScalarType.Float32).sub(s.mul(8)).to(dtype).unsqueeze(2);
+                w = UnpackUnsignedNibbles(q.Weight).to(dtype).view(n, groups, q.GroupSize)
+                    .mul_(s.to(dtype).unsqueeze(2)).add_(shift).view(n, k);
                 break;
             }
             default:
                 throw new ArgumentOutOfRangeException(nameof(q), q.Format, "Unknown quantization format.");
         }
-        return w.to(dtype).MoveToOuterDisposeScope();
+        return w.MoveToOuterDisposeScope();
     }
 
     /// <summary>Packs signed values q ∈ [−8, 7] (any integer type) [N, K] into int8 [N, K/2], even column in the high nibble (ChatGLM).</summary>
@@ -139,10 +141,10 @@ public static class QuantizationMath
     {
         ArgumentNullException.ThrowIfNull(packed);
         using var scope = NewDisposeScope();
-        var b = packed.to(ScalarType.Int16);
+        var b = packed.to(ScalarType.Int8);
         var hi = b.bitwise_right_shift(4);                        // arithmetic shift of the signed byte
-        var lo = b.bitwise_and(0xF).bitwise_xor(8).sub(8);        // sign-extend the low nibble
-        return stack(new[] { hi, lo }, 2).reshape(packed.shape[0], packed.shape[1] * 2).to(ScalarType.Int8).MoveToOuterDisposeScope();
+        var lo = b.bitwise_and(0xF).bitwise_xor_(8).sub_(8);      // sign-extend the low nibble
+        return stack(new[] { hi, lo }, 2).view(packed.shape[0], packed.shape[1] * 2).MoveToOuterDisposeScope();
     }
 
     /// <summary>Packs u ∈ [0, 15] [N, K] into uint8 [N, K/2], even column in the high nibble (torch ≥ 2.5 int4 layout).</summary>
@@ -158,16 +160,16 @@ public static class QuantizationMath
         return hi.bitwise_left_shift(4).bitwise_or(lo).to(ScalarType.Byte).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Unpacks uint8 [N, K/2] into int16 [N, K] values u ∈ [0, 15].</summary>
+    /// <summary>Unpacks uint8 [N, K/2] into uint8 [N, K] values u ∈ [0, 15].</summary>
     /// <param name="packed">The packed bytes.</param>
     /// <returns>The values.</returns>
     public static Tensor UnpackUnsignedNibbles(Tensor packed)
     {
         ArgumentNullException.ThrowIfNull(packed);
         using var scope = NewDisposeScope();
-        var b = packed.to(ScalarType.Int16);
+        var b = packed.to(ScalarType.Byte);
         return stack(new[] { b.bitwise_right_shift(4), b.bitwise_and(0xF) }, 2)
-            .reshape(packed.shape[0], packed.shape[1] * 2).MoveToOuterDisposeScope();
+            .view(packed.shape[0], packed.shape[1] * 2).MoveToOuterDisposeScope();
     }
 
     private static Tensor RowScale(Tensor w, double levels) =>

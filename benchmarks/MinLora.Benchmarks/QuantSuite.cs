@@ -1,0 +1,103 @@
+using System.Globalization;
+using MinLora.Quantization;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+/// <summary>
+/// Weight-only quantized products at ChatGLM-6B shapes: fp32 / bf16 linear vs int8 and int4 (group 128), each through
+/// <see cref="QuantizedLinear"/> with the fused kernel forced and with the dequantize path forced. Ratios are bf16-linear
+/// time ÷ path time (higher is faster); GB/s counts the weight bytes the path reads; "% read bw" compares that with
+/// a plain read of the same buffers (a max-reduction over them) measured in the same run.
+/// </summary>
+internal static class QuantSuite
+{
+    private const long CacheBytes = 96L << 20; // 3× the 32 MiB L3
+
+    public static void Run(int rounds, bool quick)
+    {
+        var shapes = quick
+            ? new[] { (K: 4096L, N: 4096L) }
+            : new[] { (K: 4096L, N: 4096L), (K: 4096L, N: 12288L), (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) };
+        var rowsList = new[] { 1L, 16L, 32L, 64L, 128L };
+        Console.WriteLine();
+        Console.WriteLine("| K→N | rows | path | time | ratio to bf16 linear | weight GB/s | % read bw |");
+        Console.WriteLine("|---|---|---|---|---|---|---|");
+        foreach (var (k, n) in shapes)
+        {
+            using var scope = NewDisposeScope();
+            var variants = new List<(string Name, Func<Tensor, Tensor> Call, long Bytes, Func<double> ReadBw)>();
+            AddFloat(variants, "fp32 linear", k, n, ScalarType.Float32);
+            AddFloat(variants, "bf16 linear", k, n, ScalarType.BFloat16);
+            AddQuant(variants, "int8 kernel", k, n, QuantizationFormat.Int8PerRow, kernel: true);
+            AddQuant(variants, "int8 dequant+linear", k, n, QuantizationFormat.Int8PerRow, kernel: false);
+            AddQuant(variants, "int4 g128 kernel", k, n, QuantizationFormat.Int4Grouped, kernel: true);
+            AddQuant(variants, "int4 g128 dequant+linear", k, n, QuantizationFormat.Int4Grouped, kernel: false);
+            var readBw = variants.Select(v => v.ReadBw()).ToArray();
+            foreach (var rows in rowsList)
+            {
+                using var x = randn(rows, k);
+                var calls = variants.Select(v => (Func<int, double>)(_ => LoraSuite.Time(() => { using var y = v.Call(x); }))).ToArray();
+                var times = LoraSuite.Measure(rounds, calls, 2);
+                double bf16 = times[1];
+                for (int i = 0; i < variants.Count; i++)
+                {
+                    double gbs = variants[i].Bytes / (times[i] / 1e3) / 1e9;
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"| {k}→{n} | {rows} | {variants[i].Name} | {times[i]:F3} ms | {bf16 / times[i]:F2} | {gbs:F1} | {100 * gbs / readBw[i]:F0} % |"));
+                }
+            }
+            foreach (var v in variants) (v.Call.Target as IDisposable)?.Dispose();
+        }
+    }
+
+    private static int Copies(long bytes) => (int)Math.Max(2, (CacheBytes + bytes - 1) / bytes);
+
+    private static void AddFloat(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, ScalarType dtype)
+    {
+        long bytes = k * n * (dtype == ScalarType.Float32 ? 4 : 2);
+        int copies = Copies(bytes);
+        var ws = Enumerable.Range(0, copies).Select(_ => randn(n, k).to(dtype).DetachFromDisposeScope()).ToArray();
+        int i = 0;
+        list.Add((name, x =>
+        {
+            using var noGrad = no_grad();
+            using var xd = x.to(dtype);
+            return nn.functional.linear(xd, ws[i++ % copies]);
+        }, bytes, () => ReadBandwidth(ws.Select(w => w).ToArray())));
+    }
+
+    private static void AddQuant(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, QuantizationFormat format, bool kernel)
+    {
+        var options = new QuantizedLinearOptions { KernelMaxRows = kernel ? int.MaxValue : 0, UseKernels = kernel };
+        var probe = QuantizedLinear.Empty(k, n, false, format, 128, ScalarType.Float32, CPU, options);
+        long bytes = probe.GetSizeInBytes();
+        long stored = probe.QuantizedWeight.Weight.numel() * probe.QuantizedWeight.Weight.element_size();
+        probe.Dispose();
+        int copies = Copies(bytes);
+        var layers = Enumerable.Range(0, copies).Select(_ =>
+        {
+            using var lin = nn.Linear(k, n, hasBias: false);
+            return QuantizedLinear.FromLinear(lin, format, 128, options);
+        }).ToArray();
+        if (kernel && layers[0].Kernel == QuantizedKernel.Dequantize)
+            Console.WriteLine($"  note: {name} {k}→{n}: kernel unavailable ({layers[0].KernelFallbackReason})");
+        int i = 0;
+        // Bytes the path must read: the int8 or packed-int4 weight (scales are < 1 % of it).
+        long readBytes = stored;
+        list.Add((name, x =>
+        {
+            using var noGrad = no_grad();
+            return layers[i++ % copies].call(x);
+        }, readBytes, () => ReadBandwidth(layers.Select(l => l.QuantizedWeight.Weight).ToArray())));
+    }
+
+    /// <summary>Bytes per second of a max-reduction over each buffer (a read-only sweep of those very buffers), cycling over them.</summary>
+    private static double ReadBandwidth(Tensor[] buffers)
+    {
+        long bytes = buffers[0].numel() * buffers[0].element_size();
+        int i = 0;
+        var t = LoraSuite.Measure(5, new Func<int, double>[] { _ => LoraSuite.Time(() => { using var s = buffers[i++ % buffers.Length].max(); }) }, buffers.Length);
+        return bytes / (t[0] / 1e3) / 1e9;
+    }
+}
