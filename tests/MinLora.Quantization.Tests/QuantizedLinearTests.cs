@@ -155,6 +155,26 @@ public class QuantizedLinearTests
     }
 
     [Fact]
+    public void Quantize_NonFloatWeights_ThrowsNamingTheLayer()
+    {
+        using var model = new GlmLike();
+        var qkv = (Linear)model.named_modules().Single(m => m.name == "layers.1.attention.query_key_value").module;
+        qkv.weight = new Parameter(ones(new long[] { 192, 64 }, dtype: ScalarType.Int32), requires_grad: false);
+        var ex = Assert.Throws<ArgumentException>(() => model.Quantize(8));
+        Assert.Contains("layers.1.attention.query_key_value", ex.Message, StringComparison.Ordinal);
+        Assert.Empty(model.modules().OfType<QuantizedLinear>());
+    }
+
+    [Fact]
+    public void KernelRowThreshold_DefaultsPerDevice()
+    {
+        var o = new QuantizedLinearOptions();
+        Assert.Equal(32, o.KernelMaxRowsFor(DeviceType.CPU));
+        Assert.Equal(8, o.KernelMaxRowsFor(DeviceType.CUDA));
+        Assert.Equal(4, (o with { KernelMaxRows = 4 }).KernelMaxRowsFor(DeviceType.CPU));
+    }
+
+    [Fact]
     public void Quantize_AllLinear_IncludesTheHeadOnlyWhenAsked()
     {
         using var model = new GlmLike();
