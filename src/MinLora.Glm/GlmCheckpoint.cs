@@ -1,0 +1,267 @@
+using System.Collections;
+using System.Diagnostics;
+using System.Text.Json;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using MinLora.Glm.Modeling;
+using MinLora.Quantization;
+using TorchSharp;
+using TorchSharp.PyBridge;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm;
+
+/// <summary>How <see cref="GlmCheckpoint.FromPretrained"/> loads a checkpoint directory.</summary>
+public sealed record GlmLoadOptions
+{
+    /// <summary>Element type of the float parameters (the checkpoint's are converted while loading).</summary>
+    /// <value>The default value is float32 (CPU inference and training; use bfloat16 to halve memory).</value>
+    public ScalarType Dtype { get; init; } = ScalarType.Float32;
+
+    /// <summary>Device to load onto.</summary>
+    /// <value>The default value is the CPU.</value>
+    public Device? Device { get; init; }
+
+    /// <summary>
+    /// Quantize the block projections while loading a float checkpoint (4 or 8; null: as the config says).
+    /// A pre-quantized checkpoint (its config's <c>quantization_bit</c>) is always loaded as such.
+    /// </summary>
+    public int? QuantizationBit { get; init; }
+
+    /// <summary>Layout and compute settings when quantizing a float checkpoint on load.</summary>
+    public QuantizeOptions? Quantization { get; init; }
+
+    /// <summary>Override the P-tuning prefix length of the config (the book's P-tuning sets it).</summary>
+    public int? PreSeqLen { get; init; }
+
+    /// <summary>Fail on keys the model does not have (true) or log and ignore them (false).</summary>
+    /// <value>The default value is true.</value>
+    public bool Strict { get; init; } = true;
+
+    /// <summary>Where loading is logged.</summary>
+    public ILoggerFactory? LoggerFactory { get; init; }
+
+    /// <summary>Reports progress as (files done, files total).</summary>
+    public IProgress<(int Done, int Total)>? Progress { get; init; }
+}
+
+/// <summary>What was loaded, for logs and checks.</summary>
+/// <param name="Files">The weight files read, in order.</param>
+/// <param name="LoadedKeys">Number of tensors copied into the model.</param>
+/// <param name="IgnoredKeys">Keys read but deliberately ignored (the rotary <c>inv_freq</c> buffers), or unexpected in non-strict mode.</param>
+/// <param name="TiedLmHead">True when the checkpoint had no <c>lm_head.weight</c> and the embedding was used.</param>
+/// <param name="Elapsed">Wall time.</param>
+/// <param name="PeakWorkingSetBytes">The process's peak working set after loading.</param>
+public sealed record GlmLoadReport(IReadOnlyList<string> Files, int LoadedKeys, IReadOnlyList<string> IgnoredKeys, bool TiedLmHead, TimeSpan Elapsed, long PeakWorkingSetBytes);
+
+/// <summary>
+/// Loads GLM checkpoints in the layouts Hugging Face uses: sharded <c>pytorch_model-*.bin</c> with
+/// <c>pytorch_model.bin.index.json</c>, a single <c>.bin</c>/<c>.pth</c> state dict (the book's <c>chatglm6b.pth</c>),
+/// or <c>*.safetensors</c> (with or without <c>model.safetensors.index.json</c>). Files are read one at a time and
+/// copied into a model whose parameters were allocated once, uninitialised, so peak memory stays near the model's
+/// own size plus one file.
+/// </summary>
+public static partial class GlmCheckpoint
+{
+    /// <summary>Loads a model from a checkpoint directory (<c>config.json</c> + weights).</summary>
+    /// <param name="directory">The checkpoint directory.</param>
+    /// <param name="options">Element type, device, quantization, logging.</param>
+    /// <returns>The model (in eval mode) and a report of what was loaded.</returns>
+    /// <exception cref="DirectoryNotFoundException">No such directory.</exception>
+    /// <exception cref="FileNotFoundException">No config, no weights, or a shard named by the index is missing.</exception>
+    /// <exception cref="InvalidDataException">A corrupt file, or missing/unexpected keys or wrong shapes (named in the message).</exception>
+    public static (GlmForCausalLM Model, GlmLoadReport Report) FromPretrained(string directory, GlmLoadOptions? options = null)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(directory);
+        if (!Directory.Exists(directory)) throw new DirectoryNotFoundException($"No checkpoint directory '{directory}'.");
+        options ??= new GlmLoadOptions();
+        var logger = (options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger(typeof(GlmCheckpoint).FullName!);
+        var clock = Stopwatch.StartNew();
+        var config = GlmConfig.FromFile(Path.Combine(directory, "config.json"));
+        if (options.PreSeqLen is { } pre) config = config with { PreSeqLen = pre };
+        var files = FindWeightFiles(directory);
+        LogConfig(logger, directory, config.NumLayers, config.HiddenSize, config.VocabSize, config.QuantizationBit, files.Count);
+
+        var build = new GlmBuildOptions(options.Dtype, options.Device ?? CPU, GlmInit.Empty)
+        {
+            QuantizationBit = config.QuantizationBit,
+            QuantizedLayer = options.Quantization?.Layer,
+        };
+        var model = new GlmForCausalLM(config, build);
+        try
+        {
+            var report = LoadInto(model, files, options, logger);
+            if (config.QuantizationBit == 0 && (options.QuantizationBit ?? 0) is var bits and > 0)
+            {
+                var swapped = model.Quantize(bits, options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped });
+                LogQuantized(logger, swapped.Count, bits);
+            }
+            model.eval();
+            report = report with { Elapsed = clock.Elapsed, PeakWorkingSetBytes = Process.GetCurrentProcess().PeakWorkingSet64 };
+            LogLoaded(logger, report.LoadedKeys, report.Files.Count, report.Elapsed.TotalSeconds, report.PeakWorkingSetBytes / 1e6);
+            return (model, report);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The weight files of a checkpoint directory, in load order.</summary>
+    /// <param name="directory">The directory.</param>
+    /// <returns>Full paths.</returns>
+    /// <exception cref="FileNotFoundException">No weights, or an index names a missing shard.</exception>
+    /// <exception cref="InvalidDataException">A malformed index.</exception>
+    public static IReadOnlyList<string> FindWeightFiles(string directory)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(directory);
+        foreach (var index in new[] { "model.safetensors.index.json", "pytorch_model.bin.index.json" })
+        {
+            var path = Path.Combine(directory, index);
+            if (File.Exists(path)) return ShardsFromIndex(directory, path);
+        }
+        foreach (var single in new[] { "model.safetensors", "pytorch_model.bin" })
+        {
+            var path = Path.Combine(directory, single);
+            if (File.Exists(path)) return new[] { path };
+        }
+        var others = Directory.GetFiles(directory, "*.safetensors").Concat(Directory.GetFiles(directory, "*.pth"))
+            .Concat(Directory.GetFiles(directory, "*.bin")).OrderBy(f => f, StringComparer.Ordinal).ToList();
+        if (others.Count == 1) return others;
+        if (others.Count > 1)
+            throw new FileNotFoundException($"'{directory}' holds several weight files ({string.Join(", ", others.Select(Path.GetFileName))}) but no index json saying which belong together.");
+        throw new FileNotFoundException($"No weights in '{directory}': looked for model.safetensors(.index.json), pytorch_model.bin(.index.json), *.safetensors, *.pth, *.bin.");
+    }
+
+    /// <summary>Copies the tensors of <paramref name="files"/> into <paramref name="model"/>, one file at a time.</summary>
+    internal static GlmLoadReport LoadInto(GlmForCausalLM model, IReadOnlyList<string> files, GlmLoadOptions options, ILogger logger)
+    {
+        var clock = Stopwatch.StartNew();
+        var target = model.state_dict();
+        var loaded = new HashSet<string>(StringComparer.Ordinal);
+        var ignored = new List<string>();
+        var unexpected = new List<string>();
+        var mismatched = new List<string>();
+        int done = 0;
+        foreach (var file in files)
+        {
+            using var scope = NewDisposeScope();
+            var tensors = ReadFile(file);
+            using (no_grad())
+            {
+                foreach (var (key, src) in tensors)
+                {
+                    if (key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal)) { ignored.Add(key); continue; }
+                    if (!target.TryGetValue(key, out var dst)) { unexpected.Add(key); continue; }
+                    if (!dst.shape.SequenceEqual(src.shape))
+                    {
+                        mismatched.Add($"{key}: model [{string.Join(", ", dst.shape)}] vs file [{string.Join(", ", src.shape)}]");
+                        continue;
+                    }
+                    if (Dtypes.IsInteger(dst.dtype) != Dtypes.IsInteger(src.dtype))
+                    {
+                        mismatched.Add($"{key}: model {dst.dtype} vs file {src.dtype} (a quantized checkpoint needs quantization_bit in config.json)");
+                        continue;
+                    }
+                    dst.copy_(src);
+                    loaded.Add(key);
+                }
+            }
+            foreach (var t in tensors.Values) t.Dispose();
+            options.Progress?.Report((++done, files.Count));
+            LogFile(logger, Path.GetFileName(file), tensors.Count);
+        }
+
+        bool tied = false;
+        if (!loaded.Contains("lm_head.weight") && loaded.Contains("transformer.word_embeddings.weight") && target.ContainsKey("lm_head.weight"))
+        {
+            using (no_grad()) target["lm_head.weight"].copy_(target["transformer.word_embeddings.weight"]);
+            loaded.Add("lm_head.weight");
+            tied = true;
+        }
+        var missing = target.Keys.Where(k => !loaded.Contains(k) && !k.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal)).ToList();
+        var problems = new List<string>();
+        if (mismatched.Count > 0) problems.Add($"wrong shapes or types ({mismatched.Count}): {string.Join("; ", mismatched.Take(10))}");
+        if (missing.Count > 0) problems.Add($"missing keys ({missing.Count}): {string.Join(", ", missing.Take(20))}");
+        if (unexpected.Count > 0 && options.Strict) problems.Add($"unexpected keys ({unexpected.Count}): {string.Join(", ", unexpected.Take(20))}");
+        if (problems.Count > 0)
+            throw new InvalidDataException($"The checkpoint does not fit the model built from its config: {string.Join(" | ", problems)}.");
+        if (unexpected.Count > 0) LogUnexpected(logger, unexpected.Count, string.Join(", ", unexpected.Take(10)));
+        ignored.AddRange(unexpected);
+        model.AfterLoad();
+        model.RefreshQuantizedKernels();
+        return new GlmLoadReport(files, loaded.Count, ignored, tied, clock.Elapsed, 0);
+    }
+
+    /// <summary>Reads one weight file (safetensors or PyTorch pickle) into tensors.</summary>
+    /// <param name="path">The file.</param>
+    /// <returns>The tensors by key.</returns>
+    /// <exception cref="FileNotFoundException">No such file.</exception>
+    /// <exception cref="InvalidDataException">The file is not a readable state dict.</exception>
+    public static Dictionary<string, Tensor> ReadFile(string path)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        if (!File.Exists(path)) throw new FileNotFoundException($"Weight file '{path}' does not exist.", path);
+        try
+        {
+            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+                return Safetensors.LoadStateDict(path);
+            var table = PyTorchUnpickler.UnpickleStateDict(path);
+            var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+            foreach (DictionaryEntry e in table)
+            {
+                if (e.Key is string k && e.Value is Tensor t) dict[k] = t;
+            }
+            if (dict.Count == 0) throw new InvalidDataException("it holds no tensors");
+            return dict;
+        }
+        catch (Exception ex) when (ex is not FileNotFoundException and not OutOfMemoryException)
+        {
+            throw new InvalidDataException($"Cannot read weight file '{path}': {ex.Message}", ex);
+        }
+    }
+
+    private static List<string> ShardsFromIndex(string directory, string indexPath)
+    {
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(indexPath));
+            if (!doc.RootElement.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
+                throw new InvalidDataException($"{indexPath} has no weight_map object.");
+            var shards = map.EnumerateObject().Select(p => p.Value.GetString() ?? throw new InvalidDataException($"{indexPath}: entry '{p.Name}' is not a file name."))
+                .Distinct(StringComparer.Ordinal).OrderBy(f => f, StringComparer.Ordinal).ToList();
+            if (shards.Count == 0) throw new InvalidDataException($"{indexPath} lists no shards.");
+            var paths = shards.Select(f => Path.Combine(directory, f)).ToList();
+            foreach (var p in paths)
+            {
+                if (!File.Exists(p)) throw new FileNotFoundException($"Shard '{Path.GetFileName(p)}' named by {Path.GetFileName(indexPath)} is missing.", p);
+            }
+            return paths;
+        }
+        catch (JsonException ex)
+        {
+            throw new InvalidDataException($"{indexPath} is not valid JSON: {ex.Message}", ex);
+        }
+    }
+
+    [LoggerMessage(EventId = 1, Level = LogLevel.Information, Message = "Loading GLM checkpoint {Directory}: {Layers} layers, hidden {Hidden}, vocab {Vocab}, quantization_bit {Bits}, {Files} weight file(s)")]
+    private static partial void LogConfig(ILogger logger, string directory, int layers, int hidden, int vocab, int bits, int files);
+
+    [LoggerMessage(EventId = 2, Level = LogLevel.Debug, Message = "Read {File}: {Count} tensors")]
+    private static partial void LogFile(ILogger logger, string file, int count);
+
+    [LoggerMessage(EventId = 3, Level = LogLevel.Information, Message = "Loaded {Keys} tensors from {Files} file(s) in {Seconds:F1} s; peak working set {PeakMb:F0} MB")]
+    private static partial void LogLoaded(ILogger logger, int keys, int files, double seconds, double peakMb);
+
+    [LoggerMessage(EventId = 4, Level = LogLevel.Warning, Message = "Ignored {Count} unexpected keys: {Keys}")]
+    private static partial void LogUnexpected(ILogger logger, int count, string keys);
+
+    [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "Quantized {Count} projections to {Bits} bits while loading")]
+    private static partial void LogQuantized(ILogger logger, int count, int bits);
+}
+
+internal static class Dtypes
+{
+    internal static bool IsInteger(ScalarType t) => t is ScalarType.Int8 or ScalarType.Byte or ScalarType.Int16 or ScalarType.Int32 or ScalarType.Int64 or ScalarType.Bool;
+}

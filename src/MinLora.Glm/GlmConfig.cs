@@ -1,0 +1,186 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace MinLora.Glm;
+
+/// <summary>The GLM architecture generations.</summary>
+public enum GlmVersion
+{
+    /// <summary>ChatGLM-6B (v1): 2-D rotary positions, LayerNorm, GELU MLP, bidirectional prefix.</summary>
+    ChatGlm1,
+    /// <summary>ChatGLM2-6B / ChatGLM3-6B (v2 architecture: RMSNorm, multi-query attention, SwiGLU).</summary>
+    ChatGlm2,
+}
+
+/// <summary>
+/// A GLM checkpoint's <c>config.json</c> (snake_case keys as the checkpoint writes them; unknown keys ignored).
+/// Defaults are ChatGLM-6B's <c>configuration_chatglm.py</c> with the checkpoint's token ids.
+/// </summary>
+public sealed record GlmConfig
+{
+    private static readonly JsonSerializerOptions JsonOptions = new()
+    {
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        NumberHandling = JsonNumberHandling.AllowReadingFromString,
+        ReadCommentHandling = JsonCommentHandling.Skip,
+        AllowTrailingCommas = true,
+        WriteIndented = true,
+        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    };
+
+    /// <summary><c>model_type</c>; "chatglm" for every ChatGLM generation.</summary>
+    public string ModelType { get; init; } = "chatglm";
+
+    /// <summary>Vocabulary size (rows of the embedding and of the output head).</summary>
+    public int VocabSize { get; init; } = 130528;
+
+    /// <summary>Hidden size.</summary>
+    public int HiddenSize { get; init; } = 4096;
+
+    /// <summary>Number of transformer blocks.</summary>
+    public int NumLayers { get; init; } = 28;
+
+    /// <summary>Number of attention heads.</summary>
+    public int NumAttentionHeads { get; init; } = 32;
+
+    /// <summary>MLP inner size (default 4·hidden).</summary>
+    public int? InnerHiddenSize { get; init; }
+
+    /// <summary>LayerNorm epsilon.</summary>
+    public double LayernormEpsilon { get; init; } = 1e-5;
+
+    /// <summary>Longest sequence the model was trained for.</summary>
+    public int MaxSequenceLength { get; init; } = 2048;
+
+    /// <summary>2-D rotary positions (position and block position), as ChatGLM-6B uses.</summary>
+    public bool PositionEncoding2d { get; init; } = true;
+
+    /// <summary><c>&lt;sop&gt;</c>: start of the generated part.</summary>
+    public int BosTokenId { get; init; } = 130004;
+
+    /// <summary><c>&lt;eop&gt;</c>: end of the generated part.</summary>
+    public int EosTokenId { get; init; } = 130005;
+
+    /// <summary><c>[MASK]</c>.</summary>
+    public int MaskTokenId { get; init; } = 130000;
+
+    /// <summary><c>[gMASK]</c>.</summary>
+    public int GmaskTokenId { get; init; } = 130001;
+
+    /// <summary>Padding id (left padding).</summary>
+    public int PadTokenId { get; init; } = 3;
+
+    /// <summary>Use the KV cache in generation.</summary>
+    public bool UseCache { get; init; } = true;
+
+    /// <summary>Length of the P-tuning v2 prefix (null: no prefix).</summary>
+    public int? PreSeqLen { get; init; }
+
+    /// <summary>P-tuning v2 prefix through a two-layer MLP instead of a plain embedding.</summary>
+    public bool PrefixProjection { get; init; }
+
+    /// <summary>Bits of a pre-quantized checkpoint (0: not quantized; 4 or 8).</summary>
+    public int QuantizationBit { get; init; }
+
+    /// <summary>Whether a pre-quantized checkpoint also quantized the embedding (not supported).</summary>
+    public bool QuantizationEmbeddings { get; init; }
+
+    /// <summary>The checkpoint's element type name (e.g. "float16").</summary>
+    public string? TorchDtype { get; init; }
+
+    /// <summary>v2 architecture marker: multi-query attention.</summary>
+    public bool? MultiQueryAttention { get; init; }
+
+    /// <summary>v2 architecture marker: padded vocabulary size.</summary>
+    public int? PaddedVocabSize { get; init; }
+
+    /// <summary>v2 architecture marker: key/value channels.</summary>
+    public int? KvChannels { get; init; }
+
+    /// <summary>The MLP inner size in effect.</summary>
+    [JsonIgnore]
+    public int MlpHiddenSize => InnerHiddenSize ?? 4 * HiddenSize;
+
+    /// <summary>Per-head size.</summary>
+    [JsonIgnore]
+    public int HeadDim => HiddenSize / NumAttentionHeads;
+
+    /// <summary>The architecture generation this config describes.</summary>
+    [JsonIgnore]
+    public GlmVersion Version => MultiQueryAttention is not null || PaddedVocabSize is not null || KvChannels is not null ? GlmVersion.ChatGlm2 : GlmVersion.ChatGlm1;
+
+    /// <summary>Reads a <c>config.json</c>.</summary>
+    /// <param name="path">The file.</param>
+    /// <returns>The validated config.</returns>
+    /// <exception cref="FileNotFoundException">No such file.</exception>
+    /// <exception cref="InvalidDataException">Not valid JSON, or invalid values (the message names them).</exception>
+    /// <exception cref="NotSupportedException">Another model type or an architecture generation MinLora does not implement yet.</exception>
+    public static GlmConfig FromFile(string path)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        if (!File.Exists(path)) throw new FileNotFoundException($"No GLM config at '{path}'.", path);
+        return FromJson(File.ReadAllText(path), path);
+    }
+
+    /// <summary>Parses config JSON.</summary>
+    /// <param name="json">The text.</param>
+    /// <param name="source">Where it came from, for messages.</param>
+    /// <returns>The validated config.</returns>
+    /// <exception cref="InvalidDataException">Not valid JSON, or invalid values.</exception>
+    /// <exception cref="NotSupportedException">Another model type or an unsupported generation.</exception>
+    public static GlmConfig FromJson(string json, string source = "config.json")
+    {
+        ArgumentNullException.ThrowIfNull(json);
+        GlmConfig? config;
+        try
+        {
+            config = JsonSerializer.Deserialize<GlmConfig>(json, JsonOptions);
+        }
+        catch (JsonException ex)
+        {
+            throw new InvalidDataException($"{source} is not a valid GLM config: {ex.Message}", ex);
+        }
+        if (config is null) throw new InvalidDataException($"{source} is empty.");
+        config.Validate(source);
+        return config;
+    }
+
+    /// <summary>The config as <c>config.json</c> text (snake_case).</summary>
+    /// <returns>JSON.</returns>
+    public string ToJson() => JsonSerializer.Serialize(this, JsonOptions);
+
+    /// <summary>Checks the values; throws naming the first bad one.</summary>
+    /// <param name="source">Where the config came from, for messages.</param>
+    /// <exception cref="InvalidDataException">A size is not positive, the hidden size does not split into heads, or a token id is out of the vocabulary.</exception>
+    /// <exception cref="NotSupportedException">Another model type, or an unsupported generation or option.</exception>
+    public void Validate(string source = "config")
+    {
+        if (!string.Equals(ModelType, "chatglm", StringComparison.OrdinalIgnoreCase))
+            throw new NotSupportedException($"{source}: model_type '{ModelType}' is not a GLM (expected 'chatglm').");
+        if (Version != GlmVersion.ChatGlm1)
+            throw new NotSupportedException($"{source}: this is a ChatGLM2/3 (v2 architecture) config; MinLora.Glm implements ChatGLM-6B (v1) so far.");
+        void Positive(int v, string name)
+        {
+            if (v <= 0) throw new InvalidDataException($"{source}: {name} must be positive, got {v}.");
+        }
+        Positive(VocabSize, "vocab_size");
+        Positive(HiddenSize, "hidden_size");
+        Positive(NumLayers, "num_layers");
+        Positive(NumAttentionHeads, "num_attention_heads");
+        Positive(MlpHiddenSize, "inner_hidden_size");
+        Positive(MaxSequenceLength, "max_sequence_length");
+        if (HiddenSize % NumAttentionHeads != 0)
+            throw new InvalidDataException($"{source}: hidden_size {HiddenSize} is not divisible by num_attention_heads {NumAttentionHeads}.");
+        if (PositionEncoding2d && HeadDim % 4 != 0)
+            throw new InvalidDataException($"{source}: 2-D rotary positions need a head size divisible by 4, got {HeadDim}.");
+        if (!PositionEncoding2d)
+            throw new NotSupportedException($"{source}: position_encoding_2d = false is not supported (ChatGLM-6B uses 2-D positions).");
+        foreach (var (id, name) in new[] { (BosTokenId, "bos_token_id"), (EosTokenId, "eos_token_id"), (MaskTokenId, "mask_token_id"), (GmaskTokenId, "gmask_token_id"), (PadTokenId, "pad_token_id") })
+        {
+            if (id < 0 || id >= VocabSize) throw new InvalidDataException($"{source}: {name} {id} is outside the vocabulary (0..{VocabSize - 1}).");
+        }
+        if (PreSeqLen is { } p && p <= 0) throw new InvalidDataException($"{source}: pre_seq_len must be positive when set, got {p}.");
+        if (QuantizationBit is not (0 or 4 or 8)) throw new InvalidDataException($"{source}: quantization_bit must be 0, 4 or 8, got {QuantizationBit}.");
+        if (QuantizationEmbeddings) throw new NotSupportedException($"{source}: quantized embeddings (quantization_embeddings) are not supported.");
+    }
+}

@@ -1,0 +1,183 @@
+using MinLora.Glm.Modeling;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm;
+
+/// <summary>
+/// The GLM transformer (ChatGLM-6B, v1): embeddings, blocks, final LayerNorm and the optional P-tuning v2 prefix.
+/// Its state-dict keys are the checkpoint's under <c>transformer.</c>.
+/// </summary>
+public sealed class GlmModel : nn.Module
+{
+    private readonly GlmEmbedding word_embeddings;
+    private readonly ModuleList<GlmBlock> layers = new();
+    private readonly nn.Module<Tensor, Tensor> final_layernorm;
+    private readonly PrefixEncoder? prefix_encoder;
+    private readonly GlmConfig _config;
+
+    internal GlmModel(GlmConfig config, GlmBuildOptions o) : base("ChatGLMModel")
+    {
+        _config = config;
+        word_embeddings = new GlmEmbedding(config.VocabSize, config.HiddenSize, o);
+        for (int i = 0; i < config.NumLayers; i++) layers.Add(new GlmBlock(config, i, o));
+        final_layernorm = GlmLayers.LayerNorm(config.HiddenSize, config.LayernormEpsilon, o);
+        if (config.PreSeqLen is not null) prefix_encoder = new PrefixEncoder(config, o);
+        RegisterComponents();
+    }
+
+    /// <summary>The embedding table [vocab, hidden].</summary>
+    public Parameter WordEmbeddings => word_embeddings.Weight;
+
+    internal IEnumerable<GlmBlock> Layers => layers;
+
+    internal bool HasPrefix => prefix_encoder is not null;
+
+    /// <summary>Runs the transformer; returns the final hidden states [s, b, h] and optional extras.</summary>
+    internal (Tensor Hidden, (Tensor, Tensor)[]? Present, List<Tensor>? HiddenStates, List<Tensor>? Attentions) Forward(
+        Tensor ids, Tensor positionIds, Tensor? mask, GlmKvCache? past, bool useCache, bool outputHidden, bool outputAttentions)
+    {
+        long b = ids.shape[0];
+        var h = word_embeddings.call(ids).transpose(0, 1);                         // [s, b, h]
+        var pasts = new (Tensor Key, Tensor Value)?[_config.NumLayers];
+        if (past is not null)
+        {
+            if (past.Count != _config.NumLayers) throw new ArgumentException($"The cache has {past.Count} layers; the model has {_config.NumLayers}.", nameof(past));
+            for (int i = 0; i < pasts.Length; i++) pasts[i] = past[i];
+        }
+        else if (prefix_encoder is not null)
+        {
+            var prompt = PrefixKeyValues(b, h.dtype, h.device);
+            for (int i = 0; i < pasts.Length; i++) pasts[i] = prompt[i];
+        }
+        if (prefix_encoder is not null && mask is not null)
+        {
+            // The prefix is visible to every position.
+            var prefixMask = zeros(new[] { b, 1, mask.shape[2], (long)_config.PreSeqLen!.Value }, dtype: ScalarType.Bool, device: mask.device);
+            mask = cat(new[] { prefixMask, mask }, 3);
+        }
+
+        var present = useCache ? new (Tensor, Tensor)[_config.NumLayers] : null;
+        var hidden = outputHidden ? new List<Tensor>() : null;
+        var attentions = outputAttentions ? new List<Tensor>() : null;
+        int index = 0;
+        foreach (var layer in layers)
+        {
+            hidden?.Add(h);
+            var (next, kv, probs) = layer.Forward(h, positionIds, mask, pasts[index]);
+            if (present is not null) present[index] = kv;
+            attentions?.Add(probs);
+            h = next;
+            index++;
+        }
+        h = final_layernorm.call(h);
+        hidden?.Add(h);
+        return (h, present, hidden, attentions);
+    }
+
+    /// <summary>The P-tuning prefix as per-layer keys and values [pre, b, heads, hd].</summary>
+    private (Tensor Key, Tensor Value)[] PrefixKeyValues(long batch, ScalarType dtype, Device device)
+    {
+        int pre = _config.PreSeqLen!.Value;
+        var tokens = arange(pre, dtype: ScalarType.Int64, device: device).unsqueeze(0).expand(batch, pre);
+        var kv = prefix_encoder!.call(tokens).to(dtype)
+            .view(batch, pre, _config.NumLayers * 2, _config.NumAttentionHeads, _config.HeadDim);
+        kv = nn.functional.dropout(kv, 0.1, training);
+        kv = kv.permute(2, 1, 0, 3, 4);                                                     // [2L, pre, b, np, hn]
+        var result = new (Tensor, Tensor)[_config.NumLayers];
+        for (int i = 0; i < _config.NumLayers; i++) result[i] = (kv[2 * i], kv[2 * i + 1]);
+        return result;
+    }
+
+    /// <summary>Recomputes the rotary buffers (after a checkpoint wrote into them: the reference ignores their saved values).</summary>
+    internal void ResetRotary()
+    {
+        foreach (var l in layers) l.Attention.Rotary.Reset(_config.HeadDim / 2);
+    }
+}
+
+/// <summary>
+/// ChatGLM-6B with its language-model head: <c>transformer</c> (<see cref="GlmModel"/>) and <c>lm_head</c>, computing
+/// exactly what the reference <c>modeling_chatglm.py</c> computes. State-dict keys are the checkpoint's
+/// (<c>transformer.layers.N.attention.query_key_value.weight</c>, …); projections are swappable for LoRA and
+/// quantization.
+/// </summary>
+public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
+{
+    private readonly GlmModel transformer;
+    private readonly nn.Module<Tensor, Tensor> lm_head;
+
+    /// <summary>Builds the model from a config.</summary>
+    /// <param name="config">The architecture.</param>
+    /// <param name="options">Element type, device (use <c>meta</c> for a shape-only model) and initialisation.</param>
+    /// <exception cref="InvalidDataException">An invalid config.</exception>
+    /// <exception cref="NotSupportedException">An unsupported architecture.</exception>
+    public GlmForCausalLM(GlmConfig config, GlmBuildOptions? options = null) : base("ChatGLMForConditionalGeneration")
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        config.Validate();
+        Config = config;
+        var o = options ?? new GlmBuildOptions();
+        transformer = new GlmModel(config, o);
+        lm_head = GlmLayers.Linear(config.HiddenSize, config.VocabSize, false, o);
+        RegisterComponents();
+        if (config.PreSeqLen is not null)
+        {
+            // As the reference: with a P-tuning prefix only the prefix encoder trains.
+            foreach (var (name, p) in named_parameters())
+                p.requires_grad = name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal);
+        }
+    }
+
+    /// <summary>The architecture.</summary>
+    public GlmConfig Config { get; }
+
+    /// <summary>The transformer.</summary>
+    public GlmModel Transformer => transformer;
+
+    /// <inheritdoc />
+    public override GlmOutput forward(GlmInput input)
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        var ids = input.InputIds;
+        if (ids.dim() != 2 || ids.dtype != ScalarType.Int64)
+            throw new ArgumentException($"InputIds must be int64 [batch, sequence], got {ids.dtype} [{string.Join(", ", ids.shape)}].", nameof(input));
+        long b = ids.shape[0], s = ids.shape[1];
+        if (input.PastKeyValues is not null && (input.AttentionMask is null || input.PositionIds is null))
+            throw new ArgumentException("With PastKeyValues, give AttentionMask and PositionIds for the new positions (see GlmMasks).", nameof(input));
+        using var scope = NewDisposeScope();
+        var mask = input.AttentionMask ?? GlmMasks.BuildAttentionMask(ids, Config);
+        var positions = input.PositionIds ?? GlmMasks.BuildPositionIds(ids, Config);
+        if (!positions.shape.SequenceEqual(new[] { b, 2, s }))
+            throw new ArgumentException($"PositionIds must be [{b}, 2, {s}], got [{string.Join(", ", positions.shape)}].", nameof(input));
+        long pastLength = input.PastKeyValues?.Length ?? 0;
+        long prefix = input.PastKeyValues is null ? 0 : Config.PreSeqLen ?? 0;
+        if (mask.dim() != 4 || mask.shape[0] != b || mask.shape[2] != s || mask.shape[3] != pastLength - prefix + s)
+            throw new ArgumentException($"AttentionMask must be [{b}, 1, {s}, {pastLength - prefix + s}], got [{string.Join(", ", mask.shape)}].", nameof(input));
+        if (mask.dtype != ScalarType.Bool) mask = mask.to(ScalarType.Bool);
+
+        var (hidden, present, hiddenStates, attentions) = transformer.Forward(
+            ids, positions, mask, input.PastKeyValues, input.UseCache, input.OutputHiddenStates, input.OutputAttentions);
+        var logits = lm_head.call(hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
+        Tensor? loss = null;
+        if (input.Labels is { } labels)
+        {
+            if (!labels.shape.SequenceEqual(new[] { b, s }))
+                throw new ArgumentException($"Labels must be [{b}, {s}], got [{string.Join(", ", labels.shape)}].", nameof(input));
+            var shiftLogits = logits.to(ScalarType.Float32).narrow(1, 0, s - 1).reshape(-1, Config.VocabSize);
+            var shiftLabels = labels.narrow(1, 1, s - 1).reshape(-1);
+            loss = nn.functional.cross_entropy(shiftLogits, shiftLabels, ignore_index: -100).MoveToOuterDisposeScope();
+        }
+        var cache = present is null ? null : new GlmKvCache(present.Select(kv => (kv.Item1.MoveToOuterDisposeScope(), kv.Item2.MoveToOuterDisposeScope())).ToArray());
+        return new GlmOutput(
+            logits.MoveToOuterDisposeScope(),
+            loss,
+            cache,
+            hiddenStates?.Select(t => t.MoveToOuterDisposeScope()).ToList(),
+            attentions?.Select(t => t.MoveToOuterDisposeScope()).ToList());
+    }
+
+    /// <summary>Recomputes derived buffers after loading a checkpoint (the rotary frequencies, which the reference never loads).</summary>
+    internal void AfterLoad() => transformer.ResetRotary();
+}

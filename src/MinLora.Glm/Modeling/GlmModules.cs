@@ -1,0 +1,339 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Modeling;
+
+/// <summary>How new parameters are filled.</summary>
+public enum GlmInit
+{
+    /// <summary>Random initialisation (PyTorch's defaults), for training from scratch and tests.</summary>
+    Random,
+    /// <summary>Uninitialised memory, to be overwritten by a checkpoint (fast: no random numbers drawn).</summary>
+    Empty,
+}
+
+/// <summary>Where and how a GLM model is built.</summary>
+/// <param name="Dtype">Element type of the parameters.</param>
+/// <param name="Device">Device of the parameters (<c>meta</c> for shape-only models).</param>
+/// <param name="Init">How parameters are filled.</param>
+public sealed record GlmBuildOptions(ScalarType Dtype = ScalarType.Float32, Device? Device = null, GlmInit Init = GlmInit.Random)
+{
+    /// <summary>
+    /// Build the block projections (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) directly as empty
+    /// quantized layers of this many bits (0: float), to load a pre-quantized checkpoint without ever allocating
+    /// the float weights.
+    /// </summary>
+    public int QuantizationBit { get; init; }
+
+    /// <summary>The 4-bit layout of such projections (ChatGLM's int4 checkpoints use <see cref="MinLora.Quantization.QuantizationFormat.Int4PerRowChatGlm"/>).</summary>
+    public MinLora.Quantization.QuantizationFormat Int4Format { get; init; } = MinLora.Quantization.QuantizationFormat.Int4PerRowChatGlm;
+
+    /// <summary>Compute settings of such quantized projections.</summary>
+    public MinLora.Quantization.QuantizedLinearOptions? QuantizedLayer { get; init; }
+}
+
+/// <summary>Factories that allocate parameters directly where they belong (no CPU detour, no init when empty).</summary>
+internal static class GlmLayers
+{
+    private static readonly Device Meta = new(DeviceType.META);
+
+    internal static Linear Linear(long inFeatures, long outFeatures, bool bias, GlmBuildOptions o)
+    {
+        var device = o.Device ?? CPU;
+        if (o.Init == GlmInit.Random || device.type == DeviceType.META)
+            return nn.Linear(inFeatures, outFeatures, bias, device, o.Dtype);
+        var linear = nn.Linear(inFeatures, outFeatures, bias, Meta, o.Dtype);
+        linear.weight = new Parameter(empty(new[] { outFeatures, inFeatures }, dtype: o.Dtype, device: device));
+        if (bias) linear.bias = new Parameter(empty(new[] { outFeatures }, dtype: o.Dtype, device: device));
+        return linear;
+    }
+
+    /// <summary>A block projection: a float Linear, or an empty quantized layer when <see cref="GlmBuildOptions.QuantizationBit"/> is set.</summary>
+    internal static nn.Module<Tensor, Tensor> Projection(long inFeatures, long outFeatures, bool bias, GlmBuildOptions o)
+    {
+        if (o.QuantizationBit == 0) return Linear(inFeatures, outFeatures, bias, o);
+        var format = o.QuantizationBit == 8 ? MinLora.Quantization.QuantizationFormat.Int8PerRow : o.Int4Format;
+        var device = o.Device ?? CPU;
+        if (device.type == DeviceType.META) device = CPU;
+        return MinLora.Quantization.QuantizedLinear.Empty(inFeatures, outFeatures, bias, format, 128, o.Dtype, device, o.QuantizedLayer);
+    }
+
+    internal static LayerNorm LayerNorm(long size, double eps, GlmBuildOptions o) =>
+        nn.LayerNorm(new[] { size }, eps, device: o.Device ?? CPU, dtype: o.Dtype);
+
+    internal static Parameter Table(long rows, long dim, GlmBuildOptions o)
+    {
+        var device = o.Device ?? CPU;
+        var t = empty(new[] { rows, dim }, dtype: o.Dtype, device: device);
+        if (o.Init == GlmInit.Random && device.type != DeviceType.META)
+        {
+            using var noGrad = no_grad();
+            nn.init.normal_(t);
+        }
+        return (Parameter)new Parameter(t).DetachFromDisposeScope();
+    }
+}
+
+/// <summary>
+/// An embedding table (<c>weight</c> [rows, dim]) looked up with <c>index_select</c>. Unlike TorchSharp's native
+/// Embedding it is created directly on any device, including <c>meta</c> (the native one is built on the CPU first:
+/// 2 GiB and 6 s for ChatGLM-6B's table).
+/// </summary>
+internal sealed class GlmEmbedding : nn.Module<Tensor, Tensor>
+{
+    private Parameter weight;
+
+    public GlmEmbedding(long rows, long dim, GlmBuildOptions o) : base("Embedding")
+    {
+        weight = GlmLayers.Table(rows, dim, o);
+        RegisterComponents();
+    }
+
+    public Parameter Weight => weight;
+
+    /// <summary>ids [...] → [..., dim].</summary>
+    public override Tensor forward(Tensor ids)
+    {
+        using var scope = NewDisposeScope();
+        var shape = ids.shape.Append(weight.shape[1]).ToArray();
+        return weight.index_select(0, ids.reshape(-1)).reshape(shape).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// ChatGLM-6B's rotary table: <c>inv_freq = 1 / 10000^(2i/d)</c> computed in float32 and rounded to float16 (as the
+/// reference's <c>precision=torch.half</c> does), kept as the buffer <c>inv_freq</c> (its checkpoint value is
+/// ignored on load, as the reference ignores it), and cos/sin tables computed in the buffer's element type.
+/// </summary>
+internal sealed class RotaryEmbedding : nn.Module
+{
+    private Tensor inv_freq;
+    private (long Length, Tensor Cos, Tensor Sin)? _cache;
+
+    public RotaryEmbedding(int dim, GlmBuildOptions o) : base(nameof(RotaryEmbedding))
+    {
+        inv_freq = Frequencies(dim, o.Dtype, o.Device ?? CPU);
+        RegisterComponents();
+    }
+
+    internal static Tensor Frequencies(int dim, ScalarType dtype, Device device)
+    {
+        using var scope = NewDisposeScope();
+        var exponent = arange(0, dim, 2, dtype: ScalarType.Float32).div(dim);
+        var f = pow(10000.0, exponent).reciprocal().to(ScalarType.Float16).to(dtype);
+        return f.to(device).MoveToOuterDisposeScope().DetachFromDisposeScope();
+    }
+
+    /// <summary>Restores the computed frequencies (after a checkpoint wrote into the buffer).</summary>
+    public void Reset(int dim)
+    {
+        using var noGrad = no_grad();
+        if (inv_freq.device_type == DeviceType.META) return;
+        using var f = Frequencies(dim, inv_freq.dtype, inv_freq.device);
+        inv_freq.copy_(f);
+        _cache = null;
+    }
+
+    /// <summary>cos and sin tables [length, dim] for positions 0..length−1, in the buffer's element type.</summary>
+    public (Tensor Cos, Tensor Sin) Tables(long length)
+    {
+        if (_cache is { } c && c.Length >= length && c.Cos.dtype == inv_freq.dtype && c.Cos.device == inv_freq.device)
+            return (c.Cos, c.Sin);
+        _cache?.Cos.Dispose();
+        _cache?.Sin.Dispose();
+        using var scope = NewDisposeScope();
+        var t = arange(length, dtype: inv_freq.dtype, device: inv_freq.device);
+        var freqs = t.unsqueeze(1).mul(inv_freq.unsqueeze(0));   // einsum('i,j->ij')
+        var emb = cat(new[] { freqs, freqs }, 1);
+        var cos = emb.cos().MoveToOuterDisposeScope().DetachFromDisposeScope();
+        var sin = emb.sin().MoveToOuterDisposeScope().DetachFromDisposeScope();
+        _cache = (length, cos, sin);
+        return (cos, sin);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _cache?.Cos.Dispose();
+            _cache?.Sin.Dispose();
+            _cache = null;
+        }
+        base.Dispose(disposing);
+    }
+}
+
+/// <summary>ChatGLM-6B self-attention: fused per-head-interleaved QKV, 2-D rotary positions, layer-scaled scores.</summary>
+internal sealed class GlmSelfAttention : nn.Module
+{
+    private readonly nn.Module<Tensor, Tensor> query_key_value;
+    private readonly nn.Module<Tensor, Tensor> dense;
+    private readonly RotaryEmbedding rotary_emb;
+    private readonly int _heads;
+    private readonly int _headDim;
+    private readonly int _layerId;
+
+    public GlmSelfAttention(GlmConfig c, int layerId, GlmBuildOptions o) : base("SelfAttention")
+    {
+        _heads = c.NumAttentionHeads;
+        _headDim = c.HeadDim;
+        _layerId = layerId;
+        query_key_value = GlmLayers.Projection(c.HiddenSize, 3L * c.HiddenSize, true, o);
+        dense = GlmLayers.Projection(c.HiddenSize, c.HiddenSize, true, o);
+        rotary_emb = new RotaryEmbedding(_headDim / 2, o);
+        RegisterComponents();
+    }
+
+    public RotaryEmbedding Rotary => rotary_emb;
+
+    /// <summary>
+    /// x [s, b, h]; positions [b, 2, s]; mask [b, 1, s, sk] (True = masked) or null; past (k, v) [sp, b, heads, d].
+    /// Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
+    /// </summary>
+    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, Tensor positionIds, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    {
+        long s = x.shape[0], b = x.shape[1];
+        var mixed = query_key_value.call(x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
+        var q = mixed.narrow(3, 0, _headDim);
+        var k = mixed.narrow(3, _headDim, _headDim);
+        var v = mixed.narrow(3, 2 * _headDim, _headDim);
+
+        // 2-D rotary: the first half of each head rotates by position, the second by block position.
+        int half = _headDim / 2;
+        var (cos, sin) = rotary_emb.Tables(positionIds.max().item<long>() + 1);
+        var position = positionIds.select(1, 0).t();                                       // [s, b]
+        var block = positionIds.select(1, 1).t();
+        var (q1, k1) = Rotate(q.narrow(3, 0, half), k.narrow(3, 0, half), cos, sin, position);
+        var (q2, k2) = Rotate(q.narrow(3, half, half), k.narrow(3, half, half), cos, sin, block);
+        q = cat(new[] { q1, q2 }, 3);
+        k = cat(new[] { k1, k2 }, 3);
+        if (past is { } p)
+        {
+            k = cat(new[] { p.Key, k }, 0);
+            v = cat(new[] { p.Value, v }, 0);
+        }
+        var present = (k, v);
+
+        // Scores: q / (√d · (layer+1)), masked with −10000, then × (layer+1) in float32, softmax.
+        double coeff = _layerId + 1;
+        long sk = k.shape[0];
+        var qs = q.div(Math.Sqrt(_headDim) * coeff).reshape(s, b * _heads, _headDim).transpose(0, 1);   // [b·np, s, hn]
+        var ks = k.reshape(sk, b * _heads, _headDim).transpose(0, 1);                                     // [b·np, sk, hn]
+        var scores = qs.bmm(ks.transpose(1, 2)).view(b, _heads, s, sk);
+        if (mask is not null) scores = scores.masked_fill(mask, -10000.0);
+        var dtype = scores.dtype;
+        var probs = scores.to(ScalarType.Float32).mul(coeff).softmax(-1).to(dtype);       // [b, np, s, sk]
+        var vs = v.reshape(sk, b * _heads, _headDim).transpose(0, 1);                     // [b·np, sk, hn]
+        var flatProbs = probs.view(b * _heads, s, sk);
+        var context = flatProbs.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
+        return (dense.call(context), present, flatProbs);
+    }
+
+    /// <summary>x·cos + rotate_half(x)·sin with cos/sin gathered at the positions [s, b].</summary>
+    private static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions)
+    {
+        long s = positions.shape[0], b = positions.shape[1], d = cos.shape[1];
+        var flat = positions.reshape(-1);
+        var c = cos.index_select(0, flat).view(s, b, 1, d);
+        var n = sin.index_select(0, flat).view(s, b, 1, d);
+        return (q.mul(c).add(RotateHalf(q).mul(n)), k.mul(c).add(RotateHalf(k).mul(n)));
+    }
+
+    private static Tensor RotateHalf(Tensor x)
+    {
+        long h = x.shape[^1] / 2;
+        return cat(new[] { x.narrow(-1, h, h).neg(), x.narrow(-1, 0, h) }, -1);
+    }
+}
+
+/// <summary>ChatGLM-6B's MLP ("GLU" in the reference): dense_h_to_4h → tanh-GELU → dense_4h_to_h.</summary>
+internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
+{
+    private readonly nn.Module<Tensor, Tensor> dense_h_to_4h;
+    private readonly nn.Module<Tensor, Tensor> dense_4h_to_h;
+
+    public GlmMlp(GlmConfig c, GlmBuildOptions o) : base("GLU")
+    {
+        dense_h_to_4h = GlmLayers.Projection(c.HiddenSize, c.MlpHiddenSize, true, o);
+        dense_4h_to_h = GlmLayers.Projection(c.MlpHiddenSize, c.HiddenSize, true, o);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var h = dense_h_to_4h.call(x);
+        // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²)))
+        var g = h.mul(0.5).mul(h.mul(0.7978845608028654).mul(h.square().mul(0.044715).add(1.0)).tanh().add(1.0));
+        return dense_4h_to_h.call(g).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>A ChatGLM-6B block: the residual adds the LayerNorm output times √(2·28).</summary>
+internal sealed class GlmBlock : nn.Module
+{
+    private const int ReferenceLayers = 28;
+
+    private readonly nn.Module<Tensor, Tensor> input_layernorm;
+    private readonly GlmSelfAttention attention;
+    private readonly nn.Module<Tensor, Tensor> post_attention_layernorm;
+    private readonly GlmMlp mlp;
+    private readonly double _alpha;
+
+    public GlmBlock(GlmConfig c, int layerId, GlmBuildOptions o) : base("GLMBlock")
+    {
+        input_layernorm = GlmLayers.LayerNorm(c.HiddenSize, c.LayernormEpsilon, o);
+        attention = new GlmSelfAttention(c, layerId, o);
+        post_attention_layernorm = GlmLayers.LayerNorm(c.HiddenSize, c.LayernormEpsilon, o);
+        mlp = new GlmMlp(c, o);
+        // The reference's GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so
+        // alpha is √56 for every ChatGLM-6B-architecture model, whatever its depth (the golden tiny models confirm it).
+        _alpha = Math.Sqrt(2.0 * ReferenceLayers);
+        RegisterComponents();
+    }
+
+    public GlmSelfAttention Attention => attention;
+
+    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, Tensor positionIds, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    {
+        var x = input_layernorm.call(h);
+        var (a, present, probs) = attention.Forward(x, positionIds, mask, past);
+        var h1 = x.mul(_alpha).add(a);
+        var y = post_attention_layernorm.call(h1);
+        var outp = y.mul(_alpha).add(mlp.call(y));
+        return (outp, present, probs);
+    }
+}
+
+/// <summary>P-tuning v2 prefix: keys and values for every layer from a learned table (optionally through an MLP).</summary>
+internal sealed class PrefixEncoder : nn.Module<Tensor, Tensor>
+{
+    private readonly GlmEmbedding embedding;
+    private readonly nn.Module<Tensor, Tensor>? trans;
+
+    public PrefixEncoder(GlmConfig c, GlmBuildOptions o) : base(nameof(PrefixEncoder))
+    {
+        long kv = 2L * c.NumLayers * c.HiddenSize;
+        if (c.PrefixProjection)
+        {
+            embedding = new GlmEmbedding(c.PreSeqLen!.Value, c.HiddenSize, o);
+            trans = nn.Sequential(
+                GlmLayers.Linear(c.HiddenSize, c.HiddenSize, true, o),
+                nn.Tanh(),
+                GlmLayers.Linear(c.HiddenSize, kv, true, o));
+        }
+        else
+        {
+            embedding = new GlmEmbedding(c.PreSeqLen!.Value, kv, o);
+        }
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor prefix)
+    {
+        using var scope = NewDisposeScope();
+        var e = embedding.call(prefix);
+        return (trans is null ? e : trans.call(e)).MoveToOuterDisposeScope();
+    }
+}
