@@ -1,0 +1,257 @@
+using MinLora.Glm.Modeling;
+using MinLora.Quantization;
+using TorchSharp;
+using TorchSharp.PyBridge;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>
+/// Artifacts whose licences forbid committing them (the real ChatGLM-6B config and index) are read from the shared
+/// folder beside the repository: MINLORA_SHARED_DIR, or a "shared" folder next to any ancestor of the test binaries
+/// (CI clones the repo beside it). Tests that need them are skipped, saying so, when it is absent.
+/// </summary>
+internal static class SharedData
+{
+    public static string? Find(string relative)
+    {
+        var env = Environment.GetEnvironmentVariable("MINLORA_SHARED_DIR");
+        if (!string.IsNullOrEmpty(env) && File.Exists(Path.Combine(env, relative))) return Path.Combine(env, relative);
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            var candidate = Path.Combine(dir.FullName, "shared", relative);
+            if (File.Exists(candidate)) return candidate;
+        }
+        return null;
+    }
+}
+
+public sealed class CheckpointTests : IDisposable
+{
+    private readonly string _dir = Path.Combine(Path.GetTempPath(), "minlora-glm-" + Guid.NewGuid().ToString("N"));
+
+    public CheckpointTests() => Directory.CreateDirectory(_dir);
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private static GlmConfig Tiny => GlmConfig.FromFile(Path.Combine(Fixtures.Dir("v1"), "config.json"));
+
+    [SkippableFact]
+    public void RealChatGlm6B_MetaModelHasExactlyTheCheckpointKeys_AndTheBooksCount()
+    {
+        var configPath = SharedData.Find(Path.Combine("data", "chatglm-6b", "config.json"));
+        var indexPath = SharedData.Find(Path.Combine("data", "chatglm-6b", "pytorch_model.bin.index.json"));
+        Skip.If(configPath is null || indexPath is null, "the real ChatGLM-6B config/index are not beside the repo (../shared/data/chatglm-6b); they may not be committed");
+        var config = GlmConfig.FromFile(configPath!);
+        Assert.Equal(28, config.NumLayers);
+        Assert.Equal(16384, config.MlpHiddenSize);
+        using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.Float16, new Device(DeviceType.META)));
+        var keys = model.state_dict();
+        using var index = System.Text.Json.JsonDocument.Parse(File.ReadAllText(indexPath!));
+        var expected = index.RootElement.GetProperty("weight_map").EnumerateObject().Select(p => p.Name).OrderBy(k => k, StringComparer.Ordinal).ToList();
+        Assert.Equal(expected, keys.Keys.OrderBy(k => k, StringComparer.Ordinal).ToList());
+        Assert.Equal(new long[] { 12288, 4096 }, keys["transformer.layers.27.attention.query_key_value.weight"].shape);
+        Assert.Equal(new long[] { 4096, 16384 }, keys["transformer.layers.0.mlp.dense_4h_to_h.weight"].shape);
+        Assert.Equal(new long[] { 130528, 4096 }, keys["lm_head.weight"].shape);
+        Assert.All(keys.Values, t => Assert.Equal(DeviceType.META, t.device_type));
+
+        Assert.Equal(6_707_929_088L, model.CountParameters().Total);
+        model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" } });
+        var count = model.CountParameters();
+        Assert.Equal(6_709_764_096L, count.Total);
+        Assert.Equal(1_835_008L, count.Trainable);
+    }
+
+    [Fact]
+    public void Config_ReadsSnakeCase_IgnoresUnknownKeys_AndRejectsWhatItCannotRun()
+    {
+        var c = GlmConfig.FromJson("""{"model_type":"chatglm","vocab_size":100,"hidden_size":32,"num_layers":2,"num_attention_heads":4,"bos_token_id":9,"eos_token_id":8,"mask_token_id":5,"gmask_token_id":6,"pad_token_id":3,"pre_seq_len":4,"prefix_projection":true,"something_new":{"x":1}}""");
+        Assert.Equal(128, c.MlpHiddenSize);
+        Assert.Equal(4, c.PreSeqLen);
+        Assert.True(c.PrefixProjection);
+        Assert.Equal(c, GlmConfig.FromJson(c.ToJson()));
+        Assert.Throws<NotSupportedException>(() => GlmConfig.FromJson("""{"model_type":"llama"}"""));
+        Assert.Throws<NotSupportedException>(() => GlmConfig.FromJson("""{"model_type":"chatglm","multi_query_attention":true,"padded_vocab_size":65024}"""));
+        Assert.Contains("num_attention_heads", Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("""{"hidden_size":30,"num_attention_heads":4,"vocab_size":200000}""")).Message, StringComparison.Ordinal);
+        Assert.Contains("bos_token_id", Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("""{"vocab_size":1000}""")).Message, StringComparison.Ordinal);
+        Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("{ not json"));
+        Assert.Throws<FileNotFoundException>(() => GlmConfig.FromFile(Path.Combine(_dir, "none.json")));
+    }
+
+    /// <summary>The same weights as float32 safetensors, float32 .bin, float16 .bin and float16 shards + index.</summary>
+    [Fact]
+    public void AllCheckpointLayouts_GiveTheSameModel()
+    {
+        var reference = GlmCheckpoint.ReadFile(Path.Combine(Fixtures.Dir("v1"), "model.safetensors"));
+        var dir = Fixtures.Dir("v1");
+        using var fromBin = Load(Path.Combine(dir, "pytorch_model.bin"));
+        using var fromFp16 = Load(Path.Combine(dir, "pytorch_model_fp16.bin"));
+        var shardedDir = Path.Combine(_dir, "sharded_fp16");
+        Directory.CreateDirectory(shardedDir);
+        File.Copy(Path.Combine(dir, "config.json"), Path.Combine(shardedDir, "config.json"));
+        foreach (var f in Directory.GetFiles(Path.Combine(dir, "sharded_fp16"))) File.Copy(f, Path.Combine(shardedDir, Path.GetFileName(f)));
+        var (sharded, report) = GlmCheckpoint.FromPretrained(shardedDir, new GlmLoadOptions());
+        using (sharded)
+        {
+            Assert.Equal(2, report.Files.Count);
+            Assert.Contains(report.IgnoredKeys, k => k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal));
+            var a = fromBin.state_dict();
+            var b = fromFp16.state_dict();
+            var c = sharded.state_dict();
+            foreach (var (k, t) in reference)
+            {
+                if (k.EndsWith("inv_freq", StringComparison.Ordinal)) continue;
+                Assert.True(Fixtures.Identical(t, a[k]), $"{k} differs when loaded from pytorch_model.bin");
+                using var half = t.to(ScalarType.Float16).to(ScalarType.Float32);
+                Assert.True(Fixtures.Identical(half, b[k]), $"{k} differs when loaded from the float16 .bin");
+                Assert.True(Fixtures.Identical(half, c[k]), $"{k} differs when loaded from the float16 shards");
+            }
+        }
+    }
+
+    private GlmForCausalLM Load(string weights)
+    {
+        var d = Path.Combine(_dir, Path.GetFileNameWithoutExtension(weights));
+        Directory.CreateDirectory(d);
+        File.Copy(Path.Combine(Fixtures.Dir("v1"), "config.json"), Path.Combine(d, "config.json"));
+        File.Copy(weights, Path.Combine(d, Path.GetFileName(weights)));
+        return GlmCheckpoint.FromPretrained(d).Model;
+    }
+
+    [Fact]
+    public void WrittenShardsAndSafetensors_LoadBack_AndBrokenFilesGiveClearErrors()
+    {
+        manual_seed(5);
+        var config = Tiny;
+        using var model = new GlmForCausalLM(config);
+        var sd = model.state_dict();
+        var keys = sd.Keys.ToList();
+        // HF-style shards (pickle) + index, and safetensors shards + index.
+        WriteShards(Path.Combine(_dir, "bin"), config, sd, keys, safetensors: false);
+        WriteShards(Path.Combine(_dir, "st"), config, sd, keys, safetensors: true);
+        using var ids = randint(5, 80, new long[] { 2, 7 });
+        using var expected = model.call(new GlmInput(ids));
+        foreach (var variant in new[] { "bin", "st" })
+        {
+            var (loaded, report) = GlmCheckpoint.FromPretrained(Path.Combine(_dir, variant));
+            using (loaded)
+            {
+                Assert.Equal(3, report.Files.Count);
+                using var y = loaded.call(new GlmInput(ids));
+                Assert.True(Fixtures.Identical(expected.Logits, y.Logits), $"{variant}: outputs differ after a save/load round trip");
+            }
+        }
+
+        // Missing shard named by the index.
+        var st = Path.Combine(_dir, "st");
+        File.Move(Path.Combine(st, "model-00002-of-00003.safetensors"), Path.Combine(_dir, "moved.safetensors"));
+        Assert.Contains("model-00002-of-00003.safetensors", Assert.Throws<FileNotFoundException>(() => GlmCheckpoint.FromPretrained(st)).Message, StringComparison.Ordinal);
+        // Corrupt (truncated) shard.
+        File.WriteAllBytes(Path.Combine(st, "model-00002-of-00003.safetensors"), File.ReadAllBytes(Path.Combine(_dir, "moved.safetensors")).Take(100).ToArray());
+        Assert.Contains("model-00002-of-00003.safetensors", Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(st)).Message, StringComparison.Ordinal);
+        File.Move(Path.Combine(_dir, "moved.safetensors"), Path.Combine(st, "model-00002-of-00003.safetensors"), true);
+
+        // A wrong shape and a missing key are named.
+        var broken = Path.Combine(_dir, "broken");
+        var bad = sd.ToDictionary(kv => kv.Key, kv => kv.Value);
+        bad["transformer.layers.1.mlp.dense_4h_to_h.weight"] = zeros(64, 100);
+        bad.Remove("transformer.final_layernorm.bias");
+        WriteShards(broken, config, bad, bad.Keys.ToList(), safetensors: true);
+        var ex = Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(broken));
+        Assert.Contains("transformer.layers.1.mlp.dense_4h_to_h.weight", ex.Message, StringComparison.Ordinal);
+        Assert.Contains("transformer.final_layernorm.bias", ex.Message, StringComparison.Ordinal);
+        Assert.Throws<DirectoryNotFoundException>(() => GlmCheckpoint.FromPretrained(Path.Combine(_dir, "nowhere")));
+    }
+
+    private static void WriteShards(string dir, GlmConfig config, Dictionary<string, Tensor> sd, List<string> keys, bool safetensors)
+    {
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
+        var map = new Dictionary<string, string>();
+        int shards = 3;
+        for (int s = 0; s < shards; s++)
+        {
+            var name = safetensors ? $"model-{s + 1:00000}-of-{shards:00000}.safetensors" : $"pytorch_model-{s + 1:00000}-of-{shards:00000}.bin";
+            var part = keys.Where((_, i) => i % shards == s).ToDictionary(k => k, k => sd[k].detach().contiguous());
+            foreach (var k in part.Keys) map[k] = name;
+            if (safetensors) Safetensors.SaveStateDict(Path.Combine(dir, name), part);
+            else PyTorchPickler.PickleStateDict(Path.Combine(dir, name), new System.Collections.Hashtable(part));
+        }
+        var index = System.Text.Json.JsonSerializer.Serialize(new { metadata = new { total_size = 0 }, weight_map = map });
+        File.WriteAllText(Path.Combine(dir, safetensors ? "model.safetensors.index.json" : "pytorch_model.bin.index.json"), index);
+    }
+
+    [Theory]
+    [InlineData(8)]
+    [InlineData(4)]
+    public void PreQuantizedCheckpoint_LoadsIntoQuantizedSkeleton(int bits)
+    {
+        manual_seed(6);
+        var config = Tiny with { HiddenSize = 128, NumAttentionHeads = 4, InnerHiddenSize = 256 };
+        using var model = new GlmForCausalLM(config);
+        model.Quantize(bits, new QuantizeOptions { Int4Format = QuantizationFormat.Int4PerRowChatGlm });
+        var dir = Path.Combine(_dir, $"q{bits}");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), (config with { QuantizationBit = bits }).ToJson());
+        Safetensors.SaveStateDict(Path.Combine(dir, "model.safetensors"), model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous()));
+        var (loaded, _) = GlmCheckpoint.FromPretrained(dir);
+        using (loaded)
+        {
+            Assert.Equal(8, loaded.modules().OfType<QuantizedLinear>().Count());
+            using var ids = randint(5, 80, new long[] { 2, 6 });
+            model.eval();
+            using var a = model.call(new GlmInput(ids));
+            using var b = loaded.call(new GlmInput(ids));
+            Assert.True(Fixtures.Identical(a.Logits, b.Logits));
+        }
+        // A float checkpoint cannot be loaded as quantized: the error says why.
+        var floatDir = Path.Combine(_dir, $"f{bits}");
+        Directory.CreateDirectory(floatDir);
+        using var plain = new GlmForCausalLM(config);
+        File.WriteAllText(Path.Combine(floatDir, "config.json"), (config with { QuantizationBit = bits }).ToJson());
+        Safetensors.SaveStateDict(Path.Combine(floatDir, "model.safetensors"), plain.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous()));
+        Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(floatDir));
+    }
+
+    [Fact]
+    public void QuantizeOnLoad_AndLoraOnTheGlm()
+    {
+        var (model, _) = GlmCheckpoint.FromPretrained(Fixtures.Dir("v1"), new GlmLoadOptions { QuantizationBit = 8, Quantization = new QuantizeOptions() });
+        using (model)
+        {
+            Assert.Equal(8, model.modules().OfType<QuantizedLinear>().Count());
+            var g = Fixtures.Golden("v1");
+            using var q = model.call(new GlmInput(g["A.input_ids"]));
+            var rel = (q.Logits - g["A.logits"]).norm().item<float>() / g["A.logits"].norm().item<float>();
+            Assert.True(rel < 0.05, $"int8 logits are {rel} away from the float reference");
+
+            Tensor before;
+            using (no_grad()) before = model.call(new GlmInput(g["A.input_ids"])).Logits;
+            Assert.Equal(2, model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" } }).Count);
+            using (no_grad())
+            {
+                using var after = model.call(new GlmInput(g["A.input_ids"]));
+                Assert.True(Fixtures.Identical(before, after.Logits), "a fresh adapter on the quantized GLM changes nothing");
+            }
+        }
+    }
+
+    /// <summary>bfloat16 and float16 models run; logits stay within the half types' rounding of the float32 reference.</summary>
+    [Theory]
+    [InlineData(ScalarType.BFloat16, 0.15)]
+    [InlineData(ScalarType.Float16, 0.02)]
+    public void HalfPrecisionModels_StayCloseToTheReference(ScalarType dtype, double bound)
+    {
+        var (model, _) = GlmCheckpoint.FromPretrained(Fixtures.Dir("v1"), new GlmLoadOptions { Dtype = dtype });
+        using (model)
+        {
+            Assert.All(model.parameters(), p => Assert.Equal(dtype, p.dtype));
+            var g = Fixtures.Golden("v1");
+            using var o = model.call(new GlmInput(g["A.input_ids"]) { Labels = g["A.labels"] });
+            Assert.Equal(dtype, o.Logits.dtype);
+            Assert.Equal(ScalarType.Float32, o.Loss!.dtype);
+            var err = Fixtures.MaxDiff(o.Logits, g["A.logits"]);
+            Assert.True(err < bound, $"{dtype}: logits differ by {err}");
+        }
+    }
+}
