@@ -7,22 +7,24 @@ using static TorchSharp.torch;
 
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant [--rounds N] [--quick] [--default-malloc]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load [--rounds N] [--quick] [--default-malloc]
 var argsList = args.ToList();
 string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 int rounds = ReadInt("--rounds", 7);
 bool quick = argsList.Contains("--quick");
 // Keep freed native memory for reuse (see NativeAllocator): otherwise every large temporary pays page faults.
 bool retained = !argsList.Contains("--default-malloc") && NativeAllocator.RetainFreedMemory();
-if (suite is not ("lora" or "quant"))
+if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"));
+if (suite is not ("lora" or "quant" or "load"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load)");
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +
     (retained ? "glibc retaining freed memory" : "default glibc allocator"));
 if (suite == "lora") LoraSuite.Run(rounds, quick);
-else QuantSuite.Run(rounds, quick);
+else if (suite == "quant") QuantSuite.Run(rounds, quick);
+else LoadSuite.Run(quick);
 return 0;
 
 int ReadInt(string name, int fallback)

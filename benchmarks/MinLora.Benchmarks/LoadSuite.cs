@@ -1,0 +1,85 @@
+using System.Diagnostics;
+using System.Globalization;
+using MinLora;
+using MinLora.Glm;
+using TorchSharp;
+using TorchSharp.PyBridge;
+using static TorchSharp.torch;
+
+/// <summary>
+/// Peak memory while loading a sharded GLM checkpoint: a synthetic ChatGLM-architecture model (float16 shards, as
+/// Hugging Face ships them) is written once, then loaded in a fresh process (so its peak is the load's alone), as
+/// float32 and as float16. Reported: the process's peak working set minus its working set just before loading,
+/// divided by the loaded model's bytes (1.0 would mean no memory beyond the model itself).
+/// </summary>
+internal static class LoadSuite
+{
+    public static void Run(bool quick)
+    {
+        var config = GlmConfig.FromJson($$"""
+            {"model_type":"chatglm","vocab_size":{{(quick ? 8000 : 32000)}},"hidden_size":{{(quick ? 512 : 1024)}},"num_layers":{{(quick ? 4 : 12)}},
+             "num_attention_heads":8,"bos_token_id":9,"eos_token_id":8,"mask_token_id":5,"gmask_token_id":6,"pad_token_id":3}
+            """);
+        var dir = Path.Combine(Path.GetTempPath(), "minlora-load-bench");
+        if (Directory.Exists(dir)) Directory.Delete(dir, true);
+        Directory.CreateDirectory(dir);
+        Console.WriteLine($"writing a synthetic checkpoint to {dir} …");
+        long fileBytes = 0;
+        using (var model = new GlmForCausalLM(config))
+        {
+            var sd = model.state_dict();
+            var keys = sd.Keys.ToList();
+            const int shards = 4;
+            var map = new Dictionary<string, string>();
+            for (int s = 0; s < shards; s++)
+            {
+                var name = $"pytorch_model-{s + 1:00000}-of-{shards:00000}.bin";
+                var part = keys.Where((_, i) => i * shards / keys.Count == s).ToDictionary(k => k, k => sd[k].detach().to(ScalarType.Float16).contiguous());
+                foreach (var k in part.Keys) map[k] = name;
+                PyTorchPickler.PickleStateDict(Path.Combine(dir, name), new System.Collections.Hashtable(part));
+                fileBytes += new FileInfo(Path.Combine(dir, name)).Length;
+                foreach (var t in part.Values) t.Dispose();
+            }
+            File.WriteAllText(Path.Combine(dir, "pytorch_model.bin.index.json"), System.Text.Json.JsonSerializer.Serialize(new { weight_map = map }));
+            File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
+        }
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"checkpoint: {fileBytes / 1e6:F0} MB in 4 float16 shards"));
+        Console.WriteLine();
+        Console.WriteLine("| load as | model MB | peak extra MB | peak ÷ model | largest shard MB |");
+        Console.WriteLine("|---|---|---|---|---|");
+        long largest = Directory.GetFiles(dir, "*.bin").Max(f => new FileInfo(f).Length);
+        foreach (var fp16 in new[] { false, true })
+        {
+            var self = Environment.ProcessPath!;
+            var dll = typeof(LoadSuite).Assembly.Location;
+            var psi = new ProcessStartInfo(self) { RedirectStandardOutput = true, UseShellExecute = false };
+            if (!self.EndsWith("MinLora.Benchmarks", StringComparison.Ordinal)) psi.ArgumentList.Add(dll);
+            psi.ArgumentList.Add("load-child");
+            psi.ArgumentList.Add(dir);
+            if (fp16) psi.ArgumentList.Add("--fp16-model");
+            using var p = Process.Start(psi)!;
+            var line = p.StandardOutput.ReadToEnd().Trim().Split('\n').Last();
+            p.WaitForExit();
+            var parts = line.Split(' ').Select(x => double.Parse(x, CultureInfo.InvariantCulture)).ToArray(); // modelBytes extraBytes
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"| {(fp16 ? "float16" : "float32")} | {parts[0] / 1e6:F0} | {parts[1] / 1e6:F0} | {parts[1] / parts[0]:F2} | {largest / 1e6:F0} |"));
+        }
+        Directory.Delete(dir, true);
+    }
+
+    public static int Child(string dir, bool fp16)
+    {
+        NativeAllocator.RetainFreedMemory();
+        using (var warm = ones(4)) { _ = warm.sum().item<float>(); }
+        var self = Process.GetCurrentProcess();
+        self.Refresh();
+        long before = self.WorkingSet64;
+        var (model, _) = GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { Dtype = fp16 ? ScalarType.Float16 : ScalarType.Float32 });
+        self.Refresh();
+        long peak = self.PeakWorkingSet64;
+        long modelBytes = model.parameters().Sum(p => p.numel() * p.element_size()) + model.buffers().Sum(b => b.numel() * b.element_size());
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{modelBytes} {peak - before}"));
+        model.Dispose();
+        return 0;
+    }
+}
