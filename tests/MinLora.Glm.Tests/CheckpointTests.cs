@@ -181,6 +181,24 @@ public sealed class CheckpointTests : IDisposable
         File.WriteAllText(Path.Combine(dir, safetensors ? "model.safetensors.index.json" : "pytorch_model.bin.index.json"), index);
     }
 
+    [Fact]
+    public void CheckpointWithoutLmHead_TiesItToTheEmbedding()
+    {
+        var dir = Path.Combine(_dir, "tied");
+        Directory.CreateDirectory(dir);
+        File.Copy(Path.Combine(Fixtures.Dir("v1"), "config.json"), Path.Combine(dir, "config.json"));
+        var sd = GlmCheckpoint.ReadFile(Path.Combine(Fixtures.Dir("v1"), "model.safetensors"));
+        sd.Remove("lm_head.weight");
+        Safetensors.SaveStateDict(Path.Combine(dir, "chatglm6b.pth.safetensors"), sd);
+        var (model, report) = GlmCheckpoint.FromPretrained(dir);
+        using (model)
+        {
+            Assert.True(report.TiedLmHead);
+            var state = model.state_dict();
+            Assert.True(Fixtures.Identical(state["transformer.word_embeddings.weight"], state["lm_head.weight"]));
+        }
+    }
+
     [Theory]
     [InlineData(8)]
     [InlineData(4)]
