@@ -1,0 +1,318 @@
+using System.Text;
+using System.Text.Json;
+using Microsoft.ML.Tokenizers;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Tokenization;
+
+/// <summary>A left-padded batch of token ids with ChatGLM's attention mask and 2-D positions.</summary>
+/// <param name="InputIds">int64 [batch, sequence].</param>
+/// <param name="AttentionMask">bool [batch, 1, sequence, sequence], True = masked.</param>
+/// <param name="PositionIds">int64 [batch, 2, sequence].</param>
+public sealed record GlmBatch(Tensor InputIds, Tensor AttentionMask, Tensor PositionIds) : IDisposable
+{
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        InputIds.Dispose();
+        AttentionMask.Dispose();
+        PositionIds.Dispose();
+    }
+}
+
+/// <summary>
+/// ChatGLM-6B's tokenizer (<c>tokenization_chatglm.py</c> + <c>ice_text.model</c>): SentencePiece Unigram through
+/// Microsoft.ML.Tokenizers' <see cref="SentencePieceTokenizer"/>, with ChatGLM's preprocessing (<c>\n</c> → <c>&lt;n&gt;</c>,
+/// <c>\t</c> → <c>&lt;|tab|&gt;</c>, runs of 2–80 spaces → <c>&lt;|blank_N|&gt;</c>), its special tokens, the image-token
+/// offset of old vocabularies, and decoding that reverses all of it.
+/// </summary>
+/// <remarks>
+/// Two Microsoft.ML.Tokenizers 2.0.1 defects are worked around (docs/tokenizers-upstream.md): byte-fallback ids come out
+/// offset from the last piece instead of from <c>&lt;0x00&gt;</c> (corrected here), and <c>Decode</c> returns empty text
+/// for ice_text.model (decoding uses the model's own piece table instead). Only load model files from a trusted source.
+/// </remarks>
+public sealed class GlmTokenizer
+{
+    /// <summary>The longest run of spaces with its own token.</summary>
+    public const int MaxBlankLength = 80;
+
+    private readonly SentencePieceTokenizer _sp;
+    private readonly SentencePieceModel _model;
+    private readonly int _imageTokens;
+
+    private GlmTokenizer(SentencePieceTokenizer sp, SentencePieceModel model, int imageTokens)
+    {
+        _sp = sp;
+        _model = model;
+        _imageTokens = imageTokens;
+        int Id(string piece)
+        {
+            int id = model.IdOf(piece);
+            if (id < 0) throw new InvalidDataException($"The SentencePiece model has no '{piece}' piece; it is not a ChatGLM tokenizer model.");
+            return id + imageTokens;
+        }
+        MaskId = Id("[MASK]");
+        GmaskId = Id("[gMASK]");
+        SmaskId = model.IdOf("[sMASK]") is var s and >= 0 ? s + imageTokens : -1;
+        BosId = Id("<sop>");
+        EosId = Id("<eop>");
+        PadId = Id("<pad>");
+        UnkId = Id("<unk>");
+        NewlineId = Id("<n>");
+    }
+
+    /// <summary><c>[MASK]</c>.</summary>
+    public int MaskId { get; }
+
+    /// <summary><c>[gMASK]</c>.</summary>
+    public int GmaskId { get; }
+
+    /// <summary><c>[sMASK]</c> (−1 when the model has none).</summary>
+    public int SmaskId { get; }
+
+    /// <summary><c>&lt;sop&gt;</c>, the model's bos.</summary>
+    public int BosId { get; }
+
+    /// <summary><c>&lt;eop&gt;</c>, the model's eos.</summary>
+    public int EosId { get; }
+
+    /// <summary><c>&lt;pad&gt;</c>.</summary>
+    public int PadId { get; }
+
+    /// <summary><c>&lt;unk&gt;</c>.</summary>
+    public int UnkId { get; }
+
+    /// <summary><c>&lt;n&gt;</c>.</summary>
+    public int NewlineId { get; }
+
+    /// <summary>Number of ids (SentencePiece pieces plus the image-token offset).</summary>
+    public int VocabSize => _model.Pieces.Count + _imageTokens;
+
+    /// <summary>The SentencePiece model's pieces.</summary>
+    public SentencePieceModel Model => _model;
+
+    /// <summary>Loads <c>ice_text.model</c> and <c>tokenizer_config.json</c> (for <c>num_image_tokens</c>) from a checkpoint directory.</summary>
+    /// <param name="directory">The directory.</param>
+    /// <returns>The tokenizer.</returns>
+    /// <exception cref="FileNotFoundException">No <c>ice_text.model</c>.</exception>
+    /// <exception cref="InvalidDataException">A malformed model or config.</exception>
+    public static GlmTokenizer FromPretrained(string directory)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(directory);
+        var modelPath = Path.Combine(directory, "ice_text.model");
+        if (!File.Exists(modelPath)) throw new FileNotFoundException($"No ice_text.model in '{directory}'.", modelPath);
+        int imageTokens = 0;
+        var configPath = Path.Combine(directory, "tokenizer_config.json");
+        if (File.Exists(configPath))
+        {
+            try
+            {
+                using var doc = JsonDocument.Parse(File.ReadAllText(configPath));
+                if (doc.RootElement.TryGetProperty("num_image_tokens", out var n) && n.ValueKind == JsonValueKind.Number) imageTokens = n.GetInt32();
+            }
+            catch (JsonException ex)
+            {
+                throw new InvalidDataException($"{configPath} is not valid JSON: {ex.Message}", ex);
+            }
+        }
+        using var stream = File.OpenRead(modelPath);
+        return Create(stream, imageTokens);
+    }
+
+    /// <summary>Creates the tokenizer from a SentencePiece model stream.</summary>
+    /// <param name="modelStream">The <c>.model</c> content (read to the end; not disposed).</param>
+    /// <param name="numImageTokens">Ids reserved before the text vocabulary (20000 in ChatGLM-6B's first release, 0 since).</param>
+    /// <returns>The tokenizer.</returns>
+    /// <exception cref="InvalidDataException">Not a ChatGLM SentencePiece model.</exception>
+    public static GlmTokenizer Create(Stream modelStream, int numImageTokens = 0)
+    {
+        ArgumentNullException.ThrowIfNull(modelStream);
+        ArgumentOutOfRangeException.ThrowIfNegative(numImageTokens);
+        using var buffer = new MemoryStream();
+        modelStream.CopyTo(buffer);
+        var bytes = buffer.ToArray();
+        var model = SentencePieceModel.Parse(bytes);
+        SentencePieceTokenizer sp;
+        try
+        {
+            sp = SentencePieceTokenizer.Create(new MemoryStream(bytes), false, false);
+        }
+        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or NotSupportedException or FormatException)
+        {
+            throw new InvalidDataException($"Microsoft.ML.Tokenizers cannot read this SentencePiece model: {ex.Message}", ex);
+        }
+        return new GlmTokenizer(sp, model, numImageTokens);
+    }
+
+    /// <summary>ChatGLM's preprocessing: <c>\n</c> → <c>&lt;n&gt;</c>, <c>\t</c> → <c>&lt;|tab|&gt;</c>, runs of 80…2 spaces → <c>&lt;|blank_N|&gt;</c>.</summary>
+    /// <param name="text">Raw text.</param>
+    /// <returns>The text SentencePiece sees.</returns>
+    public static string Preprocess(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var sb = new StringBuilder(text.Replace("\n", "<n>", StringComparison.Ordinal).Replace("\t", "<|tab|>", StringComparison.Ordinal));
+        for (int n = MaxBlankLength; n >= 2; n--) sb.Replace(new string(' ', n), $"<|blank_{n}|>");
+        return sb.ToString();
+    }
+
+    /// <summary>
+    /// Encodes text to ids without special tokens. With <paramref name="addDummyPrefix"/> (the reference's default,
+    /// used by <c>tokenizer.tokenize</c>) the first piece carries SentencePiece's <c>▁</c>: "你好" → <c>[5, 74874]</c>.
+    /// </summary>
+    /// <param name="text">The text.</param>
+    /// <param name="addDummyPrefix">Keep SentencePiece's leading <c>▁</c>.</param>
+    /// <returns>The ids.</returns>
+    public IReadOnlyList<int> EncodeToIds(string text, bool addDummyPrefix = true)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var pre = Preprocess(text);
+        if (!addDummyPrefix) pre = "<n>" + pre;          // as the reference: encode "<n>" + text, drop the first 2 ids
+        var raw = pre.Length == 0 ? Array.Empty<int>() : (IReadOnlyList<int>)_sp.EncodeToIds(pre, false, false, true, true);
+        var ids = new List<int>(raw.Count);
+        int skip = addDummyPrefix ? 0 : 2;
+        int unk = UnkId - _imageTokens;
+        for (int i = skip; i < raw.Count; i++)
+        {
+            int id = FixId(raw[i]);
+            // SentencePiece makes one <unk> of a run of unknown characters; Microsoft.ML.Tokenizers one per character.
+            if (id == unk && ids.Count > 0 && ids[^1] == UnkId && raw[i - 1] == unk) continue;
+            ids.Add(id + _imageTokens);
+        }
+        return ids;
+    }
+
+    /// <summary>The model input for a prompt (and, for training, an answer): <c>prompt [gMASK] &lt;sop&gt; (answer &lt;eop&gt;)</c>.</summary>
+    /// <param name="prompt">Prompt ids.</param>
+    /// <param name="answer">Answer ids, or null.</param>
+    /// <returns>The ids.</returns>
+    public IReadOnlyList<int> BuildInputs(IReadOnlyList<int> prompt, IReadOnlyList<int>? answer = null)
+    {
+        ArgumentNullException.ThrowIfNull(prompt);
+        var ids = new List<int>(prompt.Count + 3 + (answer?.Count ?? 0));
+        ids.AddRange(prompt);
+        ids.Add(GmaskId);
+        ids.Add(BosId);
+        if (answer is not null)
+        {
+            ids.AddRange(answer);
+            ids.Add(EosId);
+        }
+        return ids;
+    }
+
+    /// <summary><see cref="EncodeToIds"/> then <see cref="BuildInputs"/>: "你好" → <c>[5, 74874, 130001, 130004]</c>.</summary>
+    /// <param name="prompt">The prompt text.</param>
+    /// <returns>The ids.</returns>
+    public IReadOnlyList<int> EncodePrompt(string prompt) => BuildInputs(EncodeToIds(prompt));
+
+    /// <summary>Left-pads sequences to one length and builds their masks and 2-D positions.</summary>
+    /// <param name="sequences">Model inputs (e.g. from <see cref="EncodePrompt"/>).</param>
+    /// <param name="config">The model config (special ids for masks and positions).</param>
+    /// <param name="device">Where to put the tensors.</param>
+    /// <returns>The batch.</returns>
+    /// <exception cref="ArgumentException">No sequences, or an empty one.</exception>
+    public GlmBatch EncodeBatch(IReadOnlyList<IReadOnlyList<int>> sequences, GlmConfig config, Device? device = null)
+    {
+        ArgumentNullException.ThrowIfNull(sequences);
+        ArgumentNullException.ThrowIfNull(config);
+        if (sequences.Count == 0) throw new ArgumentException("Give at least one sequence.", nameof(sequences));
+        if (sequences.Any(s => s.Count == 0)) throw new ArgumentException("A sequence is empty.", nameof(sequences));
+        int length = sequences.Max(s => s.Count);
+        var flat = new long[sequences.Count * length];
+        for (int r = 0; r < sequences.Count; r++)
+        {
+            int pad = length - sequences[r].Count;
+            for (int i = 0; i < length; i++) flat[r * length + i] = i < pad ? PadId : sequences[r][i - pad];
+        }
+        var ids = tensor(flat, new long[] { sequences.Count, length }, device: device);
+        return new GlmBatch(ids, GlmMasks.BuildAttentionMask(ids, config), GlmMasks.BuildPositionIds(ids, config));
+    }
+
+    /// <summary>
+    /// Decodes ids to text: pads dropped, special (control) tokens dropped unless asked, byte pieces joined as UTF-8,
+    /// <c>▁</c> → space (the dummy-prefix space removed), and the preprocessing reversed.
+    /// </summary>
+    /// <param name="ids">The ids.</param>
+    /// <param name="skipSpecialTokens">Drop control tokens such as <c>[gMASK]</c> and <c>&lt;eop&gt;</c> (otherwise they are written out).</param>
+    /// <returns>The text.</returns>
+    public string Decode(IEnumerable<int> ids, bool skipSpecialTokens = true)
+    {
+        ArgumentNullException.ThrowIfNull(ids);
+        var sb = new StringBuilder();
+        var bytes = new List<byte>();
+        bool first = true;
+        var specials = new HashSet<int> { MaskId, GmaskId, SmaskId, BosId, EosId };
+        void FlushBytes()
+        {
+            if (bytes.Count == 0) return;
+            sb.Append(Encoding.UTF8.GetString(bytes.ToArray()));
+            bytes.Clear();
+        }
+        foreach (var id in ids)
+        {
+            if (id == PadId) continue;
+            int sid = id - _imageTokens;
+            if (sid < 0 || sid >= _model.Pieces.Count) continue;   // image tokens or ids beyond the text vocabulary
+            var p = _model.Pieces[sid];
+            if (specials.Contains(id))
+            {
+                FlushBytes();
+                if (!skipSpecialTokens) sb.Append(p.Piece);
+                continue;
+            }
+            switch (p.Type)
+            {
+                case PieceType.Byte:
+                    bytes.Add(Convert.ToByte(p.Piece.Substring(3, 2), 16));
+                    continue;
+                case PieceType.Control:
+                    FlushBytes();
+                    if (!skipSpecialTokens) sb.Append(p.Piece);
+                    continue;
+                case PieceType.Unknown:
+                    FlushBytes();
+                    sb.Append(" \u2047 ");
+                    break;
+                default:
+                    FlushBytes();
+                    var piece = p.Piece.Replace('\u2581', ' ');
+                    if (first && _model.AddDummyPrefix && piece.StartsWith(' ')) piece = piece[1..];
+                    sb.Append(piece);
+                    break;
+            }
+            first = false;
+        }
+        FlushBytes();
+        return Postprocess(sb.ToString());
+    }
+
+    /// <summary>Reverses <see cref="Preprocess"/>.</summary>
+    /// <param name="text">Decoded SentencePiece text.</param>
+    /// <returns>The original text.</returns>
+    public static string Postprocess(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var sb = new StringBuilder(text.Replace("<n>", "\n", StringComparison.Ordinal).Replace("<|tab|>", "\t", StringComparison.Ordinal));
+        for (int n = 2; n <= MaxBlankLength; n++) sb.Replace($"<|blank_{n}|>", new string(' ', n));
+        return sb.ToString();
+    }
+
+    /// <summary>The piece of an id (for inspection), or null.</summary>
+    /// <param name="id">The id.</param>
+    /// <returns>The piece.</returns>
+    public string? IdToPiece(int id)
+    {
+        int sid = id - _imageTokens;
+        return sid >= 0 && sid < _model.Pieces.Count ? _model.Pieces[sid].Piece : null;
+    }
+
+    /// <summary>Microsoft.ML.Tokenizers 2.0.1 numbers byte-fallback ids from the last piece; move them to &lt;0x00&gt;.</summary>
+    private int FixId(int id)
+    {
+        int count = _model.Pieces.Count;
+        if (id < count || _model.FirstByteId < 0) return id;
+        int b = id - (count - 1);
+        return b is >= 0 and <= 255 ? _model.FirstByteId + b : _model.IdOf("<unk>");
+    }
+}
