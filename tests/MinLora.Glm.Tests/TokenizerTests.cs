@@ -77,6 +77,33 @@ public class TokenizerTests
         }
     }
 
+    private static readonly JsonElement Ours = JsonDocument.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_ids.json"))).RootElement;
+
+    public static TheoryData<int> OurCases => new(Enumerable.Range(0, Ours.GetProperty("cases").GetArrayLength()));
+
+    /// <summary>
+    /// The repo's own Unigram model (tools/tokenizer/make_fixture.py: Debian's spm_train with ChatGLM's trainer settings,
+    /// byte fallback included) against Python sentencepiece's ids: Chinese, English, code, emoji (byte fallback),
+    /// whitespace runs, unseen characters, empty strings.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(OurCases))]
+    public void RepoUnigramModel_MatchesPythonSentencePiece(int index)
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"));
+        var tok = GlmTokenizer.Create(s);
+        var c = Ours.GetProperty("cases")[index];
+        var text = c.GetProperty("text").GetString()!;
+        Assert.Equal(c.GetProperty("preprocessed").GetString(), GlmTokenizer.Preprocess(text));
+        Assert.Equal(Ints(c.GetProperty("ids")), tok.EncodeToIds(text));
+        Assert.Equal(Ints(c.GetProperty("ids_no_dummy_prefix")), tok.EncodeToIds(text, addDummyPrefix: false));
+        Assert.Equal(GlmTokenizer.Postprocess(c.GetProperty("decoded").GetString()!), tok.Decode(Ints(c.GetProperty("ids"))));
+        var special = Ours.GetProperty("special_ids");
+        Assert.Equal(special.GetProperty("[gMASK]").GetInt32(), tok.GmaskId);
+        Assert.Equal(special.GetProperty("<sop>").GetInt32(), tok.BosId);
+        Assert.Equal(special.GetProperty("<eop>").GetInt32(), tok.EosId);
+    }
+
     [Fact]
     public void Preprocess_AndPostprocess_AreInverse_ForLongSpaceRuns()
     {

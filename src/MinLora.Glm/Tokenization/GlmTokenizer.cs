@@ -168,18 +168,70 @@ public sealed class GlmTokenizer
         ArgumentNullException.ThrowIfNull(text);
         var pre = Preprocess(text);
         if (!addDummyPrefix) pre = "<n>" + pre;          // as the reference: encode "<n>" + text, drop the first 2 ids
-        var raw = pre.Length == 0 ? Array.Empty<int>() : (IReadOnlyList<int>)_sp.EncodeToIds(pre, false, false, true, true);
+        var raw = pre.Length == 0 ? new List<int>() : SentencePieceIds(pre);
         var ids = new List<int>(raw.Count);
         int skip = addDummyPrefix ? 0 : 2;
-        int unk = UnkId - _imageTokens;
-        for (int i = skip; i < raw.Count; i++)
-        {
-            int id = FixId(raw[i]);
-            // SentencePiece makes one <unk> of a run of unknown characters; Microsoft.ML.Tokenizers one per character.
-            if (id == unk && ids.Count > 0 && ids[^1] == UnkId && raw[i - 1] == unk) continue;
-            ids.Add(id + _imageTokens);
-        }
+        for (int i = skip; i < raw.Count; i++) ids.Add(raw[i] + _imageTokens);
         return ids;
+    }
+
+    /// <summary>
+    /// SentencePiece ids of preprocessed text. Microsoft.ML.Tokenizers 2.0.1 gets the segmentation right but numbers
+    /// byte-fallback pieces 255 too high (from the last byte piece instead of <c>&lt;0x00&gt;</c>), which can land on
+    /// ordinary pieces; so byte-fallback tokens are recognised by their text span (the piece does not spell it; the
+    /// following bytes of the character have empty spans) and renumbered from the character's UTF-8 bytes. A run of
+    /// unknown characters is one <c>&lt;unk&gt;</c>, as in SentencePiece.
+    /// </summary>
+    private List<int> SentencePieceIds(string preprocessed)
+    {
+        IReadOnlyList<EncodedToken> tokens;
+        string? normalizedText;
+        try
+        {
+            tokens = _sp.EncodeToTokens(preprocessed, out normalizedText, false, false, true, true);
+        }
+        catch (IndexOutOfRangeException)
+        {
+            // The library fails to build token values when its wrong byte ids run past the vocabulary (they do for
+            // ice_text.model, whose byte pieces are the last 256). Those ids are then unambiguous: renumber them.
+            return IdsPastTheVocabulary(preprocessed);
+        }
+        var normalized = normalizedText ?? preprocessed;
+        var result = new List<int>(tokens.Count);
+        int unk = _model.IdOf("<unk>");
+        for (int i = 0; i < tokens.Count; i++)
+        {
+            var t = tokens[i];
+            var (start, length) = t.Offset.GetOffsetAndLength(normalized.Length);
+            string span = normalized.Substring(start, length);
+            int id = t.Id;
+            bool spelled = id >= 0 && id < _model.Pieces.Count && _model.Pieces[id].Piece == span;
+            if (!spelled && _model.FirstByteId >= 0 && length > 0 && id != unk)
+            {
+                foreach (var b in Encoding.UTF8.GetBytes(span)) result.Add(_model.FirstByteId + b);
+                while (i + 1 < tokens.Count && tokens[i + 1].Offset.GetOffsetAndLength(normalized.Length).Length == 0) i++;
+                continue;
+            }
+            if (id == unk && result.Count > 0 && result[^1] == unk) continue;
+            result.Add(id >= 0 && id < _model.Pieces.Count ? id : unk);
+        }
+        return result;
+    }
+
+    private List<int> IdsPastTheVocabulary(string preprocessed)
+    {
+        int count = _model.Pieces.Count, unk = _model.IdOf("<unk>");
+        var result = new List<int>();
+        foreach (var id in _sp.EncodeToIds(preprocessed, false, false, true, true))
+        {
+            if (id < count) result.Add(id);
+            else
+            {
+                int b = id - _model.FirstByteId - 255;
+                result.Add(_model.FirstByteId >= 0 && b is >= 0 and <= 255 ? _model.FirstByteId + b : unk);
+            }
+        }
+        return result;
     }
 
     /// <summary>The model input for a prompt (and, for training, an answer): <c>prompt [gMASK] &lt;sop&gt; (answer &lt;eop&gt;)</c>.</summary>
@@ -305,14 +357,5 @@ public sealed class GlmTokenizer
     {
         int sid = id - _imageTokens;
         return sid >= 0 && sid < _model.Pieces.Count ? _model.Pieces[sid].Piece : null;
-    }
-
-    /// <summary>Microsoft.ML.Tokenizers 2.0.1 numbers byte-fallback ids from the last piece; move them to &lt;0x00&gt;.</summary>
-    private int FixId(int id)
-    {
-        int count = _model.Pieces.Count;
-        if (id < count || _model.FirstByteId < 0) return id;
-        int b = id - (count - 1);
-        return b is >= 0 and <= 255 ? _model.FirstByteId + b : _model.IdOf("<unk>");
     }
 }
