@@ -99,8 +99,8 @@ public static class GlmMasks
         if (inputIds.dim() != 2 || inputIds.dtype is not (ScalarType.Int64 or ScalarType.Int32))
             throw new ArgumentException($"Expected int64 input ids [batch, sequence], got {inputIds.dtype} [{string.Join(", ", inputIds.shape)}].", nameof(inputIds));
         int b = (int)inputIds.shape[0], s = (int)inputIds.shape[1];
-        using var cpu = inputIds.to(ScalarType.Int64).cpu().contiguous();
-        var flat = cpu.data<long>().ToArray();
+        using var scope = NewDisposeScope();
+        var flat = inputIds.to(ScalarType.Int64).cpu().contiguous().data<long>().ToArray();
         var rows = new long[b][];
         for (int r = 0; r < b; r++) rows[r] = flat.AsSpan(r * s, s).ToArray();
         return (rows, b, s);

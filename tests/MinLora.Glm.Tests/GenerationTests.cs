@@ -33,6 +33,23 @@ public class GenerationTests
         }
     }
 
+    /// <summary>Every step's tensors are freed: the live-tensor count after 4 or 24 generated tokens is the same.</summary>
+    [Fact]
+    public void Generation_LeavesNoTensorsBehind_WhateverTheLength()
+    {
+        using var model = Model();
+        var prompts = GoldenPrompts(Fixtures.Golden("v1"));
+        var options = new GenerationOptions { DoSample = false, StopTokenIds = Array.Empty<int>(), MaxLength = 128 };
+        model.Generate(prompts, options with { MaxNewTokens = 30 });            // warm caches (rotary tables) to the longest length
+        long Live() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        long before = Live();
+        model.Generate(prompts, options with { MaxNewTokens = 4 });
+        long afterShort = Live();
+        model.Generate(prompts, options with { MaxNewTokens = 24 });
+        long afterLong = Live();
+        Assert.True(before == afterShort && before == afterLong, $"live tensors: {before} before, {afterShort} after 4 tokens, {afterLong} after 24");
+    }
+
     [Fact]
     public void StopToken_EndsTheSequence_WithoutTheStopToken()
     {

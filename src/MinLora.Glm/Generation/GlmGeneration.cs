@@ -214,11 +214,10 @@ public static partial class GlmGeneration
         var sequences = inputs.Select(i => i.ToList()).ToList();
         var newTokens = inputs.Select(_ => new List<int>()).ToList();
         var done = new bool[batch];
-        Tensor? mask = null, positions = null;
+        Tensor? mask = null, positions = null, stepMask = null, stepPositions = null, stepIds = null;
         GlmKvCache? cache = null;
         try
         {
-            Tensor stepIds;
             {
                 var flat = new long[batch * length];
                 for (int r = 0; r < batch; r++)
@@ -230,7 +229,8 @@ public static partial class GlmGeneration
                 mask = GlmMasks.BuildAttentionMask(stepIds, config);
                 positions = GlmMasks.BuildPositionIds(stepIds, config);
             }
-            Tensor stepMask = mask, stepPositions = positions;
+            stepMask = mask;
+            stepPositions = positions;
             for (int step = 0; step < budget; step++)
             {
                 ct.ThrowIfCancellationRequested();
@@ -244,7 +244,8 @@ public static partial class GlmGeneration
                     var last = output.Logits.select(1, -1);
                     next = LogitsProcessing.NextTokens(last, sequences, options, generator);
                 }
-                stepIds.Dispose();
+                stepIds!.Dispose();
+                stepIds = null;
                 var finished = new FinishReason?[batch];
                 for (int r = 0; r < batch; r++)
                 {
@@ -262,6 +263,8 @@ public static partial class GlmGeneration
                 stepIds = tensor(fed, new long[] { batch, 1 }, device: device);
                 var newMask = GlmMasks.AppendTokenToMask(mask);
                 var newPositions = GlmMasks.AppendTokenToPositions(positions);
+                if (!ReferenceEquals(stepMask, mask)) stepMask.Dispose();
+                if (!ReferenceEquals(stepPositions, positions)) stepPositions.Dispose();
                 mask.Dispose();
                 positions.Dispose();
                 mask = newMask;
@@ -273,6 +276,9 @@ public static partial class GlmGeneration
         finally
         {
             cache?.Dispose();
+            stepIds?.Dispose();
+            if (!ReferenceEquals(stepMask, mask)) stepMask?.Dispose();
+            if (!ReferenceEquals(stepPositions, positions)) stepPositions?.Dispose();
             mask?.Dispose();
             positions?.Dispose();
             if (wasTraining) model.train();
