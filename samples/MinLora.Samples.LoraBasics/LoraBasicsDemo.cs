@@ -1,8 +1,10 @@
-using System.Diagnostics;
+
 using MinLora;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
+
+using MinLora.Samples;
 
 namespace MinLora.Samples.LoraBasics;
 
@@ -168,34 +170,5 @@ internal sealed class Mlp : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         return fc2.call(nn.functional.tanh(fc1.call(x))).MoveToOuterDisposeScope();
-    }
-}
-
-/// <summary>A one-line progress bar on a console, or a line every 10 % when output is redirected.</summary>
-internal sealed class ProgressBar(TextWriter writer, int total) : IDisposable
-{
-    private readonly Stopwatch _clock = Stopwatch.StartNew();
-    private readonly bool _interactive = ReferenceEquals(writer, Console.Out) && !Console.IsOutputRedirected;
-    private int _lastDecile = -1;
-
-    public void Report(int done, string status)
-    {
-        double fraction = (double)done / total;
-        string bar = new string('#', (int)(fraction * 30)).PadRight(30, '-');
-        string line = $"   [{bar}] {done,5}/{total} {status} {_clock.Elapsed.TotalSeconds,6:F1}s";
-        if (_interactive)
-        {
-            writer.Write("\r" + line);
-        }
-        else if ((int)(fraction * 10) is var decile && decile != _lastDecile)
-        {
-            _lastDecile = decile;
-            writer.WriteLine(line);
-        }
-    }
-
-    public void Dispose()
-    {
-        if (_interactive) writer.WriteLine();
     }
 }

@@ -353,7 +353,10 @@ public static class LoraExtensions
         return frozen;
     }
 
-    /// <summary>Counts trainable and total parameter elements (the book's <c>print_trainable_parameters</c>).</summary>
+    /// <summary>
+    /// Counts trainable and total parameter elements (the book's <c>print_trainable_parameters</c>). The weights of
+    /// quantized layers (<see cref="ILinearLayer"/>, held as buffers) count as frozen parameters, one per weight.
+    /// </summary>
     /// <param name="model">Any module; works on the <c>meta</c> device.</param>
     /// <returns>The counts; <c>ToString()</c> prints the book's line.</returns>
     public static ParameterCount CountParameters(this nn.Module model)
@@ -364,6 +367,12 @@ public static class LoraExtensions
         {
             total += p.numel();
             if (p.requires_grad) trainable += p.numel();
+        }
+        // Quantized layers hold their weights as buffers; they are still (frozen) weights of the model.
+        foreach (var m in model.modules())
+        {
+            var linear = m is LoraLayer wrapper ? wrapper.BaseLayer as ILinearLayer : m as ILinearLayer;
+            if (linear is not null) total += linear.InFeatures * linear.OutFeatures;
         }
         return new ParameterCount(trainable, total);
     }

@@ -195,8 +195,12 @@ public class QuantizedLinearTests
         // rounding), and AddLora freezes the embedding, which changes whether its output wants gradients.
         Tensor before;
         using (no_grad()) before = model.call(ids);
+        long floatTotal;
+        using (var reference = new GlmLike()) floatTotal = reference.CountParameters().Total;
+        Assert.Equal(floatTotal, model.CountParameters().Total); // quantized weights still count as (frozen) weights
         var adapted = model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8 });
         Assert.Equal(2, adapted.Count);
+        Assert.Equal(floatTotal + 2 * 4 * (64 + 192), model.CountParameters().Total);
         Assert.IsType<QuantizedLinear>(model.GetLoraLayers()[0].Layer.BaseLayer);
         Tensor fresh;
         using (no_grad()) fresh = model.call(ids);
