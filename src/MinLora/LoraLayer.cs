@@ -415,7 +415,9 @@ public abstract class FactorModuleLoraLayer : LoraLayer
         var dtype = Weight(a).dtype;
         var x = input.dtype == dtype ? input : input.to(dtype);
         var h = lora_B[adapterName].call(a.call(Dropout(x, info, training)));
-        return info.Scaling == 1.0 ? h : h.mul(info.Scaling);
+        if (info.Scaling == 1.0) return h;
+        using Scalar scale = info.Scaling; // held until the native call returns (TorchSharp does not keep Scalars alive)
+        return h.mul(scale);
     }
 
     private protected override Tensor DeltaWeight(string adapterName, LoraAdapterInfo info)
@@ -538,7 +540,9 @@ public sealed class LoraEmbedding : LoraLayer
         var h = rows.matmul(b.t());                           // [n, dim]
         var shape = input.shape.Append(_dim).ToArray();
         h = h.reshape(shape);
-        return info.Scaling == 1.0 ? h : h.mul(info.Scaling);
+        if (info.Scaling == 1.0) return h;
+        using Scalar scale = info.Scaling; // held until the native call returns (TorchSharp does not keep Scalars alive)
+        return h.mul(scale);
     }
 
     private protected override Tensor DeltaWeight(string adapterName, LoraAdapterInfo info)

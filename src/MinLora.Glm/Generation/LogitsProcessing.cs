@@ -40,7 +40,8 @@ public static class LogitsProcessing
             var index = tensor(seen, device: logits.device);
             var row = result[r];
             var score = row.index_select(0, index);
-            var penalised = where(score.lt(0), score.mul(penalty), score.div(penalty));
+            using Scalar p = penalty;
+            var penalised = where(score.lt(0), score.mul(p), score.div(p));
             row.index_copy_(0, index, penalised);
         }
         return result;
@@ -56,7 +57,8 @@ public static class LogitsProcessing
         if (k <= 0 || k >= logits.shape[1]) return logits.clone();
         using var scope = NewDisposeScope();
         var kth = logits.topk(k, 1).values.narrow(1, k - 1, 1);                   // [b, 1]
-        return logits.masked_fill(logits.lt(kth), double.NegativeInfinity).MoveToOuterDisposeScope();
+        using Scalar minusInfinity = double.NegativeInfinity;
+        return logits.masked_fill(logits.lt(kth), minusInfinity).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -77,7 +79,8 @@ public static class LogitsProcessing
         var cumulative = sorted.cumsum(-1);
         var removeSorted = cumulative.sub(sorted).gt(p);                             // mass before the token > p
         var remove = zeros_like(sorted).scatter(1, order, removeSorted.to(ScalarType.Float32)).to(ScalarType.Bool);
-        return logits.masked_fill(remove, double.NegativeInfinity).MoveToOuterDisposeScope();
+        using Scalar minusInfinity = double.NegativeInfinity;
+        return logits.masked_fill(remove, minusInfinity).MoveToOuterDisposeScope();
     }
 
     /// <summary>Samples one token per row from softmax(<paramref name="logits"/>).</summary>
@@ -116,7 +119,8 @@ public static class LogitsProcessing
         }
         else
         {
-            l = l.div(options.Temperature);
+            using Scalar temperature = options.Temperature;
+            l = l.div(temperature);
             l = ApplyTopK(l, options.TopK);
             l = ApplyTopP(l, options.TopP);
             chosen = Sample(l, generator);

@@ -174,6 +174,13 @@ internal sealed class GlmSelfAttention : nn.Module
     private readonly int _headDim;
     private readonly int _layerId;
 
+    // TorchSharp passes a Scalar's native handle without keeping the Scalar alive, so an implicit temporary can be
+    // finalised during the native call (seen as "Expected false to be true" in masked_fill during long training).
+    // Hot-path constants are therefore held in fields.
+    private static readonly Scalar MaskValue = -10000.0;
+    private readonly Scalar _norm;
+    private readonly Scalar _coeff;
+
     public GlmSelfAttention(GlmConfig c, int layerId, GlmBuildOptions o) : base("SelfAttention")
     {
         _heads = c.NumAttentionHeads;
@@ -182,6 +189,8 @@ internal sealed class GlmSelfAttention : nn.Module
         query_key_value = GlmLayers.Projection(c.HiddenSize, 3L * c.HiddenSize, true, o);
         dense = GlmLayers.Projection(c.HiddenSize, c.HiddenSize, true, o);
         rotary_emb = new RotaryEmbedding(_headDim / 2, o);
+        _coeff = (double)(layerId + 1);
+        _norm = Math.Sqrt(_headDim) * (layerId + 1);
         RegisterComponents();
     }
 
@@ -216,14 +225,13 @@ internal sealed class GlmSelfAttention : nn.Module
         var present = (k, v);
 
         // Scores: q / (√d · (layer+1)), masked with −10000, then × (layer+1) in float32, softmax.
-        double coeff = _layerId + 1;
         long sk = k.shape[0];
-        var qs = q.div(Math.Sqrt(_headDim) * coeff).reshape(s, b * _heads, _headDim).transpose(0, 1);   // [b·np, s, hn]
+        var qs = q.div(_norm).reshape(s, b * _heads, _headDim).transpose(0, 1);                          // [b·np, s, hn]
         var ks = k.reshape(sk, b * _heads, _headDim).transpose(0, 1);                                     // [b·np, sk, hn]
         var scores = qs.bmm(ks.transpose(1, 2)).view(b, _heads, s, sk);
-        if (mask is not null) scores = scores.masked_fill(mask, -10000.0);
+        if (mask is not null) scores = scores.masked_fill(mask, MaskValue);
         var dtype = scores.dtype;
-        var probs = scores.to(ScalarType.Float32).mul(coeff).softmax(-1).to(dtype);       // [b, np, s, sk]
+        var probs = scores.to(ScalarType.Float32).mul(_coeff).softmax(-1).to(dtype);      // [b, np, s, sk]
         var vs = v.reshape(sk, b * _heads, _headDim).transpose(0, 1);                     // [b·np, sk, hn]
         var flatProbs = probs.view(b * _heads, s, sk);
         var context = flatProbs.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
@@ -260,12 +268,14 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    private static readonly Scalar Half = 0.5, Sqrt2OverPi = 0.7978845608028654, Cubic = 0.044715, One = 1.0;
+
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
         var h = dense_h_to_4h.call(x);
         // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²)))
-        var g = h.mul(0.5).mul(h.mul(0.7978845608028654).mul(h.square().mul(0.044715).add(1.0)).tanh().add(1.0));
+        var g = h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
         return dense_4h_to_h.call(g).MoveToOuterDisposeScope();
     }
 }
@@ -279,7 +289,7 @@ internal sealed class GlmBlock : nn.Module
     private readonly GlmSelfAttention attention;
     private readonly nn.Module<Tensor, Tensor> post_attention_layernorm;
     private readonly GlmMlp mlp;
-    private readonly double _alpha;
+    private readonly Scalar _alpha;
 
     public GlmBlock(GlmConfig c, int layerId, GlmBuildOptions o) : base("GLMBlock")
     {
