@@ -87,7 +87,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         }
     }
 
-    private QuantizedLinear(QuantizedWeight q, long inFeatures, long outFeatures, Tensor? biasValue, ScalarType outputDtype, QuantizedLinearOptions options)
+    private QuantizedLinear(QuantizedWeight q, long inFeatures, long outFeatures, Tensor? biasValue, ScalarType outputDtype, QuantizedLinearOptions options, bool buildKernel = true)
         : base(nameof(QuantizedLinear))
     {
         Format = q.Format;
@@ -102,7 +102,8 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         if (biasValue is not null)
             bias = new Parameter(biasValue.detach().clone().DetachFromDisposeScope(), requires_grad: false);
         RegisterComponents();
-        RefreshKernel();
+        if (buildKernel) RefreshKernel();
+        else _kernel.Reason = "an empty skeleton: call RefreshKernel after loading weights into it";
     }
 
     /// <summary>The layout of the stored weight.</summary>
@@ -176,11 +177,23 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inFeatures);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(outFeatures);
         device ??= CPU;
+        if (format != QuantizationFormat.Int8PerRow && inFeatures % 2 != 0)
+            throw new ArgumentException($"int4 packing needs an even in_features, got {inFeatures}.", nameof(inFeatures));
+        if (format == QuantizationFormat.Int4Grouped && (!QuantizationMath.SupportedGroupSizes.Contains(groupSize) || inFeatures % groupSize != 0))
+            throw new ArgumentException($"Group size {groupSize} must be one of {string.Join(", ", QuantizationMath.SupportedGroupSizes)} and divide in_features {inFeatures}.", nameof(groupSize));
+        // Buffers of the stored shapes, allocated directly (no float weight, no quantization work): a checkpoint
+        // fills them, then RefreshKernel (LoadQuantizedStateDict does it) builds the kernel form.
         using var scope = NewDisposeScope();
-        using var meta = zeros(outFeatures, inFeatures, dtype: ScalarType.Float32, device: device);
-        var q = QuantizationMath.Quantize(meta, format, groupSize); // validates the shape; all-zero buffers
+        QuantizedWeight q = format switch
+        {
+            QuantizationFormat.Int8PerRow => new(format, zeros(new[] { outFeatures, inFeatures }, ScalarType.Int8, device), zeros(new[] { outFeatures }, ScalarType.Float16, device), null, (int)inFeatures),
+            QuantizationFormat.Int4PerRowChatGlm => new(format, zeros(new[] { outFeatures, inFeatures / 2 }, ScalarType.Int8, device), zeros(new[] { outFeatures }, ScalarType.Float16, device), null, (int)inFeatures),
+            _ => new(format, zeros(new[] { outFeatures, inFeatures / 2 }, ScalarType.Byte, device),
+                zeros(new[] { outFeatures, inFeatures / groupSize }, ScalarType.BFloat16, device),
+                zeros(new[] { outFeatures, inFeatures / groupSize }, ScalarType.BFloat16, device), groupSize),
+        };
         var b = hasBias ? zeros(outFeatures, dtype: outputDtype, device: device) : null;
-        return new QuantizedLinear(q, inFeatures, outFeatures, b, outputDtype, options ?? new QuantizedLinearOptions());
+        return new QuantizedLinear(q, inFeatures, outFeatures, b, outputDtype, options ?? new QuantizedLinearOptions(), buildKernel: false);
     }
 
     /// <summary>The stored quantized weight (the live buffers).</summary>
