@@ -63,6 +63,8 @@ public sealed record GlmLoadReport(IReadOnlyList<string> Files, int LoadedKeys, 
 /// </summary>
 public static partial class GlmCheckpoint
 {
+    private const string PrefixKeys = "transformer.prefix_encoder.";
+
     /// <summary>Loads a model from a checkpoint directory (<c>config.json</c> + weights).</summary>
     /// <param name="directory">The checkpoint directory.</param>
     /// <param name="options">Element type, device, quantization, logging.</param>
@@ -181,6 +183,14 @@ public static partial class GlmCheckpoint
             tied = true;
         }
         var missing = target.Keys.Where(k => !loaded.Contains(k) && !k.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal)).ToList();
+        bool freshPrefix = false;
+        if (options.PreSeqLen is not null && missing.Count > 0 && missing.All(k => k.StartsWith(PrefixKeys, StringComparison.Ordinal)))
+        {
+            // A base checkpoint for P-tuning: the prefix encoder starts from a random initialisation.
+            model.Transformer.InitializePrefixEncoder();
+            missing.Clear();
+            freshPrefix = true;
+        }
         var problems = new List<string>();
         if (mismatched.Count > 0) problems.Add($"wrong shapes or types ({mismatched.Count}): {string.Join("; ", mismatched.Take(10))}");
         if (missing.Count > 0) problems.Add($"missing keys ({missing.Count}): {string.Join(", ", missing.Take(20))}");
@@ -188,6 +198,7 @@ public static partial class GlmCheckpoint
         if (problems.Count > 0)
             throw new InvalidDataException($"The checkpoint does not fit the model built from its config: {string.Join(" | ", problems)}.");
         if (unexpected.Count > 0) LogUnexpected(logger, unexpected.Count, string.Join(", ", unexpected.Take(10)));
+        if (freshPrefix) LogFreshPrefix(logger, options.PreSeqLen!.Value);
         ignored.AddRange(unexpected);
         model.AfterLoad();
         model.RefreshQuantizedKernels();
@@ -256,6 +267,9 @@ public static partial class GlmCheckpoint
 
     [LoggerMessage(EventId = 4, Level = LogLevel.Warning, Message = "Ignored {Count} unexpected keys: {Keys}")]
     private static partial void LogUnexpected(ILogger logger, int count, string keys);
+
+    [LoggerMessage(EventId = 6, Level = LogLevel.Information, Message = "The checkpoint has no P-tuning prefix: a new {Length}-token prefix encoder was initialised randomly")]
+    private static partial void LogFreshPrefix(ILogger logger, int length);
 
     [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "Quantized {Count} projections to {Bits} bits while loading")]
     private static partial void LogQuantized(ILogger logger, int count, int bits);

@@ -90,6 +90,17 @@ public sealed class GlmModel : nn.Module
         return result;
     }
 
+    /// <summary>Fills the P-tuning prefix encoder with a fresh random initialisation (a base checkpoint has none).</summary>
+    internal void InitializePrefixEncoder()
+    {
+        if (prefix_encoder is null) return;
+        var first = prefix_encoder.parameters().First();
+        using var fresh = new PrefixEncoder(_config, new GlmBuildOptions(first.dtype, first.device, GlmInit.Random));
+        using var noGrad = no_grad();
+        var target = prefix_encoder.state_dict();
+        foreach (var (k, v) in fresh.state_dict()) target[k].copy_(v);
+    }
+
     /// <summary>Recomputes the rotary buffers (after a checkpoint wrote into them: the reference ignores their saved values).</summary>
     internal void ResetRotary()
     {

@@ -88,7 +88,8 @@ public static class GlmMasks
         ArgumentNullException.ThrowIfNull(positionIds);
         using var scope = NewDisposeScope();
         var last = positionIds.narrow(2, positionIds.shape[2] - 1, 1).clone();
-        last.narrow(1, 1, 1).add_(1);
+        using Scalar one = 1;
+        last.narrow(1, 1, 1).add_(one);
         return cat(new[] { positionIds, last }, 2).MoveToOuterDisposeScope();
     }
 

@@ -108,7 +108,8 @@ public static class QuantizationMath
                 long n = q.Weight.shape[0], k = q.Weight.shape[1] * 2, groups = k / q.GroupSize;
                 // (u − 8)·s + z = u·s + (z − 8·s): two in-place passes over the unpacked weight.
                 var s = q.Scale.to(ScalarType.Float32);
-                var shift = q.Zero!.to(ScalarType.Float32).sub(s.mul(8)).to(dtype).unsqueeze(2);
+                using Scalar eight = 8.0; // held for the native call (TorchSharp does not keep Scalars alive)
+                var shift = q.Zero!.to(ScalarType.Float32).sub(s.mul(eight)).to(dtype).unsqueeze(2);
                 w = UnpackUnsignedNibbles(q.Weight).to(dtype).view(n, groups, q.GroupSize)
                     .mul_(s.to(dtype).unsqueeze(2)).add_(shift).view(n, k);
                 break;
@@ -143,7 +144,8 @@ public static class QuantizationMath
         using var scope = NewDisposeScope();
         var b = packed.to(ScalarType.Int8);
         var hi = b.bitwise_right_shift(4);                        // arithmetic shift of the signed byte
-        var lo = b.bitwise_and(0xF).bitwise_xor_(8).sub_(8);      // sign-extend the low nibble
+        using Scalar eight = 8;
+        var lo = b.bitwise_and(0xF).bitwise_xor_(8).sub_(eight);  // sign-extend the low nibble
         return stack(new[] { hi, lo }, 2).view(packed.shape[0], packed.shape[1] * 2).MoveToOuterDisposeScope();
     }
 

@@ -148,7 +148,11 @@ public static class QuantizeExtensions
     {
         ArgumentNullException.ThrowIfNull(model);
         var replaced = new List<string>();
-        foreach (var site in Sites(model).ToList())
+        var sites = Sites(model).ToList();
+        var merged = sites.Where(s => s.Module is LoraLayer { BaseLayer: QuantizedLinear } l && l.MergedAdapters.Count > 0).Select(s => s.Path).ToList();
+        if (merged.Count > 0)
+            throw new InvalidOperationException($"Unmerge the adapters of {string.Join(", ", merged)} first: they are merged into the quantized weights.");
+        foreach (var site in sites)
         {
             var q = (site.Module is LoraLayer ll ? ll.BaseLayer : site.Module) as QuantizedLinear;
             if (q is null) continue;

@@ -382,11 +382,25 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     }
 
     /// <inheritdoc />
+    /// <remarks>
+    /// A dtype change converts only the bias and the output type: the scales and zero points keep the element types
+    /// of the stored format (rounding a ChatGLM float16 scale to bfloat16 would change every weight).
+    /// </remarks>
     protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
     {
         _kernel.Clear();
-        base._toEpilog(dtype, device, non_blocking);
-        if (dtype is { } t) OutputDtype = t;
+        if (device is not null) base._toEpilog(null, device, non_blocking);
+        if (dtype is { } t)
+        {
+            if (bias is not null && bias.dtype != t)
+            {
+                var converted = new Parameter(bias.detach().to(t), requires_grad: false);
+                bias.Dispose();
+                bias = (Parameter)converted.DetachFromDisposeScope();
+                ConditionallyRegisterParameter("bias", bias);
+            }
+            OutputDtype = t;
+        }
         RefreshKernel();
     }
 

@@ -136,6 +136,9 @@ public static class LoraAdapterFiles
         var alphaPattern = ReadPattern(json, "alpha_pattern");
 
         var tensors = ReadWeights(directory);
+        // What a failed load must put back: each layer's active adapters and every parameter's requires_grad.
+        var activeBefore = model.GetLoraLayers().Select(l => (l.Layer, Active: l.Layer.ActiveAdapters.ToArray())).ToList();
+        var gradBefore = model.named_parameters().Select(p => (p.parameter, p.parameter.requires_grad)).ToList();
         var baseConfig = new LoraConfig { Rank = rank, Alpha = alpha, Dropout = dropout, UseRsLora = rs, AdapterName = adapterName, FreezeBase = freezeBase, TargetModules = targets };
         try
         {
@@ -163,6 +166,8 @@ public static class LoraAdapterFiles
         catch
         {
             if (model.GetLoraAdapterNames().Contains(adapterName)) model.DeleteLoraAdapter(adapterName);
+            foreach (var (layer, active) in activeBefore) layer.SetActive(active);
+            foreach (var (p, grad) in gradBefore) p.requires_grad = grad;
             throw;
         }
         finally

@@ -290,6 +290,8 @@ public static class LoraExtensions
         foreach (var (k, target) in expected)
         {
             if (!source.TryGetValue(k, out var t)) continue;
+            if (!Dtypes.IsFloating(t.dtype))
+                throw new ArgumentException($"Tensor '{k}' has non-floating type {t.dtype}; nothing was loaded.", nameof(stateDict));
             if (!t.shape.SequenceEqual(target.shape)) mismatched.Add(new ShapeMismatch(k, target.shape, t.shape));
             else loadable.Add(k);
         }
@@ -297,13 +299,7 @@ public static class LoraExtensions
         if (strict && !result.IsComplete) throw new LoraStateDictMismatchException(result, nameof(stateDict));
 
         using var noGrad = no_grad();
-        foreach (var k in loadable)
-        {
-            var src = source[k];
-            if (!Dtypes.IsFloating(src.dtype))
-                throw new ArgumentException($"Tensor '{k}' has non-floating type {src.dtype}.", nameof(stateDict));
-            expected[k].copy_(src);
-        }
+        foreach (var k in loadable) expected[k].copy_(source[k]);
         return result;
     }
 

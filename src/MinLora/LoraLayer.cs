@@ -29,6 +29,7 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
 {
     private nn.Module<Tensor, Tensor>? _base;
     private readonly Dictionary<string, LoraAdapterInfo> _adapters = new(StringComparer.Ordinal);
+    private readonly List<string> _order = new();
     private readonly List<string> _merged = new();
     private readonly List<string> _active = new();
     private readonly List<string> _proxiedParameters = new();
@@ -49,7 +50,7 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
     public nn.Module<Tensor, Tensor> BaseLayer => _base ?? throw new ObjectDisposedException(GetType().Name, "The LoRA layer no longer holds its base layer.");
 
     /// <summary>The names of the adapters on this layer, in the order they were added.</summary>
-    public IReadOnlyList<string> Adapters => _adapters.Keys.ToList();
+    public IReadOnlyList<string> Adapters => _order.AsReadOnly();
 
     /// <summary>The adapters that take part in <see cref="forward"/>.</summary>
     public IReadOnlyList<string> ActiveAdapters => _active.AsReadOnly();
@@ -132,6 +133,7 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
             CreateFactors(config.AdapterName, config.Rank, dtype, config.Init);
         }
         _adapters[config.AdapterName] = new LoraAdapterInfo(config.AdapterName, config.Rank, config.Alpha, config.Scaling, config.Dropout, config.UseRsLora);
+        _order.Add(config.AdapterName);
         SetActive(new[] { config.AdapterName });
     }
 
@@ -149,24 +151,31 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
             throw new InvalidOperationException($"Adapter '{adapterName}' is merged into the base weight; unmerge it before deleting it.");
         DeleteFactors(adapterName);
         _adapters.Remove(adapterName);
+        _order.Remove(adapterName);
         _active.Remove(adapterName);
     }
 
     /// <summary>Folds the given adapters into the base weight. Returns false if any merge was rounded by the base.</summary>
     internal bool Merge(IEnumerable<string> adapterNames, bool safeMerge)
     {
-        bool exact = true;
-        foreach (var name in adapterNames)
+        // Check every update first, so a bad adapter leaves the layer's weight untouched.
+        var names = adapterNames.Where(n => !_merged.Contains(n)).Distinct().ToList();
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var deltas = names.Select(n => DeltaWeight(n, GetAdapterInfo(n))).ToList();
+        if (safeMerge)
         {
-            if (_merged.Contains(name)) continue;
-            var info = GetAdapterInfo(name);
-            using var scope = NewDisposeScope();
-            using var noGrad = no_grad();
-            var delta = DeltaWeight(name, info);
-            if (safeMerge && !isfinite(delta).all().item<bool>())
-                throw new InvalidOperationException($"LoRA adapter '{name}' has a non-finite weight update (NaN or Inf); refusing to merge it.");
-            exact &= AddToBaseWeight(delta);
-            _merged.Add(name);
+            for (int i = 0; i < names.Count; i++)
+            {
+                if (!isfinite(deltas[i]).all().item<bool>())
+                    throw new InvalidOperationException($"LoRA adapter '{names[i]}' has a non-finite weight update (NaN or Inf); refusing to merge it.");
+            }
+        }
+        bool exact = true;
+        for (int i = 0; i < names.Count; i++)
+        {
+            exact &= AddToBaseWeight(deltas[i]);
+            _merged.Add(names[i]);
         }
         return exact;
     }
@@ -571,7 +580,7 @@ public sealed class LoraEmbedding : LoraLayer
 /// </summary>
 public sealed class LoraConv2d : FactorModuleLoraLayer
 {
-    private readonly Conv2d _conv;
+    private Conv2d _conv;
 
     internal LoraConv2d(Conv2d baseLayer) : base(nameof(LoraConv2d), baseLayer)
     {
@@ -599,7 +608,10 @@ public sealed class LoraConv2d : FactorModuleLoraLayer
 
     private protected override void CheckCompatibleBase(nn.Module<Tensor, Tensor> newBase)
     {
-        if (newBase is not Conv2d c || !c.weight.shape.SequenceEqual(BaseParameter("weight").shape) || c.groups != 1)
-            throw new ArgumentException("The new base must be a Conv2d of the same shape and groups = 1.", nameof(newBase));
+        if (newBase is not Conv2d c || !c.weight.shape.SequenceEqual(BaseParameter("weight").shape) || c.groups != 1 ||
+            !c.stride.SequenceEqual(_conv.stride) || !c.dilation.SequenceEqual(_conv.dilation) || c.padding_mode != _conv.padding_mode ||
+            c.padding_type != _conv.padding_type || !(c.padding ?? Array.Empty<long>()).SequenceEqual(_conv.padding ?? Array.Empty<long>()))
+            throw new ArgumentException("The new base must be a Conv2d of the same shape, stride, padding, dilation and padding mode, with groups = 1.", nameof(newBase));
+        _conv = c;
     }
 }

@@ -182,6 +182,22 @@ public sealed class CheckpointTests : IDisposable
     }
 
     [Fact]
+    public void PreSeqLenOverride_OnABaseCheckpoint_StartsARandomPrefix_WithOnlyThePrefixTrainable()
+    {
+        var (model, _) = GlmCheckpoint.FromPretrained(Fixtures.Dir("v1"), new GlmLoadOptions { PreSeqLen = 3 });
+        using (model)
+        {
+            var prefix = model.named_parameters().Where(p => p.name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal)).ToList();
+            Assert.NotEmpty(prefix);
+            Assert.All(model.named_parameters(), p => Assert.Equal(p.name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal), p.parameter.requires_grad));
+            Assert.All(prefix, p => Assert.True(p.parameter.isfinite().all().item<bool>() && p.parameter.abs().sum().item<float>() > 0));
+            var g = Fixtures.Golden("v1");
+            using var o = model.call(new GlmInput(g["A.input_ids"]));
+            Assert.True(o.Logits.isfinite().all().item<bool>());
+        }
+    }
+
+    [Fact]
     public void CheckpointWithoutLmHead_TiesItToTheEmbedding()
     {
         var dir = Path.Combine(_dir, "tied");

@@ -248,6 +248,23 @@ public class QuantizedLinearTests
     }
 
     [Fact]
+    public void ToDtype_ConvertsTheBiasOnly_NotTheStoredScales()
+    {
+        manual_seed(48);
+        using var linear = nn.Linear(64, 32);
+        using var q = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm);
+        var scale = q.QuantizedWeight.Scale.clone();
+        q.to(ScalarType.BFloat16);
+        Assert.Equal(ScalarType.Float16, q.QuantizedWeight.Scale.dtype);
+        Assert.True(T.Identical(scale, q.QuantizedWeight.Scale));
+        Assert.Equal(ScalarType.BFloat16, q.Bias!.dtype);
+        Assert.Equal(ScalarType.BFloat16, q.OutputDtype);
+        using var x = randn(2, 64).to(ScalarType.BFloat16);
+        using var y = q.call(x);
+        Assert.Equal(ScalarType.BFloat16, y.dtype);
+    }
+
+    [Fact]
     public void FieldTypedLinear_CannotHoldAQuantizedLayer()
     {
         using var model = new Rigid();

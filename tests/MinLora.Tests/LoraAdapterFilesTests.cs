@@ -68,6 +68,31 @@ public sealed class LoraAdapterFilesTests : IDisposable
     }
 
     [Fact]
+    public void FailedLoad_KeepsTheActiveAdapterAndTheTrainableFlags()
+    {
+        manual_seed(24);
+        using var source = new ToyNet();
+        source.AddLora(new LoraConfig { Rank = 4 });
+        source.SaveLoraAdapter(_dir);
+        var configPath = Path.Combine(_dir, LoraAdapterFiles.ConfigFileName);
+        var json = JsonNode.Parse(File.ReadAllText(configPath))!;
+        json["r"] = 2;
+        File.WriteAllText(configPath, json.ToJsonString());
+
+        using var model = new ToyNet();
+        model.AddLora(new LoraConfig { AdapterName = "a", Init = LoraInit.Random, FreezeBase = false });
+        var grads = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad);
+        using var ids = randint(0, 50, new long[] { 1, 4 });
+        using var before = model.call(ids);
+        Assert.Throws<LoraStateDictMismatchException>(() => model.LoadLoraAdapter(_dir, "b"));
+        Assert.Equal(new[] { "a" }, model.GetLoraAdapterNames());
+        Assert.Equal(new[] { "a" }, model.GetLoraLayers()[0].Layer.ActiveAdapters);
+        Assert.Equal(grads, model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad));
+        using var after = model.call(ids);
+        Assert.True(Snapshot.Identical(before, after));
+    }
+
+    [Fact]
     public void Load_MissingOrCorruptFiles_GiveTypedErrors()
     {
         using var model = new ToyNet();

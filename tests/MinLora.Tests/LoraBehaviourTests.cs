@@ -296,6 +296,35 @@ public class LoraBehaviourTests
     }
 
     [Fact]
+    public void Adapters_KeepTheirOrder_AndAFailedMergeChangesNoWeight()
+    {
+        using var model = new OneLinear(6, 5, ScalarType.Float32);
+        model.AddLora(new LoraConfig { AdapterName = "a" });
+        model.AddLora(new LoraConfig { AdapterName = "b" });
+        model.DeleteLoraAdapter("a");
+        model.AddLora(new LoraConfig { AdapterName = "c", Init = LoraInit.Random });
+        Assert.Equal(new[] { "b", "c" }, model.GetLoraAdapterNames());
+
+        var w = model.state_dict()["proj.weight"].clone();
+        using (no_grad()) model.GetLoraStateDict("b")["proj.lora_B.weight"].fill_(float.NaN);
+        Assert.Throws<InvalidOperationException>(() => model.MergeLora(unload: false, adapterNames: new[] { "c", "b" }));
+        Assert.True(Snapshot.Identical(w, model.state_dict()["proj.weight"]), "adapter c must not be merged when b is refused");
+        Assert.Empty(model.GetLoraLayers()[0].Layer.MergedAdapters);
+    }
+
+    [Fact]
+    public void LoadLoraStateDict_NonFloatingTensor_LoadsNothing()
+    {
+        using var model = new ToyNet();
+        model.AddLora(new LoraConfig { Init = LoraInit.Random });
+        var before = model.GetLoraStateDict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        var dict = before.ToDictionary(kv => kv.Key, kv => kv.Value.mul(2));
+        dict["fc2.lora_B.weight"] = dict["fc2.lora_B.weight"].to(ScalarType.Int64);
+        Assert.Throws<ArgumentException>(() => model.LoadLoraStateDict(dict));
+        Snapshot.AssertEqual(before, model.GetLoraStateDict());
+    }
+
+    [Fact]
     public void Api_RejectsNullsAndModelsWithoutLora()
     {
         Assert.Throws<ArgumentNullException>(() => ((nn.Module)null!).AddLora());

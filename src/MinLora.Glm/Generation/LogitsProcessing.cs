@@ -41,7 +41,8 @@ public static class LogitsProcessing
             var row = result[r];
             var score = row.index_select(0, index);
             using Scalar p = penalty;
-            var penalised = where(score.lt(0), score.mul(p), score.div(p));
+            using Scalar zero = 0.0;
+            var penalised = where(score.lt(zero), score.mul(p), score.div(p));
             row.index_copy_(0, index, penalised);
         }
         return result;
@@ -77,7 +78,8 @@ public static class LogitsProcessing
         var probs = logits.to(ScalarType.Float32).softmax(-1);
         var (sorted, order) = probs.sort(-1, descending: true);
         var cumulative = sorted.cumsum(-1);
-        var removeSorted = cumulative.sub(sorted).gt(p);                             // mass before the token > p
+        using Scalar mass = p;
+        var removeSorted = cumulative.sub(sorted).gt(mass);                          // mass before the token > p
         var remove = zeros_like(sorted).scatter(1, order, removeSorted.to(ScalarType.Float32)).to(ScalarType.Bool);
         using Scalar minusInfinity = double.NegativeInfinity;
         return logits.masked_fill(remove, minusInfinity).MoveToOuterDisposeScope();
@@ -92,8 +94,9 @@ public static class LogitsProcessing
         ArgumentNullException.ThrowIfNull(logits);
         ArgumentNullException.ThrowIfNull(generator);
         using var scope = NewDisposeScope();
-        var probs = logits.to(ScalarType.Float32).softmax(-1);
-        return probs.multinomial(1, generator: generator).squeeze(1).MoveToOuterDisposeScope();
+        // Sampled on the CPU: the generator is a CPU generator, and seeds then reproduce across devices.
+        var probs = logits.to(ScalarType.Float32).softmax(-1).cpu();
+        return probs.multinomial(1, generator: generator).squeeze(1).to(logits.device).MoveToOuterDisposeScope();
     }
 
     /// <summary>

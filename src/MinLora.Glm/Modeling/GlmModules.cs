@@ -110,6 +110,7 @@ internal sealed class RotaryEmbedding : nn.Module
 {
     private Tensor inv_freq;
     private (long Length, Tensor Cos, Tensor Sin)? _cache;
+    private readonly List<(Tensor Cos, Tensor Sin)> _retired = new();
 
     public RotaryEmbedding(int dim, GlmBuildOptions o) : base(nameof(RotaryEmbedding))
     {
@@ -132,24 +133,34 @@ internal sealed class RotaryEmbedding : nn.Module
         if (inv_freq.device_type == DeviceType.META) return;
         using var f = Frequencies(dim, inv_freq.dtype, inv_freq.device);
         inv_freq.copy_(f);
-        _cache = null;
+        lock (_retired)
+        {
+            if (_cache is { } old) _retired.Add((old.Cos, old.Sin));
+            _cache = null;
+        }
     }
 
-    /// <summary>cos and sin tables [length, dim] for positions 0..length−1, in the buffer's element type.</summary>
+    /// <summary>
+    /// cos and sin tables [length, dim] for positions 0..length−1, in the buffer's element type. Tables only grow;
+    /// replaced ones are kept until the module is disposed, so a concurrent caller never sees its tables freed.
+    /// </summary>
     public (Tensor Cos, Tensor Sin) Tables(long length)
     {
-        if (_cache is { } c && c.Length >= length && c.Cos.dtype == inv_freq.dtype && c.Cos.device == inv_freq.device)
-            return (c.Cos, c.Sin);
-        _cache?.Cos.Dispose();
-        _cache?.Sin.Dispose();
-        using var scope = NewDisposeScope();
-        var t = arange(length, dtype: inv_freq.dtype, device: inv_freq.device);
-        var freqs = t.unsqueeze(1).mul(inv_freq.unsqueeze(0));   // einsum('i,j->ij')
-        var emb = cat(new[] { freqs, freqs }, 1);
-        var cos = emb.cos().MoveToOuterDisposeScope().DetachFromDisposeScope();
-        var sin = emb.sin().MoveToOuterDisposeScope().DetachFromDisposeScope();
-        _cache = (length, cos, sin);
-        return (cos, sin);
+        lock (_retired)
+        {
+            if (_cache is { } c && c.Length >= length && c.Cos.dtype == inv_freq.dtype &&
+                c.Cos.device_type == inv_freq.device_type && c.Cos.device_index == inv_freq.device_index)
+                return (c.Cos, c.Sin);
+            if (_cache is { } old) _retired.Add((old.Cos, old.Sin));
+            using var scope = NewDisposeScope();
+            var t = arange(length, dtype: inv_freq.dtype, device: inv_freq.device);
+            var freqs = t.unsqueeze(1).mul(inv_freq.unsqueeze(0));   // einsum('i,j->ij')
+            var emb = cat(new[] { freqs, freqs }, 1);
+            var cos = emb.cos().MoveToOuterDisposeScope().DetachFromDisposeScope();
+            var sin = emb.sin().MoveToOuterDisposeScope().DetachFromDisposeScope();
+            _cache = (length, cos, sin);
+            return (cos, sin);
+        }
     }
 
     protected override void Dispose(bool disposing)
@@ -159,6 +170,12 @@ internal sealed class RotaryEmbedding : nn.Module
             _cache?.Cos.Dispose();
             _cache?.Sin.Dispose();
             _cache = null;
+            foreach (var (c, n) in _retired)
+            {
+                c.Dispose();
+                n.Dispose();
+            }
+            _retired.Clear();
         }
         base.Dispose(disposing);
     }

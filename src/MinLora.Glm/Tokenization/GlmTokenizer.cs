@@ -317,6 +317,7 @@ public sealed class GlmTokenizer
             {
                 case PieceType.Byte:
                     bytes.Add(Convert.ToByte(p.Piece.Substring(3, 2), 16));
+                    first = false;
                     continue;
                 case PieceType.Control:
                     FlushBytes();
