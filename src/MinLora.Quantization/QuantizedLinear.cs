@@ -75,14 +75,17 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         public int MaxRows;
         public Tensor? Weight;   // packed int4 (CPU or CUDA layout); null for int8 (uses the canonical buffer)
         public Tensor? Scales;   // int8: scales in the compute dtype; int4: scales-and-zeros [K/g, N, 2] bf16
+        public Tensor? Bias;     // the bias in the compute dtype (not converted on every call)
         public int Group;
 
         public void Clear()
         {
             Weight?.Dispose();
             Scales?.Dispose();
+            Bias?.Dispose();
             Weight = null;
             Scales = null;
+            Bias = null;
             Kind = QuantizedKernel.Dequantize;
         }
     }
@@ -236,7 +239,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
                 QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
                 _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
             };
-            if (bias is not null) y = y.add(bias.to(y.dtype));
+            if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
         else
@@ -288,6 +291,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
                 BuildInt4(device);
             }
             ProbeKernel();
+            if (bias is not null) _kernel.Bias = bias.detach().to(Options.ComputeDtype).DetachFromDisposeScope();
         }
         catch (Exception ex) when (ex is ExternalException or ArgumentException or InvalidOperationException or NotSupportedException)
         {
