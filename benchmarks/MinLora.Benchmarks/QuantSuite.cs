@@ -64,7 +64,7 @@ internal static class QuantSuite
             using var noGrad = no_grad();
             using var xd = x.to(dtype);
             return nn.functional.linear(xd, ws[i++ % copies]);
-        }, bytes, () => ReadBandwidth(ws.Select(w => w).ToArray())));
+        }, bytes, () => ReadBandwidth(ws)));
     }
 
     private static void AddQuant(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, QuantizationFormat format, bool kernel)

@@ -115,7 +115,7 @@ public static class SpoPipeline
         var loraDir = Path.Combine(o.OutputDirectory, "lora");
         model.SaveLoraAdapter(loraDir, baseModelNameOrPath: o.ModelDirectory);
         var fullPath = Path.Combine(o.OutputDirectory, "model_with_lora.safetensors");
-        LoraAdapterFilesAtomic(fullPath, model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous()));
+        SaveSafetensorsAtomically(fullPath, model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous()));
         log.WriteLine($"saved: {loraDir} (LoRA only, PEFT layout) and {fullPath} (full state dict)");
 
         var trained = Evaluate(model, tokenizer, builder, test, o);
@@ -194,7 +194,7 @@ public static class SpoPipeline
         return new Evaluation(SpoEvaluation.Score(predictions.Zip(test, (p, e) => (p, e.Answer))), predictions);
     }
 
-    private static void LoraAdapterFilesAtomic(string path, Dictionary<string, Tensor> state)
+    private static void SaveSafetensorsAtomically(string path, Dictionary<string, Tensor> state)
     {
         var tmp = path + ".tmp";
         Safetensors.SaveStateDict(tmp, state);
@@ -248,7 +248,7 @@ public static class SpoPipeline
         Directory.CreateDirectory(directory);
         File.WriteAllText(Path.Combine(directory, "config.json"), config.ToJson());
         var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous());
-        LoraAdapterFilesAtomic(Path.Combine(directory, "model.safetensors"), state);
+        SaveSafetensorsAtomically(Path.Combine(directory, "model.safetensors"), state);
         foreach (var f in new[] { "ice_text.model", "tokenizer_config.json" })
             File.Copy(Path.Combine(tokenizerDirectory, f), Path.Combine(directory, f), overwrite: true);
     }

@@ -58,6 +58,8 @@ public sealed class GlmModel : nn.Module
             mask = cat(new[] { prefixMask, mask }, 3);
         }
 
+        // One set of rotary angles for all layers (their tables are identical): one host sync per forward, not per layer.
+        var angles = layers[0].Attention.Rotary.Angles(positionIds);
         var present = useCache ? new (Tensor, Tensor)[_config.NumLayers] : null;
         var hidden = outputHidden ? new List<Tensor>() : null;
         var attentions = outputAttentions ? new List<Tensor>() : null;
@@ -65,7 +67,7 @@ public sealed class GlmModel : nn.Module
         foreach (var layer in layers)
         {
             hidden?.Add(h);
-            var (next, kv, probs) = layer.Forward(h, positionIds, mask, pasts[index]);
+            var (next, kv, probs) = layer.Forward(h, angles, mask, pasts[index]);
             if (present is not null) present[index] = kv;
             attentions?.Add(probs);
             h = next;

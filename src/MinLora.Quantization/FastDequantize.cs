@@ -14,9 +14,6 @@ namespace MinLora.Quantization;
 /// </summary>
 internal static unsafe class FastDequantize
 {
-    /// <summary>True when the fast path can run (x86 or Arm SIMD of at least 256 bits, or 128 bits).</summary>
-    internal static bool IsSupported => Vector256.IsHardwareAccelerated || Vector128.IsHardwareAccelerated;
-
     /// <summary>Dequantizes <paramref name="q"/> (CPU, contiguous) into a new bfloat16 tensor [N, K].</summary>
     internal static Tensor ToBFloat16(QuantizedWeight q)
     {

@@ -91,7 +91,7 @@ public static class QuantizationMath
     public static Tensor Dequantize(QuantizedWeight q, ScalarType dtype = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(q);
-        if (dtype == ScalarType.BFloat16 && q.Weight.device_type == DeviceType.CPU && FastDequantize.IsSupported)
+        if (dtype == ScalarType.BFloat16 && q.Weight.device_type == DeviceType.CPU)
             return FastDequantize.ToBFloat16(q);
         using var scope = NewDisposeScope();
         Tensor w;

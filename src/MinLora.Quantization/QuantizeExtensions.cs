@@ -247,18 +247,9 @@ public static class QuantizeExtensions
         foreach (var m in model.modules())
         {
             var q = m as QuantizedLinear ?? (m as LoraLayer)?.BaseLayer as QuantizedLinear;
-            if (q is not null) bytes += q.GetSizeInBytes() - StoredBytes(q);
+            if (q is not null) bytes += q.KernelBytes;
         }
         return bytes;
-    }
-
-    private static long StoredBytes(QuantizedLinear q)
-    {
-        var w = q.QuantizedWeight;
-        long b = w.Weight.numel() * w.Weight.element_size() + w.Scale.numel() * w.Scale.element_size();
-        if (w.Zero is not null) b += w.Zero.numel() * w.Zero.element_size();
-        if (q.Bias is not null) b += q.Bias.numel() * q.Bias.element_size();
-        return b;
     }
 
     private static void ValidateShape(string path, Linear linear, QuantizationFormat format, int groupSize)

@@ -215,8 +215,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     public long GetSizeInBytes()
     {
         long bytes = Bytes(weight) + Bytes(weight_scale) + (weight_zero is null ? 0 : Bytes(weight_zero)) + (bias is null ? 0 : Bytes(bias));
-        return bytes + (_kernel.Weight is null ? 0 : Bytes(_kernel.Weight)) + (_kernel.Scales is null ? 0 : Bytes(_kernel.Scales));
+        return bytes + KernelBytes;
     }
+
+    /// <summary>Bytes of the derived kernel form (packed weight, converted scales and bias), which are not registered buffers.</summary>
+    internal long KernelBytes =>
+        (_kernel.Weight is null ? 0 : Bytes(_kernel.Weight)) + (_kernel.Scales is null ? 0 : Bytes(_kernel.Scales)) + (_kernel.Bias is null ? 0 : Bytes(_kernel.Bias));
 
     /// <inheritdoc />
     public override Tensor forward(Tensor input)

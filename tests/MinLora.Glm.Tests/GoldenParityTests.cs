@@ -129,7 +129,7 @@ public class GoldenParityTests
         var g = Fixtures.Golden(name);
         using var output = model.call(new GlmInput(g["D.input_ids"]) { Labels = g["D.labels"] });
         Assert.True(Fixtures.MaxDiff(output.Logits, g["D.logits"]) < Tol, $"logits differ by {Fixtures.MaxDiff(output.Logits, g["D.logits"])}");
-        Assert.Equal(Fixtures.Meta(name).GetProperty("D.loss").GetDouble(), output.Loss!.item<float>(), 4);
+        Assert.Equal(Fixtures.Meta(name).GetProperty("D.loss").GetDouble(), output.Loss!.item<float>(), 5);
     }
 
     /// <summary>Incremental decoding with the cache gives the logits of a full recomputation (float32 rounding: 1e-5).</summary>

@@ -163,6 +163,20 @@ internal sealed class RotaryEmbedding : nn.Module
         }
     }
 
+    /// <summary>
+    /// The cos/sin of the positions and block positions of <paramref name="positionIds"/> [b, 2, s], each [s, b, 1, d].
+    /// Every layer's table is the same, so the model computes these once per forward and shares them.
+    /// </summary>
+    public RotaryAngles Angles(Tensor positionIds)
+    {
+        var (cos, sin) = Tables(positionIds.max().item<long>() + 1);
+        long s = positionIds.shape[2], b = positionIds.shape[0], d = cos.shape[1];
+        Tensor Gather(Tensor table, Tensor positions) => table.index_select(0, positions.reshape(-1)).view(s, b, 1, d);
+        var position = positionIds.select(1, 0).t();                                       // [s, b]
+        var block = positionIds.select(1, 1).t();
+        return new RotaryAngles(Gather(cos, position), Gather(sin, position), Gather(cos, block), Gather(sin, block));
+    }
+
     protected override void Dispose(bool disposing)
     {
         if (disposing)
@@ -180,6 +194,9 @@ internal sealed class RotaryEmbedding : nn.Module
         base.Dispose(disposing);
     }
 }
+
+/// <summary>cos/sin at the positions and block positions, each [s, b, 1, d].</summary>
+internal sealed record RotaryAngles(Tensor CosPosition, Tensor SinPosition, Tensor CosBlock, Tensor SinBlock);
 
 /// <summary>ChatGLM-6B self-attention: fused per-head-interleaved QKV, 2-D rotary positions, layer-scaled scores.</summary>
 internal sealed class GlmSelfAttention : nn.Module
@@ -214,10 +231,10 @@ internal sealed class GlmSelfAttention : nn.Module
     public RotaryEmbedding Rotary => rotary_emb;
 
     /// <summary>
-    /// x [s, b, h]; positions [b, 2, s]; mask [b, 1, s, sk] (True = masked) or null; past (k, v) [sp, b, heads, d].
-    /// Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
+    /// x [s, b, h]; angles from <see cref="RotaryEmbedding.Angles"/>; mask [b, 1, s, sk] (True = masked) or null; past
+    /// (k, v) [sp, b, heads, d]. Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, Tensor positionIds, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = query_key_value.call(x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
@@ -227,11 +244,8 @@ internal sealed class GlmSelfAttention : nn.Module
 
         // 2-D rotary: the first half of each head rotates by position, the second by block position.
         int half = _headDim / 2;
-        var (cos, sin) = rotary_emb.Tables(positionIds.max().item<long>() + 1);
-        var position = positionIds.select(1, 0).t();                                       // [s, b]
-        var block = positionIds.select(1, 1).t();
-        var (q1, k1) = Rotate(q.narrow(3, 0, half), k.narrow(3, 0, half), cos, sin, position);
-        var (q2, k2) = Rotate(q.narrow(3, half, half), k.narrow(3, half, half), cos, sin, block);
+        var (q1, k1) = Rotate(q.narrow(3, 0, half), k.narrow(3, 0, half), angles.CosPosition, angles.SinPosition);
+        var (q2, k2) = Rotate(q.narrow(3, half, half), k.narrow(3, half, half), angles.CosBlock, angles.SinBlock);
         q = cat(new[] { q1, q2 }, 3);
         k = cat(new[] { k1, k2 }, 3);
         if (past is { } p)
@@ -255,15 +269,9 @@ internal sealed class GlmSelfAttention : nn.Module
         return (dense.call(context), present, flatProbs);
     }
 
-    /// <summary>x·cos + rotate_half(x)·sin with cos/sin gathered at the positions [s, b].</summary>
-    private static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions)
-    {
-        long s = positions.shape[0], b = positions.shape[1], d = cos.shape[1];
-        var flat = positions.reshape(-1);
-        var c = cos.index_select(0, flat).view(s, b, 1, d);
-        var n = sin.index_select(0, flat).view(s, b, 1, d);
-        return (q.mul(c).add(RotateHalf(q).mul(n)), k.mul(c).add(RotateHalf(k).mul(n)));
-    }
+    /// <summary>x·cos + rotate_half(x)·sin with cos/sin [s, b, 1, d] already gathered at the positions.</summary>
+    private static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Tensor c, Tensor n) =>
+        (q.mul(c).add(RotateHalf(q).mul(n)), k.mul(c).add(RotateHalf(k).mul(n)));
 
     private static Tensor RotateHalf(Tensor x)
     {
@@ -322,10 +330,10 @@ internal sealed class GlmBlock : nn.Module
 
     public GlmSelfAttention Attention => attention;
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, Tensor positionIds, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
     {
         var x = input_layernorm.call(h);
-        var (a, present, probs) = attention.Forward(x, positionIds, mask, past);
+        var (a, present, probs) = attention.Forward(x, angles, mask, past);
         var h1 = x.mul(_alpha).add(a);
         var y = post_attention_layernorm.call(h1);
         var outp = y.mul(_alpha).add(mlp.call(y));
