@@ -64,11 +64,7 @@ internal static unsafe class FastDequantize
         return MemoryMarshal.Cast<byte, float>(f.bytes).ToArray();
     }
 
-    private static nint Pointer(Tensor t)
-    {
-        // The tensor's storage is native memory: it does not move while the tensor is alive.
-        fixed (byte* p = &MemoryMarshal.GetReference(t.bytes)) return (nint)p;
-    }
+    private static nint Pointer(Tensor t) => TensorMemory.Pointer(t);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static ushort RoundToBf16(float f)

@@ -16,6 +16,11 @@ public enum QuantizedKernel
     Int4PackCpu,
     /// <summary>libtorch's CUDA tinygemm <c>_weight_int4pack_mm</c> (sm80+) on a CUDA-packed copy of the weight.</summary>
     Int4PackCuda,
+    /// <summary>
+    /// MinLora's own AVX-512 matrix-vector product on the stored bytes (CPU): no packed copy, float32 arithmetic on
+    /// the exact stored values, any shape; used on CPUs with AVX-512 (elsewhere libtorch's CPU kernels are used).
+    /// </summary>
+    CpuGemv,
 }
 
 /// <summary>Settings of a <see cref="QuantizedLinear"/> that do not change its stored weights.</summary>
@@ -42,6 +47,13 @@ public sealed record QuantizedLinearOptions
     /// <param name="device">The weights' device.</param>
     /// <returns>The threshold.</returns>
     public int KernelMaxRowsFor(DeviceType device) => KernelMaxRows ?? (device == DeviceType.CUDA ? 8 : 32);
+
+    /// <summary>
+    /// Up to this many rows <see cref="QuantizedKernel.CpuGemv"/> is used (it reads the weight once per call but
+    /// converts every weight once per row, so it pays off for decoding, not for prompts). Null: 8 rows.
+    /// </summary>
+    /// <value>The default value is null (8).</value>
+    public int? CpuGemvMaxRows { get; init; }
 
     /// <summary>Use libtorch's fused kernels where they apply (false: always dequantize).</summary>
     /// <value>The default value is true.</value>
@@ -106,7 +118,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             bias = new Parameter(biasValue.detach().clone().DetachFromDisposeScope(), requires_grad: false);
         RegisterComponents();
         if (buildKernel) RefreshKernel();
-        else _kernel.Reason = "an empty skeleton: call RefreshKernel after loading weights into it";
+        else if (!TryUseCpuGemv()) _kernel.Reason = "an empty skeleton: call RefreshKernel after loading weights into it";
     }
 
     /// <summary>The layout of the stored weight.</summary>
@@ -223,26 +235,38 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         (_kernel.Weight is null ? 0 : Bytes(_kernel.Weight)) + (_kernel.Scales is null ? 0 : Bytes(_kernel.Scales)) + (_kernel.Bias is null ? 0 : Bytes(_kernel.Bias));
 
     /// <inheritdoc />
+    /// <remarks>
+    /// When gradients are needed, the product runs inside a custom autograd function that keeps only a reference to
+    /// this layer: backward dequantizes the weight again (as ChatGLM's own <c>quantization.py</c> does), so a
+    /// quantized model never holds its weights in float form for the backward pass.
+    /// </remarks>
     public override Tensor forward(Tensor input)
     {
         ArgumentNullException.ThrowIfNull(input);
         if (input.shape.Length == 0 || input.shape[^1] != InFeatures)
             throw new ArgumentException($"QuantizedLinear expects inputs [..., {InFeatures}], got [{string.Join(", ", input.shape)}].", nameof(input));
+        if (input.requires_grad && is_grad_enabled())
+            return QuantizedLinearFunction.apply(input, this);
+        return Product(input);
+    }
+
+    /// <summary>y = x·dequant(W)ᵀ + b without recording anything for autograd; the output has the input's type.</summary>
+    internal Tensor Product(Tensor input)
+    {
         using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
         long rows = input.numel() / InFeatures;
-        bool needsGrad = input.requires_grad && is_grad_enabled();
         var outShape = input.shape.ToArray();
         outShape[^1] = OutFeatures;
         Tensor y;
-        if (_kernel.Kind != QuantizedKernel.Dequantize && !needsGrad && rows <= _kernel.MaxRows)
+        if (_kernel.Kind == QuantizedKernel.CpuGemv && rows <= _kernel.MaxRows)
+        {
+            y = CpuGemvProduct(input.reshape(rows, InFeatures)).reshape(outShape);
+        }
+        else if (_kernel.Kind is not (QuantizedKernel.Dequantize or QuantizedKernel.CpuGemv) && rows <= _kernel.MaxRows)
         {
             var x = input.reshape(rows, InFeatures).to(Options.ComputeDtype).contiguous();
-            y = _kernel.Kind switch
-            {
-                QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
-                QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-                _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-            };
+            y = KernelProduct(x);
             if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
@@ -255,9 +279,74 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         return (y.dtype == input.dtype ? y : y.to(input.dtype)).MoveToOuterDisposeScope();
     }
 
+    /// <summary>dL/dx = dL/dy · dequant(W), the weight dequantized again for this call only.</summary>
+    internal Tensor InputGradient(Tensor gradOutput, ScalarType inputDtype)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var dt = Options.ComputeDtype;
+        using var w = Dequantize(dt);
+        var g = gradOutput.to(dt).matmul(w);
+        return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
+    }
+
+    private Tensor KernelProduct(Tensor x) => _kernel.Kind switch
+    {
+        QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
+        QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+        _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
+    };
+
+    /// <summary>The managed kernel on x [rows, K] (any floating type): float32 [rows, N] including the bias.</summary>
+    private unsafe Tensor CpuGemvProduct(Tensor x2d)
+    {
+        var x = x2d.to(ScalarType.Float32).contiguous();
+        int rows = (int)x.shape[0], k = (int)InFeatures, n = (int)OutFeatures;
+        var y = empty(new long[] { rows, n }, dtype: ScalarType.Float32);
+        // Row scales (ChatGLM float16, or bf16 after a dtype change) and the bias are read from the live buffers on
+        // every call (N values: negligible), so writes into the buffers never leave a stale copy behind.
+        var rowScales = Format == QuantizationFormat.Int4Grouped ? null : weight_scale.to(ScalarType.Float32).contiguous();
+        var b = bias is null ? null : bias.detach().to(ScalarType.Float32).contiguous();
+        float* px = (float*)TensorMemory.Pointer(x), py = (float*)TensorMemory.Pointer(y);
+        float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
+        switch (Format)
+        {
+            case QuantizationFormat.Int8PerRow:
+                CpuGemv.Int8(px, rows, k, (sbyte*)TensorMemory.Pointer(weight), (float*)TensorMemory.Pointer(rowScales!), pb, py, n);
+                break;
+            case QuantizationFormat.Int4PerRowChatGlm:
+                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), k, null, null, (float*)TensorMemory.Pointer(rowScales!), true, pb, py, n);
+                break;
+            default:
+                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), GroupSize, (ushort*)TensorMemory.Pointer(weight_scale),
+                    (ushort*)TensorMemory.Pointer(weight_zero!), null, false, pb, py, n);
+                break;
+        }
+        GC.KeepAlive(x);
+        GC.KeepAlive(rowScales);
+        GC.KeepAlive(b);
+        return y;
+    }
+
+    /// <summary>Chooses <see cref="QuantizedKernel.CpuGemv"/> when this layer and CPU allow it (no derived state to build).</summary>
+    private bool TryUseCpuGemv()
+    {
+        if (!Options.UseKernels || Options.ComputeDtype is ScalarType.Float32 or ScalarType.Float64) return false;
+        if (weight.device_type != DeviceType.CPU || !CpuGemv.IsSupported) return false;
+        if (InFeatures > int.MaxValue / 2 || OutFeatures > int.MaxValue) return false;
+        // The grouped format reads bf16 scales and zeros in place.
+        if (Format == QuantizationFormat.Int4Grouped && (weight_scale.dtype != ScalarType.BFloat16 || weight_zero!.dtype != ScalarType.BFloat16)) return false;
+        if (!weight.is_contiguous() || !weight_scale.is_contiguous() || (weight_zero is not null && !weight_zero.is_contiguous())) return false;
+        _kernel.Clear();
+        _kernel.Kind = QuantizedKernel.CpuGemv;
+        _kernel.Reason = null;
+        _kernel.MaxRows = Options.CpuGemvMaxRows ?? 8;
+        return true;
+    }
+
     /// <summary>
     /// Rebuilds the fused-kernel form of the weight from the stored buffers and chooses the kernel for this device
-    /// (checking it once against the dequantize path). Call it after writing into the buffers directly.
+    /// (checking libtorch's kernels once against the dequantize path). Call it after writing into the buffers directly.
     /// </summary>
     public void RefreshKernel()
     {
@@ -270,6 +359,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             _kernel.Reason = $"compute dtype {Options.ComputeDtype}: libtorch's quantized kernels are only fast for bfloat16/float16 activations";
             return;
         }
+        if (TryUseCpuGemv()) return;
         var device = weight.device_type;
         if (device is not (DeviceType.CPU or DeviceType.CUDA)) { _kernel.Reason = $"no kernel for device {device}"; return; }
         if (!QuantizationKernels.Available) { _kernel.Reason = "TorchScript kernels unavailable: " + QuantizationKernels.CompileError; return; }
@@ -353,12 +443,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         using var scope = NewDisposeScope();
         var gen = new Generator(1234, weight.device);
         var x = randn(new long[] { 2, InFeatures }, generator: gen, device: weight.device).to(Options.ComputeDtype);
-        var fast = _kernel.Kind switch
-        {
-            QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
-            QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-            _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-        };
+        var fast = KernelProduct(x);
         var rows = randperm(OutFeatures, generator: gen, device: weight.device).narrow(0, 0, Math.Min(OutFeatures, 64));
         var subset = new QuantizedWeight(Format, weight.index_select(0, rows), weight_scale.index_select(0, rows), weight_zero?.index_select(0, rows), GroupSize);
         var reference = x.to(ScalarType.Float32).matmul(QuantizationMath.Dequantize(subset).t());

@@ -1,0 +1,249 @@
+using System.Buffers;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+
+namespace MinLora.Quantization;
+
+/// <summary>
+/// Matrix-vector products for a few rows of float32 activations against the stored int8 / int4 weights, read in
+/// place (no packed copy, no dequantized weight): y[r, n] = Σₖ x[r, k]·dequant(W)[n, k] (+ bias).
+/// </summary>
+/// <remarks>
+/// <para>
+/// Decoding one token reads every weight once, so it is bound by memory bandwidth as long as unpacking keeps up.
+/// With AVX-512 one 16-byte load becomes 16 int32 lanes (<c>vpmovsxbd</c>/<c>vpmovzxbd</c>), then float32 and one
+/// fused multiply-add against the activations: int8 costs 3 vector instructions per 16 weights, int4 7 per 32
+/// weights (both nibbles of a byte feed one lane each: the activations are de-interleaved once per call into
+/// even/odd halves of each 32-column chunk so that a byte's high nibble meets column 2j and its low nibble 2j+1).
+/// </para>
+/// <para>
+/// Arithmetic is float32 with the exact stored values: the activations are not rounded to bfloat16 or quantized,
+/// so the result is closer to the float64 reference than libtorch's bf16 kernels. Per group the int4 sum is
+/// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by an XOR with 0x88,
+/// one group per row and z = 0.
+/// </para>
+/// Work is split over output rows with <see cref="Parallel.For(int, int, Action{int})"/>; each block's weight rows are
+/// contiguous, so every core streams its own part of the matrix.
+/// </remarks>
+internal static unsafe class CpuGemv
+{
+    /// <summary>True when this CPU runs the vectorised kernels (AVX-512 F/BW); elsewhere libtorch's kernels are used.</summary>
+    internal static bool IsSupported => Avx512F.IsSupported && Avx512BW.IsSupported;
+
+    /// <summary>An int8 per-row product. <paramref name="scales"/>: N float32; <paramref name="bias"/>: N float32 or null.</summary>
+    internal static void Int8(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+    {
+        var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
+        Run(ref job, &Int8Block);
+    }
+
+    /// <summary>
+    /// An int4 product on packed nibbles [N, K/2] (even column in the high nibble). Grouped: scales and zeros are
+    /// bfloat16 [N, K/group]; per row (ChatGLM, signed nibbles): <paramref name="rowScales"/> N float32 and group = K.
+    /// </summary>
+    internal static void Int4(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n)
+    {
+        // De-interleave each 32-column chunk of x into [16 even | 16 odd] and sum x over each group (the zero term).
+        int chunks = k / 32, groups = k / group;
+        var pool = ArrayPool<float>.Shared;
+        float[] xd = pool.Rent(rows * chunks * 32 + 1);
+        float[] sums = pool.Rent(rows * groups + 1);
+        try
+        {
+            fixed (float* pd = xd, ps = sums)
+            {
+                for (int r = 0; r < rows; r++)
+                {
+                    float* src = x + (long)r * k;
+                    float* dst = pd + (long)r * chunks * 32;
+                    for (int c = 0; c < chunks; c++)
+                    {
+                        for (int i = 0; i < 16; i++)
+                        {
+                            dst[c * 32 + i] = src[c * 32 + 2 * i];
+                            dst[c * 32 + 16 + i] = src[c * 32 + 2 * i + 1];
+                        }
+                    }
+                    for (int g = 0; g < groups; g++)
+                    {
+                        double s = 0;
+                        for (int j = g * group; j < (g + 1) * group; j++) s += src[j];
+                        ps[r * groups + g] = (float)s;
+                    }
+                }
+                var job = new Job
+                {
+                    X = x, Xd = pd, Sums = ps, Rows = rows, K = k, W = w, Group = group, Bf16Scales = bf16Scales, Bf16Zeros = bf16Zeros,
+                    Scales = rowScales, Signed = signedNibbles, Bias = bias, Y = y, N = n,
+                };
+                Run(ref job, &Int4Block);
+            }
+        }
+        finally
+        {
+            pool.Return(xd);
+            pool.Return(sums);
+        }
+    }
+
+    private struct Job
+    {
+        public float* X, Xd, Sums, Scales, Bias, Y;
+        public byte* W;
+        public ushort* Bf16Scales, Bf16Zeros;
+        public int Rows, K, N, Group;
+        public bool Signed;
+    }
+
+    private static void Run(ref Job job, delegate*<in Job, int, int, void> block)
+    {
+        // Blocks of ≥ 16 output rows, a few per core so a slow core does not hold the call up.
+        int n = job.N;
+        int blocks = Math.Max(1, Math.Min(Environment.ProcessorCount * 4, n / 16));
+        if (blocks == 1)
+        {
+            block(job, 0, n);
+            return;
+        }
+        var copy = job;
+        nint fn = (nint)block;
+        int per = (n + blocks - 1) / blocks;
+        Parallel.For(0, blocks, b =>
+        {
+            int n0 = b * per, n1 = Math.Min(n, n0 + per);
+            if (n0 < n1) ((delegate*<in Job, int, int, void>)fn)(copy, n0, n1);
+        });
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Int8Block(in Job j, int n0, int n1)
+    {
+        int k = j.K;
+        for (int n = n0; n < n1; n++)
+        {
+            sbyte* w = (sbyte*)j.W + (long)n * k;
+            float scale = j.Scales[n], b = j.Bias == null ? 0f : j.Bias[n];
+            for (int r = 0; r < j.Rows; r++)
+                j.Y[(long)r * j.N + n] = Dot8(j.X + (long)r * k, w, k) * scale + b;
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.AggressiveInlining)]
+    private static float Dot8(float* x, sbyte* w, int k)
+    {
+        int i = 0;
+        float sum = 0;
+        if (IsSupported)
+        {
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            for (; i + 64 <= k; i += 64)
+            {
+                a0 = Avx512F.FusedMultiplyAdd(Widen8(w + i), Avx512F.LoadVector512(x + i), a0);
+                a1 = Avx512F.FusedMultiplyAdd(Widen8(w + i + 16), Avx512F.LoadVector512(x + i + 16), a1);
+                a2 = Avx512F.FusedMultiplyAdd(Widen8(w + i + 32), Avx512F.LoadVector512(x + i + 32), a2);
+                a3 = Avx512F.FusedMultiplyAdd(Widen8(w + i + 48), Avx512F.LoadVector512(x + i + 48), a3);
+            }
+            for (; i + 16 <= k; i += 16)
+                a0 = Avx512F.FusedMultiplyAdd(Widen8(w + i), Avx512F.LoadVector512(x + i), a0);
+            sum = Vector512.Sum((a0 + a1) + (a2 + a3));
+        }
+        for (; i < k; i++) sum += x[i] * w[i];
+        return sum;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Widen8(sbyte* p) =>
+        Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(p)));
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Int4Block(in Job j, int n0, int n1)
+    {
+        int k = j.K, half = k / 2, chunks = k / 32, groups = k / j.Group;
+        for (int n = n0; n < n1; n++)
+        {
+            byte* w = j.W + (long)n * half;
+            float b = j.Bias == null ? 0f : j.Bias[n];
+            for (int r = 0; r < j.Rows; r++)
+            {
+                float* xd = j.Xd + (long)r * chunks * 32;
+                float* x = j.X + (long)r * k;
+                float* sums = j.Sums + (long)r * groups;
+                float acc;
+                if (j.Signed)
+                {
+                    // One group: the row. q = u − 8 with u = nibble ^ 8.
+                    float dot = Dot4(xd, w, 0, chunks, 0x88) + Tail4(x, w, chunks * 16, half, 0x88);
+                    acc = (dot - 8f * sums[0]) * j.Scales[n];
+                }
+                else
+                {
+                    acc = 0;
+                    int chunksPerGroup = j.Group / 32;
+                    for (int g = 0; g < groups; g++)
+                    {
+                        float s = Bf16(j.Bf16Scales[(long)n * groups + g]);
+                        float z = Bf16(j.Bf16Zeros[(long)n * groups + g]);
+                        float dot = Dot4(xd, w, g * chunksPerGroup, (g + 1) * chunksPerGroup, 0);
+                        acc += dot * s + (z - 8f * s) * sums[g];
+                    }
+                }
+                j.Y[(long)r * j.N + n] = acc + b;
+            }
+        }
+    }
+
+    /// <summary>Σ u·x over 32-column chunks [c0, c1) of one packed row (u = nibble ^ flip bits).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.AggressiveInlining)]
+    private static float Dot4(float* xd, byte* w, int c0, int c1, byte flip)
+    {
+        int c = c0;
+        float sum = 0;
+        if (IsSupported)
+        {
+            var mask = Vector512.Create(15);
+            var xor = Vector128.Create(flip);
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            for (; c + 2 <= c1; c += 2)
+            {
+                var i0 = Avx512F.ConvertToVector512Int32(Vector128.Load(w + c * 16) ^ xor);
+                var i1 = Avx512F.ConvertToVector512Int32(Vector128.Load(w + c * 16 + 16) ^ xor);
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(Avx512F.ShiftRightLogical(i0, 4)), Avx512F.LoadVector512(xd + c * 32), a0);
+                a1 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(i0 & mask), Avx512F.LoadVector512(xd + c * 32 + 16), a1);
+                a2 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(Avx512F.ShiftRightLogical(i1, 4)), Avx512F.LoadVector512(xd + c * 32 + 32), a2);
+                a3 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(i1 & mask), Avx512F.LoadVector512(xd + c * 32 + 48), a3);
+            }
+            for (; c < c1; c++)
+            {
+                var i0 = Avx512F.ConvertToVector512Int32(Vector128.Load(w + c * 16) ^ xor);
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(Avx512F.ShiftRightLogical(i0, 4)), Avx512F.LoadVector512(xd + c * 32), a0);
+                a1 = Avx512F.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(i0 & mask), Avx512F.LoadVector512(xd + c * 32 + 16), a1);
+            }
+            sum = Vector512.Sum((a0 + a1) + (a2 + a3));
+        }
+        for (; c < c1; c++)
+        {
+            for (int i = 0; i < 16; i++)
+            {
+                int v = w[c * 16 + i] ^ flip;
+                sum += (v >> 4) * xd[c * 32 + i] + (v & 15) * xd[c * 32 + 16 + i];
+            }
+        }
+        return sum;
+    }
+
+    /// <summary>Σ u·x for packed bytes [b0, b1) of a row whose columns did not fill a 32-column chunk.</summary>
+    private static float Tail4(float* x, byte* w, int b0, int b1, byte flip)
+    {
+        float sum = 0;
+        for (int i = b0; i < b1; i++)
+        {
+            int v = w[i] ^ flip;
+            sum += (v >> 4) * x[2 * i] + (v & 15) * x[2 * i + 1];
+        }
+        return sum;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Bf16(ushort bits) => BitConverter.UInt32BitsToSingle((uint)bits << 16);
+}
