@@ -8,6 +8,7 @@ using static TorchSharp.torch;
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load [--rounds N] [--quick] [--default-malloc]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--train] [--steps N]
 var argsList = args.ToList();
 string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 int rounds = ReadInt("--rounds", 7);
@@ -15,9 +16,10 @@ bool quick = argsList.Contains("--quick");
 // Keep freed native memory for reuse (see NativeAllocator): otherwise every large temporary pays page faults.
 bool retained = !argsList.Contains("--default-malloc") && NativeAllocator.RetainFreedMemory();
 if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"));
+if (suite == "model") return ModelSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model)");
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +

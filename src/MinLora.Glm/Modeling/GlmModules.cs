@@ -55,8 +55,46 @@ internal static class GlmLayers
         if (o.QuantizationBit == 0) return Linear(inFeatures, outFeatures, bias, o);
         var format = o.QuantizationBit == 8 ? MinLora.Quantization.QuantizationFormat.Int8PerRow : o.Int4Format;
         var device = o.Device ?? CPU;
+        bool random = o.Init == GlmInit.Random && device.type != DeviceType.META;
         if (device.type == DeviceType.META) device = CPU;
-        return MinLora.Quantization.QuantizedLinear.Empty(inFeatures, outFeatures, bias, format, 128, o.Dtype, device, o.QuantizedLayer);
+        var layer = MinLora.Quantization.QuantizedLinear.Empty(inFeatures, outFeatures, bias, format, 128, o.Dtype, device, o.QuantizedLayer);
+        if (random)
+        {
+            RandomizeQuantized(layer);
+            layer.RefreshKernel();
+        }
+        return layer;
+    }
+
+    /// <summary>
+    /// Random integer codes with scales that give the spread of PyTorch's default Linear initialisation
+    /// (uniform in ±1/√in), drawn directly in the stored format: no float weight is ever allocated.
+    /// </summary>
+    private static void RandomizeQuantized(MinLora.Quantization.QuantizedLinear layer)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var q = layer.QuantizedWeight;
+        double bound = 1.0 / Math.Sqrt(layer.InFeatures);
+        var w = q.Weight;
+        switch (q.Format)
+        {
+            case MinLora.Quantization.QuantizationFormat.Int8PerRow:
+                w.copy_(randint(-127, 128, w.shape, dtype: ScalarType.Int8, device: w.device));
+                q.Scale.fill_(bound / 127);
+                break;
+            case MinLora.Quantization.QuantizationFormat.Int4PerRowChatGlm:
+                // Every byte pattern is two valid nibbles in [−8, 7].
+                w.copy_(randint(-128, 128, w.shape, dtype: ScalarType.Int8, device: w.device));
+                q.Scale.fill_(bound / 7.5);
+                break;
+            default:
+                w.copy_(randint(0, 256, w.shape, dtype: ScalarType.Byte, device: w.device));
+                q.Scale.fill_(bound / 7.5);
+                q.Zero!.fill_(bound / 15);
+                break;
+        }
+        layer.Bias?.uniform_(-bound, bound);
     }
 
     internal static LayerNorm LayerNorm(long size, double eps, GlmBuildOptions o) =>

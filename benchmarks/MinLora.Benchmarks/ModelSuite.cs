@@ -1,0 +1,337 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Runtime.Intrinsics;
+using MinLora;
+using MinLora.Glm;
+using MinLora.Glm.Modeling;
+using MinLora.Quantization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+/// <summary>
+/// ChatGLM-6B at its real shape (the config's built-in dimensions, random weights built directly in the chosen format:
+/// no download, no float copy of a quantized model): build time, size, peak RSS, prefill, decode, LoRA training step,
+/// each beside its roofline measured in the same process.
+/// <list type="bullet">
+/// <item>decode: bytes read per token (weights without the embedding table, plus the KV cache at that context) ÷ the
+/// best plain-read bandwidth of a buffer several times the last-level cache, read passes interleaved with the steps;</item>
+/// <item>prefill and training: the time of the same products as bf16 <c>linear</c> calls with that many rows (4
+/// projections × layers + the head; training: forward + input-gradient products), measured on bf16 weights of
+/// those shapes.</item>
+/// </list>
+/// </summary>
+internal static class ModelSuite
+{
+    private sealed record Row(string Measure, string Value, string Roofline, string Fraction);
+
+    public static int Run(List<string> args)
+    {
+        int bits = Int(args, "--bits", 4);
+        string int4 = Str(args, "--int4-format", "chatglm");
+        bool train = args.Contains("--train");
+        bool quick = args.Contains("--quick");
+        int steps = Int(args, "--steps", quick ? 4 : 12);
+        if (bits is not (0 or 4 or 8)) { Console.Error.WriteLine("--bits must be 0, 4 or 8"); return 2; }
+        if (int4 is not ("chatglm" or "g128")) { Console.Error.WriteLine("--int4-format must be chatglm or g128"); return 2; }
+        var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
+        // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
+        var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
+        string label = bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}";
+        Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
+        var rows = new List<Row>();
+        var readBest = new ReadBandwidth();
+        readBest.Pass();
+
+        var sw = Stopwatch.StartNew();
+        var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format });
+        model.eval();
+        double buildS = sw.Elapsed.TotalSeconds;
+        long size = model.GetSizeInBytes();
+        long embedding = model.Transformer.WordEmbeddings.numel() * 2;
+        long weightRead = size - embedding;
+        var kernels = model.modules().OfType<QuantizedLinear>().Select(q => q.Kernel.ToString()).Distinct().ToList();
+        rows.Add(new("build (random weights)", $"{buildS:F1} s", "", ""));
+        rows.Add(new("model size (resident tensors)", Gb(size), "", kernels.Count > 0 ? "kernel " + string.Join("/", kernels) : ""));
+        rows.Add(new("peak RSS after build", Gb(Rss.Peak()), "", ""));
+
+        using var gemm = new GemmRoofline(config);
+        // Prefill: one forward over s tokens, no cache.
+        foreach (int s in quick ? new[] { 16, 128 } : new[] { 16, 128, 512 })
+        {
+            using var ids = Prompt(config, s);
+            double t = Median(quick ? 2 : 3, () => Time(() =>
+            {
+                using var noGrad = no_grad();
+                using var o = model.call(new GlmInput(ids));
+            }));
+            double bound = gemm.ForwardSeconds(s, 1);
+            rows.Add(new($"prefill {s} tokens", $"{s / t:F1} tok/s ({t * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / t)));
+        }
+
+        // Decode: one token per step with the KV cache, greedy; median step time; read passes interleaved.
+        foreach (int context in quick ? new[] { 16, 256 } : new[] { 16, 1024 })
+        {
+            var (stepMs, cacheBytes) = Decode(model, config, context, steps, readBest);
+            double bytes = weightRead + cacheBytes;
+            double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
+            rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", Pct(boundMs / stepMs)));
+        }
+        rows.Add(new("peak RSS after inference", Gb(Rss.Peak()), "", ""));
+
+        if (train)
+        {
+            model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
+            model.train();
+            using var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4);
+            foreach (int s in quick ? new[] { 64 } : new[] { 256, 1024 })
+            {
+                using var ids = Prompt(config, s);
+                Rss.ResetPeak();
+                long before = Rss.Current();
+                double t = Median(2, () => Time(() =>
+                {
+                    using var scope = NewDisposeScope();
+                    opt.zero_grad();
+                    using var o = model.call(new GlmInput(ids) { Labels = ids });
+                    o.Loss!.backward();
+                    opt.step();
+                }));
+                long peak = Rss.Peak();
+                double bound = gemm.ForwardSeconds(s, 2);
+                rows.Add(new($"LoRA step r=4 qkv, {s} tokens", $"{t:F2} s, peak RSS {Gb(peak)} (+{Gb(peak - before)} over the loaded model)",
+                    $"{bound:F2} s bf16 GEMM (fwd + dX)", Pct(bound / t)));
+            }
+        }
+        rows.Add(new("plain read bandwidth (best pass)", $"{readBest.BestGBs:F1} GB/s", $"median {readBest.MedianGBs:F1} GB/s over {readBest.Count} passes", ""));
+
+        Console.WriteLine();
+        Console.WriteLine($"| {label} | measured | roofline (same process) | fraction of roofline |");
+        Console.WriteLine("|---|---|---|---|");
+        foreach (var r in rows) Console.WriteLine($"| {r.Measure} | {r.Value} | {r.Roofline} | {r.Fraction} |");
+        model.Dispose();
+        return 0;
+    }
+
+    private static (double MsPerToken, long CacheBytes) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read)
+    {
+        using var noGrad = no_grad();
+        var ids = Prompt(config, context);
+        var mask = GlmMasks.BuildAttentionMask(ids, config);
+        var positions = GlmMasks.BuildPositionIds(ids, config);
+        GlmKvCache? cache;
+        Tensor stepIds;
+        using (var o = model.call(new GlmInput(ids) { AttentionMask = mask, PositionIds = positions, UseCache = true }))
+        {
+            cache = o.PresentKeyValues;
+            stepIds = o.Logits.select(1, -1).argmax(-1).unsqueeze(1);
+        }
+        ids.Dispose();
+        var times = new List<double>();
+        long cacheBytes = 0;
+        for (int step = 0; step < steps; step++)
+        {
+            var newMask = GlmMasks.AppendTokenToMask(mask);
+            var newPositions = GlmMasks.AppendTokenToPositions(positions);
+            mask.Dispose();
+            positions.Dispose();
+            mask = newMask;
+            positions = newPositions;
+            var sw = Stopwatch.StartNew();
+            using (var scope = NewDisposeScope())
+            {
+                var stepMask = mask.narrow(2, mask.shape[2] - 1, 1);
+                var stepPositions = positions.narrow(2, positions.shape[2] - 1, 1);
+                using var o = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true });
+                cache?.Dispose();
+                cache = o.PresentKeyValues;
+                var next = o.Logits.select(1, -1).argmax(-1).unsqueeze(1).MoveToOuterDisposeScope();
+                stepIds.Dispose();
+                stepIds = next;
+            }
+            times.Add(sw.Elapsed.TotalMilliseconds);
+            if (step % 3 == 2) read.Pass();
+        }
+        if (cache is not null)
+        {
+            // Keys and values read by the attention of one step (the cache as it stands), bf16.
+            for (int i = 0; i < cache.Count; i++) cacheBytes += (cache[i].Key.numel() + cache[i].Value.numel()) * cache[i].Key.element_size();
+        }
+        cache?.Dispose();
+        stepIds.Dispose();
+        mask.Dispose();
+        positions.Dispose();
+        return (MedianOf(times.Skip(1).ToList()), cacheBytes);
+    }
+
+    /// <summary>Random ids ending in ChatGLM's <c>[gMASK] &lt;sop&gt;</c> (the layout generation starts from).</summary>
+    private static Tensor Prompt(GlmConfig config, int length)
+    {
+        var gen = new System.Random(length);
+        var ids = new long[length];
+        for (int i = 0; i < length - 2; i++) ids[i] = gen.Next(20, 130000);
+        ids[length - 2] = config.GmaskTokenId;
+        ids[length - 1] = config.BosTokenId;
+        return tensor(ids, new long[] { 1, length });
+    }
+
+    /// <summary>bf16 <c>linear</c> times of the model's products at a given row count (weights of the right shapes, random).</summary>
+    private sealed class GemmRoofline : IDisposable
+    {
+        private readonly GlmConfig _c;
+        private readonly Tensor[] _weights;
+        private readonly Dictionary<(int, int), double> _cache = new();
+
+        public GemmRoofline(GlmConfig c)
+        {
+            _c = c;
+            long h = c.HiddenSize, f = c.MlpHiddenSize;
+            _weights = new[] { (3 * h, h), (h, h), (f, h), (h, f), (c.VocabSize, h) }
+                .Select(s => randn(new[] { s.Item1, s.Item2 }, dtype: ScalarType.BFloat16).DetachFromDisposeScope()).ToArray();
+        }
+
+        /// <summary>Seconds for the products of one forward (passes = 1) or forward + input gradient (passes = 2).</summary>
+        public double ForwardSeconds(int rows, int passes)
+        {
+            if (!_cache.TryGetValue((rows, passes), out var ms))
+            {
+                using var noGrad = no_grad();
+                double layer = 0;
+                for (int i = 0; i < 4; i++)
+                {
+                    var w = _weights[i];
+                    using var x = randn(new long[] { rows, w.shape[1] }, dtype: ScalarType.BFloat16);
+                    using var g = randn(new long[] { rows, w.shape[0] }, dtype: ScalarType.BFloat16);
+                    layer += Median(3, () => Time(() => { using var y = nn.functional.linear(x, w); }));
+                    if (passes == 2) layer += Median(3, () => Time(() => { using var dx = g.matmul(w); }));
+                }
+                using var hx = randn(new long[] { rows, _c.HiddenSize }, dtype: ScalarType.BFloat16);
+                using var hg = randn(new long[] { rows, _c.VocabSize }, dtype: ScalarType.BFloat16);
+                double head = Median(3, () => Time(() => { using var y = nn.functional.linear(hx, _weights[4]); }));
+                if (passes == 2) head += Median(3, () => Time(() => { using var dx = hg.matmul(_weights[4]); }));
+                ms = layer * _c.NumLayers + head;
+                _cache[(rows, passes)] = ms;
+            }
+            return ms;
+        }
+
+        public void Dispose()
+        {
+            foreach (var w in _weights) w.Dispose();
+        }
+    }
+
+    /// <summary>Plain read of a buffer several times the last-level cache, all cores, 64-byte vectors.</summary>
+    private sealed unsafe class ReadBandwidth
+    {
+        private readonly long _bytes;
+        private readonly nint _buffer;
+        private readonly List<double> _passes = new();
+
+        public ReadBandwidth()
+        {
+            _bytes = Math.Max(1L << 30, 4 * LastLevelCacheBytes()) & ~4095L;
+            _buffer = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)_bytes, 4096);
+            for (long at = 0; at < _bytes; at += 1 << 30) new Span<byte>((byte*)_buffer + at, (int)Math.Min(1L << 30, _bytes - at)).Fill(1);
+        }
+
+        public double BestGBs => _passes.Max();
+
+        public double MedianGBs => MedianOf(_passes);
+
+        public int Count => _passes.Count;
+
+        public void Pass()
+        {
+            int parts = Environment.ProcessorCount;
+            long per = _bytes / parts & ~255L;
+            var sums = new ulong[parts];
+            var sw = Stopwatch.StartNew();
+            Parallel.For(0, parts, p =>
+            {
+                var s = (byte*)_buffer + p * per;
+                Vector512<ulong> a0 = default, a1 = default, a2 = default, a3 = default;
+                for (long i = 0; i < per; i += 256)
+                {
+                    a0 += Vector512.Load((ulong*)(s + i));
+                    a1 += Vector512.Load((ulong*)(s + i + 64));
+                    a2 += Vector512.Load((ulong*)(s + i + 128));
+                    a3 += Vector512.Load((ulong*)(s + i + 192));
+                }
+                sums[p] = Vector512.Sum(a0 + a1 + a2 + a3);
+            });
+            _passes.Add(per * parts / sw.Elapsed.TotalSeconds / 1e9);
+            GC.KeepAlive(sums);
+        }
+
+        private static long LastLevelCacheBytes()
+        {
+            long best = 32L << 20;
+            foreach (var index in new[] { 3, 2 })
+            {
+                var path = $"/sys/devices/system/cpu/cpu0/cache/index{index}/size";
+                if (!File.Exists(path)) continue;
+                var text = File.ReadAllText(path).Trim();
+                long mult = text.EndsWith('K') ? 1024 : text.EndsWith('M') ? 1024 * 1024 : 1;
+                if (long.TryParse(text.TrimEnd('K', 'M'), NumberStyles.None, CultureInfo.InvariantCulture, out var v)) return Math.Max(best, v * mult);
+            }
+            return best;
+        }
+    }
+
+    /// <summary>Resident-set figures of this process from /proc (peak reset via clear_refs).</summary>
+    private static class Rss
+    {
+        public static long Peak() => Read("VmHWM:");
+
+        public static long Current() => Read("VmRSS:");
+
+        public static void ResetPeak()
+        {
+            try { File.WriteAllText("/proc/self/clear_refs", "5"); }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
+
+        private static long Read(string key)
+        {
+            foreach (var line in File.ReadLines("/proc/self/status"))
+            {
+                if (line.StartsWith(key, StringComparison.Ordinal))
+                    return long.Parse(line[key.Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
+            }
+            return 0;
+        }
+    }
+
+    /// <summary>Seconds.</summary>
+    private static double Time(Action a)
+    {
+        var sw = Stopwatch.StartNew();
+        a();
+        return sw.Elapsed.TotalSeconds;
+    }
+
+    private static double Median(int runs, Func<double> f)
+    {
+        f(); // warm-up
+        return MedianOf(Enumerable.Range(0, runs).Select(_ => f()).ToList());
+    }
+
+    private static double MedianOf(List<double> xs) => xs.Count == 0 ? double.NaN : xs.OrderBy(x => x).ElementAt(xs.Count / 2);
+
+    private static string Gb(long bytes) => (bytes / 1e9).ToString("F2", CultureInfo.InvariantCulture) + " GB";
+
+    private static string Pct(double f) => (100 * f).ToString("F0", CultureInfo.InvariantCulture) + " %";
+
+    private static int Int(List<string> args, string name, int fallback)
+    {
+        int i = args.IndexOf(name);
+        return i >= 0 && i + 1 < args.Count ? int.Parse(args[i + 1], NumberStyles.Integer, CultureInfo.InvariantCulture) : fallback;
+    }
+
+    private static string Str(List<string> args, string name, string fallback)
+    {
+        int i = args.IndexOf(name);
+        return i >= 0 && i + 1 < args.Count ? args[i + 1] : fallback;
+    }
+}
