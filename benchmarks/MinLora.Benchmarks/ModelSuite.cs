@@ -24,6 +24,24 @@ internal static class ModelSuite
 {
     private sealed record Row(string Measure, string Value, string Roofline, string Fraction);
 
+    /// <summary>Prints the table as rows arrive (a run that dies late still leaves its figures).</summary>
+    private sealed class RowPrinter(string label)
+    {
+        private bool _header;
+
+        public void Add(Row r)
+        {
+            if (!_header)
+            {
+                Console.WriteLine();
+                Console.WriteLine($"| {label} | measured | roofline (same process) | fraction of roofline |");
+                Console.WriteLine("|---|---|---|---|");
+                _header = true;
+            }
+            Console.WriteLine($"| {r.Measure} | {r.Value} | {r.Roofline} | {r.Fraction} |");
+        }
+    }
+
     public static int Run(List<string> args)
     {
         int bits = Int(args, "--bits", 4);
@@ -38,10 +56,11 @@ internal static class ModelSuite
         var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
         string label = bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}";
         Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
-        var rows = new List<Row>();
+        var rows = new RowPrinter(label);
         var readBest = new ReadBandwidth();
         readBest.Pass();
 
+        Progress("building the model");
         var sw = Stopwatch.StartNew();
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format });
         model.eval();
@@ -54,10 +73,12 @@ internal static class ModelSuite
         rows.Add(new("model size (resident tensors)", Gb(size), "", kernels.Count > 0 ? "kernel " + string.Join("/", kernels) : ""));
         rows.Add(new("peak RSS after build", Gb(Rss.Peak()), "", ""));
 
+        Progress("measuring the bf16 GEMM roofline");
         using var gemm = new GemmRoofline(config);
         // Prefill: one forward over s tokens, no cache.
         foreach (int s in quick ? new[] { 16, 128 } : new[] { 16, 128, 512 })
         {
+            Progress($"prefill {s}");
             using var ids = Prompt(config, s);
             double t = Median(quick ? 2 : 3, () => Time(() =>
             {
@@ -71,6 +92,7 @@ internal static class ModelSuite
         // Decode: one token per step with the KV cache, greedy; median step time; read passes interleaved.
         foreach (int context in quick ? new[] { 16, 256 } : new[] { 16, 1024 })
         {
+            Progress($"decode at context {context}");
             var (stepMs, cacheBytes) = Decode(model, config, context, steps, readBest);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
@@ -85,6 +107,7 @@ internal static class ModelSuite
             using var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4);
             foreach (int s in quick ? new[] { 64 } : new[] { 256, 1024 })
             {
+                Progress($"training step, {s} tokens");
                 using var ids = Prompt(config, s);
                 Rss.ResetPeak();
                 long before = Rss.Current();
@@ -104,13 +127,12 @@ internal static class ModelSuite
         }
         rows.Add(new("plain read bandwidth (best pass)", $"{readBest.BestGBs:F1} GB/s", $"median {readBest.MedianGBs:F1} GB/s over {readBest.Count} passes", ""));
 
-        Console.WriteLine();
-        Console.WriteLine($"| {label} | measured | roofline (same process) | fraction of roofline |");
-        Console.WriteLine("|---|---|---|---|");
-        foreach (var r in rows) Console.WriteLine($"| {r.Measure} | {r.Value} | {r.Roofline} | {r.Fraction} |");
         model.Dispose();
         return 0;
     }
+
+    private static void Progress(string what) =>
+        Console.Error.WriteLine($"  … {what} (RSS {Rss.Current() / 1e9:F2} GB, peak {Rss.Peak() / 1e9:F2} GB)");
 
     private static (double MsPerToken, long CacheBytes) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read)
     {
@@ -120,7 +142,7 @@ internal static class ModelSuite
         var positions = GlmMasks.BuildPositionIds(ids, config);
         GlmKvCache? cache;
         Tensor stepIds;
-        using (var o = model.call(new GlmInput(ids) { AttentionMask = mask, PositionIds = positions, UseCache = true }))
+        using (var o = model.call(new GlmInput(ids) { AttentionMask = mask, PositionIds = positions, UseCache = true, LogitsToKeep = 1 }))
         {
             cache = o.PresentKeyValues;
             stepIds = o.Logits.select(1, -1).argmax(-1).unsqueeze(1);
@@ -141,7 +163,7 @@ internal static class ModelSuite
             {
                 var stepMask = mask.narrow(2, mask.shape[2] - 1, 1);
                 var stepPositions = positions.narrow(2, positions.shape[2] - 1, 1);
-                using var o = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true });
+                using var o = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true, LogitsToKeep = 1 });
                 cache?.Dispose();
                 cache = o.PresentKeyValues;
                 var next = o.Logits.select(1, -1).argmax(-1).unsqueeze(1).MoveToOuterDisposeScope();

@@ -35,21 +35,27 @@ public sealed class GlmModel : nn.Module
     internal bool HasPrefix => prefix_encoder is not null;
 
     /// <summary>Runs the transformer; returns the final hidden states [s, b, h] and optional extras.</summary>
-    internal (Tensor Hidden, (Tensor, Tensor)[]? Present, List<Tensor>? HiddenStates, List<Tensor>? Attentions) Forward(
+    /// <remarks>
+    /// Each block runs in its own dispose scope and the previous block's output is released as soon as the next one
+    /// exists, so the managed side holds one block's temporaries at a time (what autograd saved stays alive natively).
+    /// </remarks>
+    internal (Tensor Hidden, GlmKvCache? Present, List<Tensor>? HiddenStates, List<Tensor>? Attentions) Forward(
         Tensor ids, Tensor positionIds, Tensor? mask, GlmKvCache? past, bool useCache, bool outputHidden, bool outputAttentions)
     {
-        long b = ids.shape[0];
+        long b = ids.shape[0], s = ids.shape[1];
         var h = word_embeddings.call(ids).transpose(0, 1);                         // [s, b, h]
         var pasts = new (Tensor Key, Tensor Value)?[_config.NumLayers];
+        long pastLength = 0;
         if (past is not null)
         {
             if (past.Count != _config.NumLayers) throw new ArgumentException($"The cache has {past.Count} layers; the model has {_config.NumLayers}.", nameof(past));
-            for (int i = 0; i < pasts.Length; i++) pasts[i] = past[i];
+            pastLength = past.Length;
         }
         else if (prefix_encoder is not null)
         {
             var prompt = PrefixKeyValues(b, h.dtype, h.device);
             for (int i = 0; i < pasts.Length; i++) pasts[i] = prompt[i];
+            pastLength = _config.PreSeqLen!.Value;
         }
         if (prefix_encoder is not null && mask is not null)
         {
@@ -58,24 +64,77 @@ public sealed class GlmModel : nn.Module
             mask = cat(new[] { prefixMask, mask }, 3);
         }
 
-        // One set of rotary angles for all layers (their tables are identical): one host sync per forward, not per layer.
-        var angles = layers[0].Attention.Rotary.Angles(positionIds);
-        var present = useCache ? new (Tensor, Tensor)[_config.NumLayers] : null;
-        var hidden = outputHidden ? new List<Tensor>() : null;
-        var attentions = outputAttentions ? new List<Tensor>() : null;
-        int index = 0;
-        foreach (var layer in layers)
+        // The cache: continue the past's buffers in place when this call extends the newest cache of them, else
+        // new buffers with the past copied in (first call, a P-tuning prefix, or a branch from an older cache).
+        KvStorage? storage = null;
+        bool fresh = false;
+        if (useCache)
         {
-            hidden?.Add(h);
-            var (next, kv, probs) = layer.Forward(h, angles, mask, pasts[index]);
-            if (present is not null) present[index] = kv;
-            attentions?.Add(probs);
-            h = next;
-            index++;
+            if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, b, h.dtype, h.device))
+            {
+                storage = past.Storage;
+            }
+            else
+            {
+                storage = KvStorage.Allocate(_config.NumLayers, pastLength + s, b, _config.NumAttentionHeads, _config.HeadDim, h.dtype, h.device);
+                storage.AddRef(); // held by this call until the returned cache holds it
+                fresh = true;
+            }
         }
-        h = final_layernorm.call(h);
-        hidden?.Add(h);
-        return (h, present, hidden, attentions);
+        if (past is not null)
+        {
+            for (int i = 0; i < pasts.Length; i++) pasts[i] = past[i];
+        }
+
+        try
+        {
+            // One set of rotary angles for all layers (their tables are identical): one host sync per forward, not per layer.
+            var angles = layers[0].Attention.Rotary.Angles(positionIds);
+            var hidden = outputHidden ? new List<Tensor>() : null;
+            var attentions = outputAttentions ? new List<Tensor>() : null;
+            int index = 0;
+            foreach (var layer in layers)
+            {
+                hidden?.Add(h);
+                KvSlot? slot = null;
+                if (storage is not null)
+                {
+                    if (fresh && pastLength > 0)
+                    {
+                        var (pk, pv) = pasts[index]!.Value;
+                        using (no_grad())
+                        {
+                            storage.Keys[index].narrow(0, 0, pastLength).copy_(pk);
+                            storage.Values[index].narrow(0, 0, pastLength).copy_(pv);
+                        }
+                    }
+                    slot = new KvSlot(storage.Keys[index], storage.Values[index], pastLength);
+                }
+                Tensor next;
+                using (var layerScope = NewDisposeScope())
+                {
+                    var (n, _, probs) = layer.Forward(h, angles, mask, pasts[index], slot);
+                    next = n.MoveToOuterDisposeScope();
+                    if (attentions is not null) attentions.Add(probs.MoveToOuterDisposeScope());
+                }
+                if (hidden is null) h.Dispose();
+                h = next;
+                index++;
+            }
+            h = final_layernorm.call(h);
+            hidden?.Add(h);
+            GlmKvCache? present = null;
+            if (storage is not null)
+            {
+                if (fresh) storage.MarkUsed(pastLength + s);
+                present = new GlmKvCache(storage, pastLength + s);
+            }
+            return (h, present, hidden, attentions);
+        }
+        finally
+        {
+            if (fresh) storage!.Release();
+        }
     }
 
     /// <summary>The P-tuning prefix as per-layer keys and values [pre, b, heads, hd].</summary>
@@ -172,6 +231,12 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
 
         var (hidden, present, hiddenStates, attentions) = transformer.Forward(
             ids, positions, mask, input.PastKeyValues, input.UseCache, input.OutputHiddenStates, input.OutputAttentions);
+        if (input.LogitsToKeep is { } keep)
+        {
+            if (keep < 1) throw new ArgumentException($"LogitsToKeep must be at least 1, got {keep}.", nameof(input));
+            if (input.Labels is not null) throw new ArgumentException("LogitsToKeep cannot be combined with Labels (the loss needs every position's logits).", nameof(input));
+            if (keep < s) hidden = hidden.narrow(0, s - keep, keep);
+        }
         var logits = lm_head.call(hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
         Tensor? loss = null;
         if (input.Labels is { } labels)
@@ -182,11 +247,10 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             var shiftLabels = labels.narrow(1, 1, s - 1).reshape(-1);
             loss = nn.functional.cross_entropy(shiftLogits, shiftLabels, ignore_index: -100).MoveToOuterDisposeScope();
         }
-        var cache = present is null ? null : new GlmKvCache(present.Select(kv => (kv.Item1.MoveToOuterDisposeScope(), kv.Item2.MoveToOuterDisposeScope())).ToArray());
         return new GlmOutput(
             logits.MoveToOuterDisposeScope(),
             loss,
-            cache,
+            present,
             hiddenStates?.Select(t => t.MoveToOuterDisposeScope()).ToList(),
             attentions?.Select(t => t.MoveToOuterDisposeScope()).ToList());
     }

@@ -26,6 +26,12 @@ public sealed record GlmInput(Tensor InputIds)
     /// <summary>Return the keys and values for incremental decoding.</summary>
     public bool UseCache { get; init; }
 
+    /// <summary>
+    /// Compute logits for the last this many positions only (null: all). Generation needs the last position's: for a
+    /// 1,024-token prompt this skips 1,023 rows of the vocabulary-sized head product. Not allowed with <see cref="Labels"/>.
+    /// </summary>
+    public int? LogitsToKeep { get; init; }
+
     /// <summary>Return the hidden states (the input of each block and the final normalized output), each [sequence, batch, hidden].</summary>
     public bool OutputHiddenStates { get; init; }
 
@@ -45,7 +51,7 @@ public sealed class GlmOutput : IDisposable
         Attentions = attentions;
     }
 
-    /// <summary>Next-token logits. Shape: [batch, sequence, vocab]. DType: the model's.</summary>
+    /// <summary>Next-token logits. Shape: [batch, sequence, vocab] ([batch, LogitsToKeep, vocab] when asked). DType: the model's.</summary>
     public Tensor Logits { get; }
 
     /// <summary>Mean shifted cross-entropy over labels ≠ −100, in float32 (when labels were given).</summary>
@@ -75,37 +81,135 @@ public sealed class GlmOutput : IDisposable
 /// Per-layer keys and values of the positions seen so far, each [sequence, batch, heads, head size] (the reference
 /// layout). It owns its tensors: dispose it when decoding ends.
 /// </summary>
+/// <remarks>
+/// The keys and values live in preallocated buffers with room for more positions: the next forward writes its new
+/// positions in place (no copy of the whole cache per token, which is quadratic in the context). The cache returned
+/// by that forward shares the buffers with this one; positions this cache covers are never overwritten, so it stays
+/// valid. Only when a cache that is not the newest is continued a second time (a branch) are the buffers copied.
+/// Disposing every cache that shares the buffers frees them.
+/// </remarks>
 public sealed class GlmKvCache : IDisposable
 {
-    private readonly (Tensor Key, Tensor Value)[] _layers;
+    private readonly KvStorage _storage;
+    private readonly (Tensor Key, Tensor Value)?[] _views;
+    private bool _disposed;
 
-    internal GlmKvCache((Tensor Key, Tensor Value)[] layers)
+    internal GlmKvCache(KvStorage storage, long length)
     {
-        _layers = layers;
-        foreach (var (k, v) in layers)
-        {
-            k.DetachFromDisposeScope();
-            v.DetachFromDisposeScope();
-        }
+        _storage = storage;
+        Length = length;
+        _views = new (Tensor, Tensor)?[storage.Layers];
+        storage.AddRef();
     }
 
     /// <summary>Number of layers.</summary>
-    public int Count => _layers.Length;
+    public int Count => _storage.Layers;
 
     /// <summary>Cached positions (including a P-tuning prefix).</summary>
-    public long Length => _layers.Length == 0 ? 0 : _layers[0].Key.shape[0];
+    public long Length { get; }
 
-    /// <summary>The key and value of layer <paramref name="layer"/>.</summary>
+    internal KvStorage Storage => _storage;
+
+    /// <summary>The key and value of layer <paramref name="layer"/> (views of the first <see cref="Length"/> positions, owned by the cache).</summary>
     /// <param name="layer">The layer index.</param>
-    public (Tensor Key, Tensor Value) this[int layer] => _layers[layer];
+    public (Tensor Key, Tensor Value) this[int layer]
+    {
+        get
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            lock (_views)
+            {
+                if (_views[layer] is { } v) return v;
+                var view = (_storage.Keys[layer].narrow(0, 0, Length).DetachFromDisposeScope(), _storage.Values[layer].narrow(0, 0, Length).DetachFromDisposeScope());
+                _views[layer] = view;
+                return view;
+            }
+        }
+    }
 
     /// <inheritdoc />
     public void Dispose()
     {
-        foreach (var (k, v) in _layers)
+        if (_disposed) return;
+        _disposed = true;
+        foreach (var v in _views)
         {
-            k.Dispose();
-            v.Dispose();
+            v?.Key.Dispose();
+            v?.Value.Dispose();
         }
+        _storage.Release();
+    }
+}
+
+/// <summary>
+/// Key/value buffers [capacity, batch, heads, head size] per layer, shared by the caches of one decoding run.
+/// <see cref="Used"/> is the number of positions written; a cache of that length may append in place.
+/// </summary>
+internal sealed class KvStorage
+{
+    private int _refs;
+
+    private KvStorage(Tensor[] keys, Tensor[] values, long capacity)
+    {
+        Keys = keys;
+        Values = values;
+        Capacity = capacity;
+    }
+
+    internal Tensor[] Keys { get; }
+
+    internal Tensor[] Values { get; }
+
+    internal int Layers => Keys.Length;
+
+    internal long Capacity { get; }
+
+    internal long Used { get; private set; }
+
+    /// <summary>Room for <paramref name="needed"/> positions and some more (growth in steps of 256 positions).</summary>
+    internal static KvStorage Allocate(int layers, long needed, long batch, long heads, long headDim, ScalarType dtype, Device device)
+    {
+        long capacity = (needed + 256) / 256 * 256;
+        var keys = new Tensor[layers];
+        var values = new Tensor[layers];
+        for (int i = 0; i < layers; i++)
+        {
+            keys[i] = empty(new[] { capacity, batch, heads, headDim }, dtype: dtype, device: device).DetachFromDisposeScope();
+            values[i] = empty(new[] { capacity, batch, heads, headDim }, dtype: dtype, device: device).DetachFromDisposeScope();
+        }
+        return new KvStorage(keys, values, capacity);
+    }
+
+    /// <summary>Claims positions [<paramref name="from"/>, <paramref name="to"/>) for writing when nobody wrote past <paramref name="from"/>.</summary>
+    internal bool TryClaim(long from, long to, long batch, ScalarType dtype, Device device)
+    {
+        lock (this)
+        {
+            if (_refs <= 0 || Used != from || to > Capacity) return false;
+            var k = Keys[0];
+            if (k.shape[1] != batch || k.dtype != dtype || k.device_type != device.type || k.device_index != device.index) return false;
+            Used = to;
+            return true;
+        }
+    }
+
+    internal void MarkUsed(long used)
+    {
+        lock (this) Used = used;
+    }
+
+    internal void AddRef()
+    {
+        lock (this) _refs++;
+    }
+
+    internal void Release()
+    {
+        lock (this)
+        {
+            if (--_refs > 0) return;
+        }
+        foreach (var t in Keys) t.Dispose();
+        foreach (var t in Values) t.Dispose();
     }
 }

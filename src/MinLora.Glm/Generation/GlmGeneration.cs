@@ -238,7 +238,7 @@ public static partial class GlmGeneration
                 using (var scope = NewDisposeScope())
                 using (no_grad())
                 {
-                    using var output = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true });
+                    using var output = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true, LogitsToKeep = 1 });
                     cache?.Dispose();
                     cache = output.PresentKeyValues;
                     var last = output.Logits.select(1, -1);

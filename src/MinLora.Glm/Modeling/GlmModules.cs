@@ -233,6 +233,9 @@ internal sealed class RotaryEmbedding : nn.Module
     }
 }
 
+/// <summary>Where a layer writes its new keys and values: cache buffers [capacity, b, heads, d] holding the past at [0, Offset).</summary>
+internal readonly record struct KvSlot(Tensor Keys, Tensor Values, long Offset);
+
 /// <summary>cos/sin at the positions and block positions, each [s, b, 1, d].</summary>
 internal sealed record RotaryAngles(Tensor CosPosition, Tensor SinPosition, Tensor CosBlock, Tensor SinBlock);
 
@@ -272,7 +275,7 @@ internal sealed class GlmSelfAttention : nn.Module
     /// x [s, b, h]; angles from <see cref="RotaryEmbedding.Angles"/>; mask [b, 1, s, sk] (True = masked) or null; past
     /// (k, v) [sp, b, heads, d]. Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = query_key_value.call(x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
@@ -286,7 +289,30 @@ internal sealed class GlmSelfAttention : nn.Module
         var (q2, k2) = Rotate(q.narrow(3, half, half), k.narrow(3, half, half), angles.CosBlock, angles.SinBlock);
         q = cat(new[] { q1, q2 }, 3);
         k = cat(new[] { k1, k2 }, 3);
-        if (past is { } p)
+        if (slot is { } sl)
+        {
+            // The cache buffers hold the past at [0, offset): write this call's positions after it, in place.
+            long total = sl.Offset + s;
+            if (is_grad_enabled() && (k.requires_grad || v.requires_grad))
+            {
+                // Gradients must reach k and v: compute on the concatenation, keep a detached copy in the cache.
+                sl.Keys.narrow(0, sl.Offset, s).copy_(k.detach());
+                sl.Values.narrow(0, sl.Offset, s).copy_(v.detach());
+                if (past is { } pg)
+                {
+                    k = cat(new[] { pg.Key, k }, 0);
+                    v = cat(new[] { pg.Value, v }, 0);
+                }
+            }
+            else
+            {
+                sl.Keys.narrow(0, sl.Offset, s).copy_(k);
+                sl.Values.narrow(0, sl.Offset, s).copy_(v);
+                k = sl.Keys.narrow(0, 0, total);
+                v = sl.Values.narrow(0, 0, total);
+            }
+        }
+        else if (past is { } p)
         {
             k = cat(new[] { p.Key, k }, 0);
             v = cat(new[] { p.Value, v }, 0);
@@ -368,10 +394,10 @@ internal sealed class GlmBlock : nn.Module
 
     public GlmSelfAttention Attention => attention;
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null)
     {
         var x = input_layernorm.call(h);
-        var (a, present, probs) = attention.Forward(x, angles, mask, past);
+        var (a, present, probs) = attention.Forward(x, angles, mask, past, slot);
         var h1 = x.mul(_alpha).add(a);
         var y = post_attention_layernorm.call(h1);
         var outp = y.mul(_alpha).add(mlp.call(y));
