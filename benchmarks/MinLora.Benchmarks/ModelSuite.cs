@@ -49,6 +49,9 @@ internal static class ModelSuite
         bool train = args.Contains("--train");
         bool quick = args.Contains("--quick");
         int steps = Int(args, "--steps", quick ? 4 : 12);
+        string only = Str(args, "--only", "all");
+        if (only is not ("all" or "prefill" or "decode" or "train")) { Console.Error.WriteLine("--only must be all, prefill, decode or train"); return 2; }
+        train |= only == "train";
         if (bits is not (0 or 4 or 8)) { Console.Error.WriteLine("--bits must be 0, 4 or 8"); return 2; }
         if (int4 is not ("chatglm" or "g128")) { Console.Error.WriteLine("--int4-format must be chatglm or g128"); return 2; }
         var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
@@ -57,10 +60,10 @@ internal static class ModelSuite
         string label = bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}";
         Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
-        var readBest = new ReadBandwidth();
-        readBest.Pass();
+        bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
 
         Progress("building the model");
+        long rssBefore = Rss.Current();
         var sw = Stopwatch.StartNew();
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format });
         model.eval();
@@ -71,12 +74,51 @@ internal static class ModelSuite
         var kernels = model.modules().OfType<QuantizedLinear>().Select(q => q.Kernel.ToString()).Distinct().ToList();
         rows.Add(new("build (random weights)", $"{buildS:F1} s", "", ""));
         rows.Add(new("model size (resident tensors)", Gb(size), "", kernels.Count > 0 ? "kernel " + string.Join("/", kernels) : ""));
-        rows.Add(new("peak RSS after build", Gb(Rss.Peak()), "", ""));
+        rows.Add(new("RSS after build (peak)", $"{Gb(Rss.Current() - rssBefore)} ({Gb(Rss.Peak() - rssBefore)}) over the empty process", "", ""));
 
+        // Training first, on the freshly built model, so its peak RSS is the model's plus training's (the roofline's
+        // buffers and the allocator's leftovers from inference are not in it).
+        var trainRows = new List<(int Tokens, double Seconds, long Peak, long Before)>();
+        if (train)
+        {
+            var adapted = model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
+            model.train();
+            using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
+            {
+                foreach (int s in quick ? new[] { 64 } : new[] { 256, 1024 })
+                {
+                    Progress($"training step, {s} tokens");
+                    using var ids = Prompt(config, s);
+                    Rss.ResetPeak();
+                    long before = Rss.Current();
+                    double t = Median(2, () => Time(() =>
+                    {
+                        using var scope = NewDisposeScope();
+                        opt.zero_grad();
+                        using var o = model.call(new GlmInput(ids) { Labels = ids });
+                        o.Loss!.backward();
+                        opt.step();
+                    }));
+                    trainRows.Add((s, t, Rss.Peak(), before));
+                }
+            }
+            model.RemoveLora();
+            model.eval();
+        }
+
+        var readBest = new ReadBandwidth();
+        readBest.Pass();
         Progress("measuring the bf16 GEMM roofline");
         using var gemm = new GemmRoofline(config);
-        // Prefill: one forward over s tokens, no cache.
-        foreach (int s in quick ? new[] { 16, 128 } : new[] { 16, 128, 512 })
+        foreach (var (s, t, peak, before) in trainRows)
+        {
+            double bound = gemm.ForwardSeconds(s, 2);
+            rows.Add(new($"LoRA step r=4 qkv, {s} tokens", $"{t:F2} s; peak RSS {Gb(peak - rssBefore)} over the empty process (model {Gb(size)})",
+                $"{bound:F2} s bf16 GEMM (fwd + dX)", Pct(bound / t)));
+        }
+
+        // Prefill: one forward over s tokens, no cache, logits for every position (as a scoring pass does).
+        foreach (int s in !doPrefill ? Array.Empty<int>() : quick ? new[] { 16, 128 } : new[] { 16, 128, 512 })
         {
             Progress($"prefill {s}");
             using var ids = Prompt(config, s);
@@ -90,40 +132,13 @@ internal static class ModelSuite
         }
 
         // Decode: one token per step with the KV cache, greedy; median step time; read passes interleaved.
-        foreach (int context in quick ? new[] { 16, 256 } : new[] { 16, 1024 })
+        foreach (int context in !doDecode ? Array.Empty<int>() : quick ? new[] { 16, 256 } : new[] { 16, 1024 })
         {
             Progress($"decode at context {context}");
             var (stepMs, cacheBytes) = Decode(model, config, context, steps, readBest);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", Pct(boundMs / stepMs)));
-        }
-        rows.Add(new("peak RSS after inference", Gb(Rss.Peak()), "", ""));
-
-        if (train)
-        {
-            model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
-            model.train();
-            using var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4);
-            foreach (int s in quick ? new[] { 64 } : new[] { 256, 1024 })
-            {
-                Progress($"training step, {s} tokens");
-                using var ids = Prompt(config, s);
-                Rss.ResetPeak();
-                long before = Rss.Current();
-                double t = Median(2, () => Time(() =>
-                {
-                    using var scope = NewDisposeScope();
-                    opt.zero_grad();
-                    using var o = model.call(new GlmInput(ids) { Labels = ids });
-                    o.Loss!.backward();
-                    opt.step();
-                }));
-                long peak = Rss.Peak();
-                double bound = gemm.ForwardSeconds(s, 2);
-                rows.Add(new($"LoRA step r=4 qkv, {s} tokens", $"{t:F2} s, peak RSS {Gb(peak)} (+{Gb(peak - before)} over the loaded model)",
-                    $"{bound:F2} s bf16 GEMM (fwd + dX)", Pct(bound / t)));
-            }
         }
         rows.Add(new("plain read bandwidth (best pass)", $"{readBest.BestGBs:F1} GB/s", $"median {readBest.MedianGBs:F1} GB/s over {readBest.Count} passes", ""));
 

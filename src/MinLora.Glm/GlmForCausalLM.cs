@@ -104,8 +104,8 @@ public sealed class GlmModel : nn.Module
                         var (pk, pv) = pasts[index]!.Value;
                         using (no_grad())
                         {
-                            storage.Keys[index].narrow(0, 0, pastLength).copy_(pk);
-                            storage.Values[index].narrow(0, 0, pastLength).copy_(pv);
+                            storage.Keys[index].narrow(2, 0, pastLength).copy_(pk.permute(1, 2, 0, 3));
+                            storage.Values[index].narrow(2, 0, pastLength).copy_(pv.permute(1, 2, 0, 3));
                         }
                     }
                     slot = new KvSlot(storage.Keys[index], storage.Values[index], pastLength);

@@ -55,6 +55,15 @@ public sealed record QuantizedLinearOptions
     /// <value>The default value is null (8).</value>
     public int? CpuGemvMaxRows { get; init; }
 
+    /// <summary>
+    /// For int4 layers in <see cref="QuantizedKernel.CpuGemv"/> on CPUs with AVX-VNNI: quantize the activations to
+    /// int8 per 32-column block (symmetric, max|x|/127) and multiply with integer dot products, as ggml's
+    /// q4_0 × q8_0 does: about 1.7× the throughput of float32 unpacking, at an added error of at most max|x_block|/254
+    /// per activation, far below the int4 weights' own rounding. False: float32 activations (exact).
+    /// </summary>
+    /// <value>The default value is true.</value>
+    public bool Int8Activations { get; init; } = true;
+
     /// <summary>Use libtorch's fused kernels where they apply (false: always dequantize).</summary>
     /// <value>The default value is true.</value>
     public bool UseKernels { get; init; } = true;
@@ -315,11 +324,11 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
                 CpuGemv.Int8(px, rows, k, (sbyte*)TensorMemory.Pointer(weight), (float*)TensorMemory.Pointer(rowScales!), pb, py, n);
                 break;
             case QuantizationFormat.Int4PerRowChatGlm:
-                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), k, null, null, (float*)TensorMemory.Pointer(rowScales!), true, pb, py, n);
+                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), k, null, null, (float*)TensorMemory.Pointer(rowScales!), true, pb, py, n, Options.Int8Activations);
                 break;
             default:
                 CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), GroupSize, (ushort*)TensorMemory.Pointer(weight_scale),
-                    (ushort*)TensorMemory.Pointer(weight_zero!), null, false, pb, py, n);
+                    (ushort*)TensorMemory.Pointer(weight_zero!), null, false, pb, py, n, Options.Int8Activations);
                 break;
         }
         GC.KeepAlive(x);

@@ -35,7 +35,7 @@ public class KvCacheTests
     }
 
     /// <summary>Decodes <paramref name="tokens"/> from (<paramref name="cache"/>, mask, positions) and checks each step against a full forward.</summary>
-    private static (GlmKvCache Cache, Tensor Mask, Tensor Positions, Tensor All) Continue(GlmForCausalLM model, GlmKvCache cache, Tensor mask, Tensor positions, Tensor all, long[] tokens)
+    private static (GlmKvCache Cache, Tensor Mask, Tensor Positions, Tensor All) Continue(GlmForCausalLM model, GlmKvCache cache, Tensor mask, Tensor positions, Tensor all, long[] tokens, bool inPlace = false)
     {
         foreach (var t in tokens)
         {
@@ -49,8 +49,12 @@ public class KvCacheTests
             using var full = model.call(new GlmInput(all) { AttentionMask = mask, PositionIds = positions });
             var diff = (output.Logits.select(1, -1) - full.Logits.select(1, -1)).abs().max().item<float>();
             Assert.True(diff < Tol, $"cached step differs from the full recompute by {diff} at length {all.shape[1]}");
+            var previous = cache;
             cache = output.PresentKeyValues!;
             Assert.Equal(all.shape[1] + (model.Config.PreSeqLen ?? 0), cache.Length);
+            // Continuing the newest cache within capacity writes into its buffers (no copy of the past).
+            if (inPlace && previous.Length % 256 != 0 && (previous.Length + 1) % 256 != 0) Assert.Same(previous.Storage, cache.Storage);
+            inPlace = true;
         }
         return (cache, mask, positions, all);
     }
@@ -66,14 +70,16 @@ public class KvCacheTests
         var root = first.PresentKeyValues!;
         var rootKey = root[0].Key.clone();
 
-        var (a, _, _, allA) = Continue(model, root, mask, pos, ids, new long[] { 11, 12, 13 });
+        var (a, _, _, allA) = Continue(model, root, mask, pos, ids, new long[] { 11, 12, 13 }, inPlace: true);
         // A second branch from the same root: its positions 6.. must not be the first branch's.
         var (b, _, _, _) = Continue(model, root, mask, pos, ids, new long[] { 21, 22 });
         // The root still holds exactly what it held.
         Assert.Equal(0f, (root[0].Key - rootKey).abs().max().item<float>());
         Assert.Equal(6, root.Length);
         // Continuing branch A after branch B was written still gives the right logits (A's buffers are A's).
-        var (a2, _, _, _) = Continue(model, a, GlmMasks.BuildAttentionMask(allA, model.Config), GlmMasks.BuildPositionIds(allA, model.Config), allA, new long[] { 14 });
+        var (a2, _, _, _) = Continue(model, a, GlmMasks.BuildAttentionMask(allA, model.Config), GlmMasks.BuildPositionIds(allA, model.Config), allA, new long[] { 14 }, inPlace: true);
+        Assert.Same(a.Storage, a2.Storage);
+        Assert.NotSame(a.Storage, b.Storage);
         foreach (var c in new[] { root, a, b, a2 }) c.Dispose();
     }
 

@@ -20,10 +20,12 @@ public class CpuGemvTests
         { QuantizationFormat.Int4Grouped, 19, 256, 128 },
         { QuantizationFormat.Int4Grouped, 67, 512, 256 },
         { QuantizationFormat.Int4Grouped, 300, 192, 64 },
+        { QuantizationFormat.Int4Grouped, 40, 4096, 128 },
         { QuantizationFormat.Int4PerRowChatGlm, 37, 40, 0 },  // K % 32 != 0: byte tail
         { QuantizationFormat.Int4PerRowChatGlm, 9, 2, 0 },    // K = 2: one byte
         { QuantizationFormat.Int4PerRowChatGlm, 33, 4098, 0 },
-        { QuantizationFormat.Int4PerRowChatGlm, 257, 160, 0 },
+        { QuantizationFormat.Int4PerRowChatGlm, 257, 160, 0 },    // 2 pairs of blocks + 32-column tail
+        { QuantizationFormat.Int4PerRowChatGlm, 7, 64, 0 },
     };
 
     /// <summary>
@@ -31,29 +33,53 @@ public class CpuGemvTests
     /// 1e-5·Σ|x·w| sits above the typical error for every K here and orders of magnitude below any indexing or
     /// nibble-order mistake, which changes results by O(Σ|x·w|).
     /// </summary>
+    /// <remarks>
+    /// With <see cref="QuantizedLinearOptions.Int8Activations"/> (int4 on AVX-VNNI CPUs) each activation in the first
+    /// ⌊K/64⌋·64 columns is replaced by its int8 rounding, off by at most max|x_block|/254 (32-column blocks), so the
+    /// bound gains Σₖ |w_nk|·max|x_block(k)|/254: the exact worst case of that rounding, still far below any layout
+    /// mistake. The test also checks the int8 path is really taken (its error exceeds the float32 bound somewhere).
+    /// </remarks>
     [Theory]
     [MemberData(nameof(Shapes))]
     public void Kernel_EqualsFloat64Reference(QuantizationFormat format, long n, long k, int group)
     {
         if (!CpuGemv.IsSupported) return; // libtorch's kernels run here instead (covered by QuantizedLinearTests)
-        manual_seed(101 + n + k);
-        using var linear = nn.Linear(k, n);
-        using var q = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group);
-        Assert.Equal(QuantizedKernel.CpuGemv, q.Kernel);
-        using var deq = q.Dequantize(ScalarType.Float64);
-        using var bias = linear.bias!.to(ScalarType.Float64);
-        foreach (var rows in new[] { 1L, 3L, 8L })
+        foreach (var int8Activations in new[] { false, true })
         {
-            using var x = randn(rows, k);
-            using var y = q.call(x);
-            Assert.Equal(ScalarType.Float32, y.dtype);
-            Assert.Equal(new[] { rows, n }, y.shape);
-            using var x64 = x.to(ScalarType.Float64);
-            using var reference = x64.matmul(deq.t()).add(bias);
-            using var bound = x64.abs().matmul(deq.abs().t()).mul(1e-5).add(1e-6);
-            using var err = (y.to(ScalarType.Float64) - reference).abs();
-            var worst = (err - bound).max().item<double>();
-            Assert.True(worst <= 0, $"{format} {n}x{k} g{group} rows {rows}: error exceeds the float32 bound by {worst}");
+            manual_seed(101 + n + k);
+            using var linear = nn.Linear(k, n);
+            var options = new QuantizedLinearOptions { Int8Activations = int8Activations };
+            using var q = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group, options);
+            Assert.Equal(QuantizedKernel.CpuGemv, q.Kernel);
+            using var deq = q.Dequantize(ScalarType.Float64);
+            using var bias = linear.bias!.to(ScalarType.Float64);
+            bool vnni = int8Activations && CpuGemv.VnniSupported && format != QuantizationFormat.Int8PerRow && k >= 64 &&
+                (format == QuantizationFormat.Int4PerRowChatGlm || group % 64 == 0);
+            bool exceededFloatBound = false;
+            foreach (var rows in new[] { 1L, 3L, 8L })
+            {
+                using var x = randn(rows, k);
+                using var y = q.call(x);
+                Assert.Equal(ScalarType.Float32, y.dtype);
+                Assert.Equal(new[] { rows, n }, y.shape);
+                using var x64 = x.to(ScalarType.Float64);
+                using var reference = x64.matmul(deq.t()).add(bias);
+                using var floatBound = x64.abs().matmul(deq.abs().t()).mul(1e-5).add(1e-6);
+                using var err = (y.to(ScalarType.Float64) - reference).abs();
+                var bound = floatBound;
+                if (vnni)
+                {
+                    long covered = k / 64 * 64;
+                    using var blockMax = x64.narrow(1, 0, covered).abs().view(rows, covered / 32, 32).amax(new long[] { 2 }, keepdim: true)
+                        .expand(rows, covered / 32, 32).reshape(rows, covered).div(254.0);
+                    using var rounding = blockMax.matmul(deq.narrow(1, 0, covered).abs().t());
+                    bound = floatBound.add(rounding);
+                    exceededFloatBound |= (err - floatBound).max().item<double>() > 0;
+                }
+                var worst = (err - bound).max().item<double>();
+                Assert.True(worst <= 0, $"{format} {n}x{k} g{group} rows {rows} int8 activations {int8Activations}: error exceeds the bound by {worst}");
+            }
+            if (vnni) Assert.True(exceededFloatBound, "the int8-activation kernel was expected to run (its rounding shows)");
         }
     }
 

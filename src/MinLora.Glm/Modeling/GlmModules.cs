@@ -289,45 +289,56 @@ internal sealed class GlmSelfAttention : nn.Module
         var (q2, k2) = Rotate(q.narrow(3, half, half), k.narrow(3, half, half), angles.CosBlock, angles.SinBlock);
         q = cat(new[] { q1, q2 }, 3);
         k = cat(new[] { k1, k2 }, 3);
+        // ks, vs: [b·np, sk, hn] (possibly strided views of the cache buffers, read in place by the products).
+        Tensor ks, vs;
+        (Tensor Key, Tensor Value) present;
         if (slot is { } sl)
         {
-            // The cache buffers hold the past at [0, offset): write this call's positions after it, in place.
+            // The cache buffers [b, np, capacity, hn] hold the past at [0, offset): write this call's positions after
+            // it, in place.
             long total = sl.Offset + s;
+            var keyBuffer = sl.Keys.narrow(2, 0, total);
+            var valueBuffer = sl.Values.narrow(2, 0, total);
+            keyBuffer.narrow(2, sl.Offset, s).copy_(k.detach().permute(1, 2, 0, 3));
+            valueBuffer.narrow(2, sl.Offset, s).copy_(v.detach().permute(1, 2, 0, 3));
+            present = (keyBuffer.permute(2, 0, 1, 3), valueBuffer.permute(2, 0, 1, 3));
             if (is_grad_enabled() && (k.requires_grad || v.requires_grad))
             {
-                // Gradients must reach k and v: compute on the concatenation, keep a detached copy in the cache.
-                sl.Keys.narrow(0, sl.Offset, s).copy_(k.detach());
-                sl.Values.narrow(0, sl.Offset, s).copy_(v.detach());
+                // Gradients must reach k and v: compute on the concatenation; the cache keeps detached copies.
                 if (past is { } pg)
                 {
                     k = cat(new[] { pg.Key, k }, 0);
                     v = cat(new[] { pg.Value, v }, 0);
                 }
+                ks = k.reshape(total, b * _heads, _headDim).transpose(0, 1);
+                vs = v.reshape(total, b * _heads, _headDim).transpose(0, 1);
             }
             else
             {
-                sl.Keys.narrow(0, sl.Offset, s).copy_(k);
-                sl.Values.narrow(0, sl.Offset, s).copy_(v);
-                k = sl.Keys.narrow(0, 0, total);
-                v = sl.Values.narrow(0, 0, total);
+                ks = keyBuffer.reshape(b * _heads, total, _headDim);
+                vs = valueBuffer.reshape(b * _heads, total, _headDim);
             }
         }
-        else if (past is { } p)
+        else
         {
-            k = cat(new[] { p.Key, k }, 0);
-            v = cat(new[] { p.Value, v }, 0);
+            if (past is { } p)
+            {
+                k = cat(new[] { p.Key, k }, 0);
+                v = cat(new[] { p.Value, v }, 0);
+            }
+            present = (k, v);
+            long total = k.shape[0];
+            ks = k.reshape(total, b * _heads, _headDim).transpose(0, 1);                                 // [b·np, sk, hn]
+            vs = v.reshape(total, b * _heads, _headDim).transpose(0, 1);                                 // [b·np, sk, hn]
         }
-        var present = (k, v);
 
         // Scores: q / (√d · (layer+1)), masked with −10000, then × (layer+1) in float32, softmax.
-        long sk = k.shape[0];
+        long sk = ks.shape[1];
         var qs = q.div(_norm).reshape(s, b * _heads, _headDim).transpose(0, 1);                          // [b·np, s, hn]
-        var ks = k.reshape(sk, b * _heads, _headDim).transpose(0, 1);                                     // [b·np, sk, hn]
         var scores = qs.bmm(ks.transpose(1, 2)).view(b, _heads, s, sk);
         if (mask is not null) scores = scores.masked_fill(mask, MaskValue);
         var dtype = scores.dtype;
         var probs = scores.to(ScalarType.Float32).mul(_coeff).softmax(-1).to(dtype);      // [b, np, s, sk]
-        var vs = v.reshape(sk, b * _heads, _headDim).transpose(0, 1);                     // [b·np, sk, hn]
         var flatProbs = probs.view(b * _heads, s, sk);
         var context = flatProbs.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
         return (dense.call(context), present, flatProbs);
