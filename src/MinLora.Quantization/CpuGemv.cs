@@ -296,8 +296,6 @@ internal static unsafe class CpuGemv
         int k = j.K, half = k / 2, pairs = k / 64;
         int groups = j.Signed ? 1 : k / j.Group;
         int pairsPerGroup = j.Signed ? pairs : j.Group / 64;
-        var mask = Vector256.Create((byte)15);
-        var flip = Vector256.Create(j.Signed ? (byte)0x88 : (byte)0);
         for (int n = n0; n < n1; n++)
         {
             byte* w = j.W + (long)n * half;
@@ -307,41 +305,81 @@ internal static unsafe class CpuGemv
                 sbyte* xq = j.Xq + (long)r * pairs * 64;
                 float* xs = j.XScales + (long)r * pairs * 8;
                 float* qsums = j.Sums + (long)r * groups;
-                float acc = 0;
-                var total = Vector256<float>.Zero;
-                for (int g = 0; g < groups; g++)
+                float acc;
+                if (j.Signed)
                 {
-                    var f = Vector256<float>.Zero;
-                    int p1 = (g + 1) * pairsPerGroup;
-                    for (int p = g * pairsPerGroup; p < p1; p++)
-                    {
-                        Sse.Prefetch0(w + p * 32 + PrefetchBytes);
-                        var v = Vector256.Load(w + p * 32) ^ flip;
-                        var hi = Vector256.ShiftRightLogical(v.AsUInt16(), 4).AsByte() & mask;
-                        var lo = v & mask;
-                        var i32 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, hi, Vector256.Load(xq + p * 64));
-                        i32 = AvxVnni.MultiplyWideningAndAdd(i32, lo, Vector256.Load(xq + p * 64 + 32));
-                        f = Fma.MultiplyAdd(Avx.ConvertToVector256Single(i32), Vector256.Load(xs + p * 8), f);
-                    }
-                    if (j.Signed)
-                    {
-                        // q = u − 8; the tail columns (past the last full 64) exactly in float32.
-                        float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
-                        acc = (Vector256.Sum(f) - 8f * qsums[0] + tailDot - 8f * j.Tails[2 * r]) * j.Scales[n];
-                    }
-                    else
-                    {
-                        float s = Bf16(j.Bf16Scales[(long)n * groups + g]);
-                        float z = Bf16(j.Bf16Zeros[(long)n * groups + g]);
-                        // Σ((u − 8)·s + z)·x = s·Σu·x + (z − 8s)·Σx, Σx from the quantized values to cancel the offset.
-                        total = Fma.MultiplyAdd(f, Vector256.Create(s), total);
-                        acc += (z - 8f * s) * qsums[g];
-                    }
+                    // q = u − 8; the tail columns (past the last full 64) exactly in float32.
+                    float dot = SignedRowDot(w, xq, xs, pairs);
+                    float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
+                    acc = (dot - 8f * qsums[0] + tailDot - 8f * j.Tails[2 * r]) * j.Scales[n];
                 }
-                if (!j.Signed) acc += Vector256.Sum(total);
+                else
+                {
+                    // Σ((u − 8)·s + z)·x = s·Σu·x + (z − 8s)·Σx, Σx from the quantized values to cancel the offset.
+                    ushort* sc = j.Bf16Scales + (long)n * groups;
+                    ushort* ze = j.Bf16Zeros + (long)n * groups;
+                    acc = GroupedRowDot(w, xq, xs, groups, pairsPerGroup, sc);
+                    for (int g = 0; g < groups; g++) acc += (Bf16(ze[g]) - 8f * Bf16(sc[g])) * qsums[g];
+                }
                 j.Y[(long)r * j.N + n] = acc + b;
             }
         }
+    }
+
+    // The inner loops live in small methods of their own: inlined into the block loop, the JIT spilled the
+    // accumulator and reloaded the constants on every iteration (seen in its disassembly).
+
+    /// <summary>Σ sx·Σ(u·xq) over a ChatGLM row (signed nibbles, flipped to u = q + 8), two pairs per iteration.</summary>
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static float SignedRowDot(byte* w, sbyte* xq, float* xs, int pairs)
+    {
+        var mask = Vector256.Create((byte)15);
+        var flip = Vector256.Create((byte)0x88);
+        Vector256<float> f0 = default, f1 = default;
+        int p = 0;
+        for (; p + 2 <= pairs; p += 2)
+        {
+            Sse.Prefetch0(w + p * 32 + PrefetchBytes);
+            var v0 = Vector256.Load(w + p * 32) ^ flip;
+            var v1 = Vector256.Load(w + p * 32 + 32) ^ flip;
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
+            var a1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v1.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64 + 64));
+            a0 = AvxVnni.MultiplyWideningAndAdd(a0, v0 & mask, Vector256.Load(xq + p * 64 + 32));
+            a1 = AvxVnni.MultiplyWideningAndAdd(a1, v1 & mask, Vector256.Load(xq + p * 64 + 96));
+            f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Load(xs + p * 8), f0);
+            f1 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a1), Vector256.Load(xs + p * 8 + 8), f1);
+        }
+        for (; p < pairs; p++)
+        {
+            var v0 = Vector256.Load(w + p * 32) ^ flip;
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
+            a0 = AvxVnni.MultiplyWideningAndAdd(a0, v0 & mask, Vector256.Load(xq + p * 64 + 32));
+            f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Load(xs + p * 8), f0);
+        }
+        return Vector256.Sum(f0 + f1);
+    }
+
+    /// <summary>Σ_g s_g·Σ sx·Σ(u·xq) over a grouped row (unsigned nibbles, bf16 group scales; groups of ≥ 64 columns).</summary>
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static float GroupedRowDot(byte* w, sbyte* xq, float* xs, int groups, int pairsPerGroup, ushort* scales)
+    {
+        var mask = Vector256.Create((byte)15);
+        var total = Vector256<float>.Zero;
+        int p = 0;
+        for (int g = 0; g < groups; g++)
+        {
+            var f = Vector256<float>.Zero;
+            for (int p1 = p + pairsPerGroup; p < p1; p++)
+            {
+                Sse.Prefetch0(w + p * 32 + PrefetchBytes);
+                var v = Vector256.Load(w + p * 32);
+                var a = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
+                a = AvxVnni.MultiplyWideningAndAdd(a, v & mask, Vector256.Load(xq + p * 64 + 32));
+                f = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a), Vector256.Load(xs + p * 8), f);
+            }
+            total = Fma.MultiplyAdd(f, Vector256.Create(Bf16(scales[g])), total);
+        }
+        return Vector256.Sum(total);
     }
 
     /// <summary>Σ u·x over 32-column chunks [c0, c1) of one packed row (u = nibble ^ flip bits).</summary>
