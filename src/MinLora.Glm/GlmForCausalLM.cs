@@ -237,7 +237,7 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             if (input.Labels is not null) throw new ArgumentException("LogitsToKeep cannot be combined with Labels (the loss needs every position's logits).", nameof(input));
             if (keep < s) hidden = hidden.narrow(0, s - keep, keep);
         }
-        var logits = lm_head.call(hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
+        var logits = MinLora.Quantization.CpuLinear.Forward(lm_head, hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
         Tensor? loss = null;
         if (input.Labels is { } labels)
         {

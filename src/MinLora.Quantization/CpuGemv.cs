@@ -223,7 +223,7 @@ internal static unsafe class CpuGemv
         }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.AggressiveInlining)]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
     private static float Dot8(float* x, sbyte* w, int k)
     {
         int i = 0;
@@ -248,6 +248,54 @@ internal static unsafe class CpuGemv
         for (; i < k; i++) sum += x[i] * w[i];
         return sum;
     }
+
+    /// <summary>A bfloat16 product [N, K] (float32 activations, bias N float32 or null).</summary>
+    internal static void BFloat16(float* x, int rows, int k, ushort* w, float* bias, float* y, int n)
+    {
+        var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Bias = bias, Y = y, N = n };
+        Run(ref job, &BFloat16Block);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void BFloat16Block(in Job j, int n0, int n1)
+    {
+        int k = j.K;
+        for (int n = n0; n < n1; n++)
+        {
+            ushort* w = (ushort*)j.W + (long)n * k;
+            float b = j.Bias == null ? 0f : j.Bias[n];
+            for (int r = 0; r < j.Rows; r++)
+                j.Y[(long)r * j.N + n] = DotBf16(j.X + (long)r * k, w, k) + b;
+        }
+    }
+
+    /// <summary>Σ x·w with w bfloat16: a bf16 is the top half of a float32, so widening and a shift convert it exactly.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
+    private static float DotBf16(float* x, ushort* w, int k)
+    {
+        int i = 0;
+        float sum = 0;
+        if (IsSupported)
+        {
+            Vector512<float> a0 = default, a1 = default;
+            for (; i + 32 <= k; i += 32)
+            {
+                Sse.Prefetch0(w + i + PrefetchBytes / 2);
+                Sse.Prefetch0(w + i + PrefetchBytes / 2 + 32);
+                a0 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i), Avx512F.LoadVector512(x + i), a0);
+                a1 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i + 16), Avx512F.LoadVector512(x + i + 16), a1);
+            }
+            for (; i + 16 <= k; i += 16)
+                a0 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i), Avx512F.LoadVector512(x + i), a0);
+            sum = Vector512.Sum(a0 + a1);
+        }
+        for (; i < k; i++) sum += x[i] * BitConverter.UInt32BitsToSingle((uint)w[i] << 16);
+        return sum;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> WidenBf16(ushort* p) =>
+        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Widen8(sbyte* p) =>

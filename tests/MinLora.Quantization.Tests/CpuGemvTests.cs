@@ -150,4 +150,56 @@ public class CpuGemvTests
             Assert.True(T.Identical(plain, y.detach()));
         }
     }
+
+    /// <summary>The bf16 kernel for plain Linear layers: exact bf16 weights, float32 accumulation (the float32 bound above).</summary>
+    [Theory]
+    [InlineData(37, 50)]
+    [InlineData(5, 1)]
+    [InlineData(130, 4100)]
+    [InlineData(64, 32)]
+    public void BFloat16Linear_EqualsFloat64Reference(long n, long k)
+    {
+        manual_seed(105 + n);
+        using var linear = nn.Linear(k, n, dtype: ScalarType.BFloat16);
+        using var w = linear.weight!.to(ScalarType.Float64);
+        using var bias = linear.bias!.to(ScalarType.Float64);
+        foreach (var rows in new[] { 1L, 3L, 8L })
+        {
+            using var x = randn(rows, k);
+            using var noGrad = no_grad(); // the weights want gradients: the kernel runs for inference only
+            using var y = CpuLinear.Forward(linear, x);
+            Assert.Equal(ScalarType.Float32, y.dtype);
+            using var x64 = x.to(ScalarType.Float64);
+            using var reference = x64.matmul(w.t()).add(bias);
+            using var bound = x64.abs().matmul(w.abs().t()).mul(1e-5).add(1e-6);
+            var worst = ((y.to(ScalarType.Float64) - reference).abs() - bound).max().item<double>();
+            Assert.True(worst <= 0, $"{n}x{k} rows {rows}: error exceeds the float32 bound by {worst}");
+        }
+    }
+
+    [Fact]
+    public void BFloat16Linear_FallsBackWhereTheKernelDoesNotApply()
+    {
+        manual_seed(106);
+        using var linear = nn.Linear(64, 48, dtype: ScalarType.BFloat16);
+        // Many rows, gradients wanted, float32 weights: the module's own forward (identical to call()).
+        using var many = randn(9, 64).to(ScalarType.BFloat16);
+        Assert.True(T.Identical(CpuLinear.Forward(linear, many), linear.call(many)));
+        using var x = randn(2, 64).to(ScalarType.BFloat16).requires_grad_();
+        using var y = CpuLinear.Forward(linear, x);
+        Assert.True(y.requires_grad);
+        y.sum().backward();
+        Assert.NotNull(x.grad);
+        using var f32 = nn.Linear(64, 48);
+        using var one = randn(1, 64);
+        Assert.True(T.Identical(CpuLinear.Forward(f32, one), f32.call(one)));
+        // A batched bf16 input keeps its shape and type through the kernel.
+        using var batched = randn(2, 1, 64).to(ScalarType.BFloat16);
+        using var noGrad = no_grad();
+        using var out3 = CpuLinear.Forward(linear, batched);
+        using var expected3 = linear.call(batched);
+        Assert.True((out3.to(ScalarType.Float32) - expected3.to(ScalarType.Float32)).abs().max().item<float>() <= 0.02f * expected3.to(ScalarType.Float32).abs().max().item<float>());
+        Assert.Equal(new long[] { 2, 1, 48 }, out3.shape);
+        Assert.Equal(ScalarType.BFloat16, out3.dtype);
+    }
 }

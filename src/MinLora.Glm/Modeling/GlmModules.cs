@@ -1,5 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
+using MinLora.Quantization;
 using static TorchSharp.torch;
 
 namespace MinLora.Glm.Modeling;
@@ -278,7 +279,7 @@ internal sealed class GlmSelfAttention : nn.Module
     public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null)
     {
         long s = x.shape[0], b = x.shape[1];
-        var mixed = query_key_value.call(x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
+        var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
         var q = mixed.narrow(3, 0, _headDim);
         var k = mixed.narrow(3, _headDim, _headDim);
         var v = mixed.narrow(3, 2 * _headDim, _headDim);
@@ -341,7 +342,7 @@ internal sealed class GlmSelfAttention : nn.Module
         var probs = scores.to(ScalarType.Float32).mul(_coeff).softmax(-1).to(dtype);      // [b, np, s, sk]
         var flatProbs = probs.view(b * _heads, s, sk);
         var context = flatProbs.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
-        return (dense.call(context), present, flatProbs);
+        return (CpuLinear.Forward(dense, context), present, flatProbs);
     }
 
     /// <summary>x·cos + rotate_half(x)·sin with cos/sin [s, b, 1, d] already gathered at the positions.</summary>
@@ -373,10 +374,10 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var h = dense_h_to_4h.call(x);
+        var h = CpuLinear.Forward(dense_h_to_4h, x);
         // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²)))
         var g = h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
-        return dense_4h_to_h.call(g).MoveToOuterDisposeScope();
+        return CpuLinear.Forward(dense_4h_to_h, g).MoveToOuterDisposeScope();
     }
 }
 
