@@ -336,7 +336,9 @@ internal sealed class GlmSelfAttention : nn.Module
         // Scores: q / (√d · (layer+1)), masked with −10000, then × (layer+1) in float32, softmax.
         long sk = ks.shape[1];
         var qs = q.div(_norm).reshape(s, b * _heads, _headDim).transpose(0, 1);                          // [b·np, s, hn]
-        var scores = qs.bmm(ks.transpose(1, 2)).view(b, _heads, s, sk);
+        // With the cache's strided keys, K·qᵀ reads them in place while q·Kᵀ copies them first (measured at 1,025
+        // positions for 28 layers: 32 vs 105 ms); the same dot products either way.
+        var scores = (slot is null ? qs.bmm(ks.transpose(1, 2)) : ks.bmm(qs.transpose(1, 2)).transpose(1, 2)).reshape(b, _heads, s, sk);
         if (mask is not null) scores = scores.masked_fill(mask, MaskValue);
         var dtype = scores.dtype;
         var probs = scores.to(ScalarType.Float32).mul(_coeff).softmax(-1).to(dtype);      // [b, np, s, sk]
