@@ -78,19 +78,20 @@ internal static class ModelSuite
 
         // Training first, on the freshly built model, so its peak RSS is the model's plus training's (the roofline's
         // buffers and the allocator's leftovers from inference are not in it).
-        var trainRows = new List<(int Tokens, double Seconds, long Peak, long Before)>();
+        var trainRows = new List<(int Tokens, bool Checkpointing, double Seconds)>();
         if (train)
         {
             var adapted = model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
             model.train();
             using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
             {
-                foreach (int s in quick ? new[] { 64 } : new[] { 256, 1024 })
+                var cases = quick ? new[] { (64, false), (64, true) } : new[] { (256, false), (256, true), (1024, true) };
+                foreach (var (s, checkpointing) in cases)
                 {
-                    Progress($"training step, {s} tokens");
+                    Progress($"training step, {s} tokens, checkpointing {checkpointing}");
+                    model.GradientCheckpointing = checkpointing;
                     using var ids = Prompt(config, s);
                     Rss.ResetPeak();
-                    long before = Rss.Current();
                     double t = Median(s > 256 ? 1 : 2, () => Time(() =>
                     {
                         using var scope = NewDisposeScope();
@@ -99,9 +100,13 @@ internal static class ModelSuite
                         o.Loss!.backward();
                         opt.step();
                     }));
-                    trainRows.Add((s, t, Rss.Peak(), before));
+                    long peak = Rss.Peak();
+                    trainRows.Add((s, checkpointing, t));
+                    rows.Add(new($"LoRA step r=4 qkv, {s} tokens{(checkpointing ? ", gradient checkpointing" : "")}",
+                        $"{t:F2} s; peak RSS {Gb(peak - rssBefore)} over the empty process (model {Gb(size)})", "(below)", ""));
                 }
             }
+            model.GradientCheckpointing = false;
             model.RemoveLora();
             model.eval();
         }
@@ -110,11 +115,12 @@ internal static class ModelSuite
         readBest.Pass();
         Progress("measuring the bf16 GEMM roofline");
         using var gemm = new GemmRoofline(config);
-        foreach (var (s, t, peak, before) in trainRows)
+        foreach (var (s, checkpointing, t) in trainRows)
         {
-            double bound = gemm.ForwardSeconds(s, 2);
-            rows.Add(new($"LoRA step r=4 qkv, {s} tokens", $"{t:F2} s; peak RSS {Gb(peak - rssBefore)} over the empty process (model {Gb(size)})",
-                $"{bound:F2} s bf16 GEMM (fwd + dX)", Pct(bound / t)));
+            // Checkpointing runs the forward products twice.
+            double bound = gemm.ForwardSeconds(s, 2) + (checkpointing ? gemm.ForwardSeconds(s, 1) : 0);
+            rows.Add(new($"  roofline of that step ({s} tokens{(checkpointing ? ", checkpointing" : "")})", $"{t:F2} s",
+                $"{bound:F2} s bf16 GEMM (fwd{(checkpointing ? " ×2" : "")} + dX)", Pct(bound / t)));
         }
 
         // Prefill: one forward over s tokens, no cache, logits for every position (as a scoring pass does).
