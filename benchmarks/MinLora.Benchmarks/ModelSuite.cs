@@ -57,7 +57,7 @@ internal static class ModelSuite
         var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
         // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
         var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
-        string label = bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}";
+        string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "");
         Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
         bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
@@ -65,7 +65,8 @@ internal static class ModelSuite
         Progress("building the model");
         long rssBefore = Rss.Current();
         var sw = Stopwatch.StartNew();
-        var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format });
+        bool quantizeHead = args.Contains("--quantize-head");
+        var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format, QuantizeLmHead = quantizeHead && bits > 0 });
         model.eval();
         double buildS = sw.Elapsed.TotalSeconds;
         long size = model.GetSizeInBytes();
@@ -85,7 +86,7 @@ internal static class ModelSuite
             model.train();
             using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
             {
-                var cases = quick ? new[] { (64, false), (64, true) } : new[] { (256, false), (256, true), (1024, true) };
+                var cases = TrainCases(Str(args, "--train-cases", quick ? "64:off,64:on" : "256:off,256:on,1024:on"));
                 foreach (var (s, checkpointing) in cases)
                 {
                     Progress($"training step, {s} tokens, checkpointing {checkpointing}");
@@ -151,6 +152,18 @@ internal static class ModelSuite
         model.Dispose();
         return 0;
     }
+
+    /// <summary>"256:off,1024:on" → (tokens, gradient checkpointing) pairs, in order. RSS only grows within a process
+    /// (the allocator keeps freed memory), so a peak is the largest of the cases so far: give one case per process
+    /// for separate peaks.</summary>
+    private static (int Tokens, bool Checkpointing)[] TrainCases(string text) =>
+        text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(c =>
+        {
+            var parts = c.Split(':');
+            if (parts.Length != 2 || !int.TryParse(parts[0], NumberStyles.None, CultureInfo.InvariantCulture, out var tokens) || tokens < 4 || parts[1] is not ("on" or "off"))
+                throw new ArgumentException($"--train-cases: '{c}' is not TOKENS:on|off");
+            return (tokens, parts[1] == "on");
+        }).ToArray();
 
     private static void Progress(string what) =>
         Console.Error.WriteLine($"  … {what} (RSS {Rss.Current() / 1e9:F2} GB, peak {Rss.Peak() / 1e9:F2} GB)");

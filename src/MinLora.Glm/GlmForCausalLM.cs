@@ -208,7 +208,9 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         Config = config;
         var o = options ?? new GlmBuildOptions();
         transformer = new GlmModel(config, o);
-        lm_head = GlmLayers.Linear(config.HiddenSize, config.VocabSize, false, o);
+        lm_head = o.QuantizeLmHead && o.QuantizationBit > 0
+            ? GlmLayers.Projection(config.HiddenSize, config.VocabSize, false, o)
+            : GlmLayers.Linear(config.HiddenSize, config.VocabSize, false, o);
         RegisterComponents();
         if (config.PreSeqLen is not null)
         {

@@ -122,4 +122,34 @@ public class KvCacheTests
         using var last2 = model.call(new GlmInput(ids) { LogitsToKeep = 2 });
         Assert.True((all.Logits.narrow(1, 2, 2) - last2.Logits).abs().max().item<float>() < 1e-6);
     }
+
+    /// <summary>Built directly quantized with random weights: usable at once (kernel ready), head quantized on request.</summary>
+    [Theory]
+    [InlineData(8, false)]
+    [InlineData(4, true)]
+    public void BuiltQuantized_IsUsableAtOnce(int bits, bool quantizeHead)
+    {
+        manual_seed(8);
+        var config = new GlmConfig
+        {
+            VocabSize = 320, HiddenSize = 64, NumLayers = 2, NumAttentionHeads = 4, MaxSequenceLength = 64,
+            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+        };
+        using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16) { QuantizationBit = bits, QuantizeLmHead = quantizeHead });
+        var quantized = model.named_modules().Where(m => m.module is MinLora.Quantization.QuantizedLinear).Select(m => m.name).ToList();
+        Assert.Equal(2 * 4 + (quantizeHead ? 1 : 0), quantized.Count);
+        Assert.Equal(quantizeHead, quantized.Contains("lm_head"));
+        Assert.All(model.modules().OfType<MinLora.Quantization.QuantizedLinear>(), q =>
+        {
+            Assert.NotEqual(MinLora.Quantization.QuantizedKernel.Dequantize, q.Kernel);
+            // Random codes, not an all-zero skeleton.
+            Assert.True(q.QuantizedWeight.Weight.ne(0).any().item<bool>());
+        });
+        using var ids = Prompt(config, 6);
+        using var noGrad = no_grad();
+        using var output = model.call(new GlmInput(ids));
+        Assert.Equal(new long[] { 1, 6, 320 }, output.Logits.shape);
+        Assert.True(output.Logits.isfinite().all().item<bool>());
+        Assert.True(output.Logits.to(ScalarType.Float32).std().item<float>() > 0);
+    }
 }
