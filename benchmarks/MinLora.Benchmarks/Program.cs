@@ -11,7 +11,7 @@ using static TorchSharp.torch;
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--train] [--steps N]
 var argsList = args.ToList();
 // Before any TorchSharp call: libtorch's OpenMP threads must not spin on the cores our kernels use.
-MinLora.Quantization.CpuThreads.UsePassiveOpenMpWaiting();
+MinLora.Quantization.CpuThreads.LimitOpenMpSpinning();
 string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 int rounds = ReadInt("--rounds", 7);
 bool quick = argsList.Contains("--quick");

@@ -8,7 +8,7 @@ using MinLora.Quantization;
 // Interactive streaming chat with a GLM checkpoint directory (default: the SPO sample's small built-in model).
 //   dotnet run --project samples/MinLora.Samples.Chat -- [--model DIR] [--top-p P] [--temperature T] [--max-new-tokens N] [--bits 0|4|8] [--greedy]
 // Type a message and press Enter; "/clear" forgets the history; "/exit" or end of input quits.
-CpuThreads.UsePassiveOpenMpWaiting(); // before libtorch loads (see CpuThreads)
+CpuThreads.LimitOpenMpSpinning(); // before libtorch loads (see CpuThreads)
 NativeAllocator.RetainFreedMemory();
 string modelDir = Path.Combine(AppContext.BaseDirectory, "assets", "base");
 var options = new GenerationOptions { MaxNewTokens = 128 };

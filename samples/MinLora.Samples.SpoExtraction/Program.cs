@@ -7,7 +7,6 @@ using MinLora.Samples.SpoExtraction;
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction                        (built-in small model and data)
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction -- --model /models/chatglm-6b --data spo_0.json --test spo_1.json
 // Maintenance commands (the repo ships their output): generate-data DIR, build-base OUT TOKENIZER_DIR.
-MinLora.Quantization.CpuThreads.UsePassiveOpenMpWaiting(); // before libtorch loads (see CpuThreads)
 NativeAllocator.RetainFreedMemory();
 var o = new SpoOptions();
 try

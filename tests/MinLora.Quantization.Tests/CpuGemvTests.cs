@@ -202,4 +202,15 @@ public class CpuGemvTests
         Assert.Equal(new long[] { 2, 1, 48 }, out3.shape);
         Assert.Equal(ScalarType.BFloat16, out3.dtype);
     }
+
+    [Fact]
+    public void LimitOpenMpSpinning_RefusesOnceLibtorchIsLoaded()
+    {
+        Assert.Throws<ArgumentOutOfRangeException>(() => CpuThreads.LimitOpenMpSpinning(-1));
+        using var loaded = ones(1); // libtorch (and its OpenMP runtime) is in the process now
+        if (Environment.GetEnvironmentVariable("OMP_WAIT_POLICY") is null && Environment.GetEnvironmentVariable("GOMP_SPINCOUNT") is null)
+            Assert.False(CpuThreads.LimitOpenMpSpinning(), "too late to change libgomp's setting: must say so");
+        else
+            Assert.False(CpuThreads.LimitOpenMpSpinning(), "an explicit setting is left alone");
+    }
 }
