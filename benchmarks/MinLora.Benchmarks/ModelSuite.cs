@@ -82,7 +82,7 @@ internal static class ModelSuite
         var trainRows = new List<(int Tokens, bool Checkpointing, double Seconds)>();
         if (train)
         {
-            var adapted = model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
+            model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
             model.train();
             using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
             {

@@ -2,6 +2,8 @@ using System.Buffers;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace MinLora.Quantization;
 
@@ -18,8 +20,9 @@ namespace MinLora.Quantization;
 /// even/odd halves of each 32-column chunk so that a byte's high nibble meets column 2j and its low nibble 2j+1).
 /// </para>
 /// <para>
-/// Arithmetic is float32 with the exact stored values: the activations are not rounded to bfloat16 or quantized,
-/// so the result is closer to the float64 reference than libtorch's bf16 kernels. Per group the int4 sum is
+/// int8 and bf16 weights: float32 arithmetic on the exact stored values, the activations not rounded to bfloat16, so
+/// the result is closer to the float64 reference than libtorch's bf16 kernels. int4 on AVX-VNNI CPUs: int8
+/// activations by default (<see cref="Int4Vnni"/>), float32 otherwise. Per group the int4 sum is
 /// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by an XOR with 0x88,
 /// one group per row and z = 0.
 /// </para>
@@ -114,14 +117,14 @@ internal static unsafe class CpuGemv
         sbyte[] xq = bytePool.Rent(rows * pairs * 64 + 64);
         float[] scales = floatPool.Rent(rows * pairs * 8 + 8);
         float[] qsums = floatPool.Rent(rows * groups + 1);
-        float[] tails = floatPool.Rent(rows * 2 + 2);
+        float[] tails = floatPool.Rent(rows + 1);
         try
         {
             fixed (sbyte* pq = xq)
             fixed (float* ps = scales, pqs = qsums, pt = tails)
             {
                 for (int r = 0; r < rows; r++)
-                    QuantizeRow(x + (long)r * k, k, pairs, pairsPerGroup, groups, pq + (long)r * pairs * 64, ps + (long)r * pairs * 8, pqs + (long)r * groups, pt + 2 * r);
+                    QuantizeRow(x + (long)r * k, k, pairs, pairsPerGroup, groups, pq + (long)r * pairs * 64, ps + (long)r * pairs * 8, pqs + (long)r * groups, pt + r);
                 var job = new Job
                 {
                     X = x, Xq = pq, XScales = ps, Sums = pqs, Tails = pt, Rows = rows, K = k, W = w, Group = group, Bf16Scales = bf16Scales,
@@ -178,6 +181,29 @@ internal static unsafe class CpuGemv
         double t = 0;
         for (int j = pairs * 64; j < k; j++) t += x[j];
         tail[0] = (float)t;
+    }
+
+    /// <summary>The product body: float32 x [rows, K], bias N float32 or null, float32 y [rows, N].</summary>
+    internal delegate void Body(float* x, int rows, float* bias, float* y);
+
+    /// <summary>
+    /// Runs <paramref name="body"/> on <paramref name="input"/> [..., K] converted to float32 and returns
+    /// [..., <paramref name="n"/>] in the input's type (the one conversion path for every caller of these kernels).
+    /// </summary>
+    internal static Tensor Apply(Tensor input, long k, long n, Tensor? bias, Body body)
+    {
+        using var scope = NewDisposeScope();
+        long rows = input.numel() / k;
+        var x = input.reshape(rows, k).to(ScalarType.Float32).contiguous();
+        var y = empty(new long[] { rows, n }, dtype: ScalarType.Float32);
+        var b = bias is null ? null : bias.detach().to(ScalarType.Float32).contiguous();
+        body((float*)TensorMemory.Pointer(x), (int)rows, b is null ? null : (float*)TensorMemory.Pointer(b), (float*)TensorMemory.Pointer(y));
+        GC.KeepAlive(x);
+        GC.KeepAlive(b);
+        var shape = input.shape.ToArray();
+        shape[^1] = n;
+        var result = y.reshape(shape);
+        return (result.dtype == input.dtype ? result : result.to(input.dtype)).MoveToOuterDisposeScope();
     }
 
     private struct Job
@@ -359,7 +385,7 @@ internal static unsafe class CpuGemv
                     // q = u − 8; the tail columns (past the last full 64) exactly in float32.
                     float dot = SignedRowDot(w, xq, xs, pairs);
                     float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
-                    acc = (dot - 8f * qsums[0] + tailDot - 8f * j.Tails[2 * r]) * j.Scales[n];
+                    acc = (dot - 8f * qsums[0] + tailDot - 8f * j.Tails[r]) * j.Scales[n];
                 }
                 else
                 {

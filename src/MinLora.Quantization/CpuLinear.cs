@@ -39,23 +39,13 @@ public static class CpuLinear
         long rows = input.numel() / w.shape[1];
         if (rows > MaxRows || rows == 0 || (is_grad_enabled() && (input.requires_grad || w.requires_grad || (linear.bias?.requires_grad ?? false))))
             return module.call(input);
-        return Product(w, linear.bias, input, rows);
+        return Product(w, linear.bias, input);
     }
 
-    private static unsafe Tensor Product(Tensor w, Tensor? bias, Tensor input, long rows)
+    private static unsafe Tensor Product(Tensor w, Tensor? bias, Tensor input)
     {
-        using var scope = NewDisposeScope();
         int k = (int)w.shape[1], n = (int)w.shape[0];
-        var x = input.reshape(rows, k).to(ScalarType.Float32).contiguous();
-        var y = empty(new long[] { rows, n }, dtype: ScalarType.Float32);
-        var b = bias is null ? null : bias.detach().to(ScalarType.Float32).contiguous();
-        CpuGemv.BFloat16((float*)TensorMemory.Pointer(x), (int)rows, k, (ushort*)TensorMemory.Pointer(w), b is null ? null : (float*)TensorMemory.Pointer(b),
-            (float*)TensorMemory.Pointer(y), n);
-        GC.KeepAlive(x);
-        GC.KeepAlive(b);
-        var shape = input.shape.ToArray();
-        shape[^1] = n;
-        var result = y.reshape(shape);
-        return (result.dtype == input.dtype ? result : result.to(input.dtype)).MoveToOuterDisposeScope();
+        var pw = TensorMemory.Pointer(w);
+        return CpuGemv.Apply(input, k, n, bias, (x, rows, b, y) => CpuGemv.BFloat16(x, rows, k, (ushort*)pw, b, y, n));
     }
 }

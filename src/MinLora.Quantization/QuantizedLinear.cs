@@ -17,8 +17,9 @@ public enum QuantizedKernel
     /// <summary>libtorch's CUDA tinygemm <c>_weight_int4pack_mm</c> (sm80+) on a CUDA-packed copy of the weight.</summary>
     Int4PackCuda,
     /// <summary>
-    /// MinLora's own AVX-512 matrix-vector product on the stored bytes (CPU): no packed copy, float32 arithmetic on
-    /// the exact stored values, any shape; used on CPUs with AVX-512 (elsewhere libtorch's CPU kernels are used).
+    /// MinLora's own AVX-512 matrix-vector product on the stored bytes (CPU): no packed copy, any shape; int8 in
+    /// float32 on the exact stored values, int4 with int8 activations on AVX-VNNI CPUs (see
+    /// <see cref="QuantizedLinearOptions.Int8Activations"/>). Used on CPUs with AVX-512; elsewhere libtorch's kernels.
     /// </summary>
     CpuGemv,
 }
@@ -270,7 +271,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         Tensor y;
         if (_kernel.Kind == QuantizedKernel.CpuGemv && rows <= _kernel.MaxRows)
         {
-            y = CpuGemvProduct(input.reshape(rows, InFeatures)).reshape(outShape);
+            return CpuGemvProduct(input).MoveToOuterDisposeScope();
         }
         else if (_kernel.Kind is not (QuantizedKernel.Dequantize or QuantizedKernel.CpuGemv) && rows <= _kernel.MaxRows)
         {
@@ -306,35 +307,35 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
     };
 
-    /// <summary>The managed kernel on x [rows, K] (any floating type): float32 [rows, N] including the bias.</summary>
-    private unsafe Tensor CpuGemvProduct(Tensor x2d)
+    /// <summary>The managed kernel on x [..., K] (any floating type), including the bias, in the input's type.</summary>
+    private unsafe Tensor CpuGemvProduct(Tensor input)
     {
-        var x = x2d.to(ScalarType.Float32).contiguous();
-        int rows = (int)x.shape[0], k = (int)InFeatures, n = (int)OutFeatures;
-        var y = empty(new long[] { rows, n }, dtype: ScalarType.Float32);
+        int k = (int)InFeatures, n = (int)OutFeatures;
         // Row scales (ChatGLM float16, or bf16 after a dtype change) and the bias are read from the live buffers on
         // every call (N values: negligible), so writes into the buffers never leave a stale copy behind.
-        var rowScales = Format == QuantizationFormat.Int4Grouped ? null : weight_scale.to(ScalarType.Float32).contiguous();
-        var b = bias is null ? null : bias.detach().to(ScalarType.Float32).contiguous();
-        float* px = (float*)TensorMemory.Pointer(x), py = (float*)TensorMemory.Pointer(y);
-        float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
-        switch (Format)
+        using var rowScales = Format == QuantizationFormat.Int4Grouped ? null : weight_scale.to(ScalarType.Float32).contiguous();
+        var w = TensorMemory.Pointer(weight);
+        var ps = rowScales is null ? 0 : TensorMemory.Pointer(rowScales);
+        var format = Format;
+        int group = GroupSize;
+        bool int8Activations = Options.Int8Activations;
+        var scales = TensorMemory.Pointer(weight_scale);
+        var zeros = weight_zero is null ? 0 : TensorMemory.Pointer(weight_zero);
+        return CpuGemv.Apply(input, k, n, bias, (x, rows, b, y) =>
         {
-            case QuantizationFormat.Int8PerRow:
-                CpuGemv.Int8(px, rows, k, (sbyte*)TensorMemory.Pointer(weight), (float*)TensorMemory.Pointer(rowScales!), pb, py, n);
-                break;
-            case QuantizationFormat.Int4PerRowChatGlm:
-                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), k, null, null, (float*)TensorMemory.Pointer(rowScales!), true, pb, py, n, Options.Int8Activations);
-                break;
-            default:
-                CpuGemv.Int4(px, rows, k, (byte*)TensorMemory.Pointer(weight), GroupSize, (ushort*)TensorMemory.Pointer(weight_scale),
-                    (ushort*)TensorMemory.Pointer(weight_zero!), null, false, pb, py, n, Options.Int8Activations);
-                break;
-        }
-        GC.KeepAlive(x);
-        GC.KeepAlive(rowScales);
-        GC.KeepAlive(b);
-        return y;
+            switch (format)
+            {
+                case QuantizationFormat.Int8PerRow:
+                    CpuGemv.Int8(x, rows, k, (sbyte*)w, (float*)ps, b, y, n);
+                    break;
+                case QuantizationFormat.Int4PerRowChatGlm:
+                    CpuGemv.Int4(x, rows, k, (byte*)w, k, null, null, (float*)ps, true, b, y, n, int8Activations);
+                    break;
+                default:
+                    CpuGemv.Int4(x, rows, k, (byte*)w, group, (ushort*)scales, (ushort*)zeros, null, false, b, y, n, int8Activations);
+                    break;
+            }
+        });
     }
 
     /// <summary>Chooses <see cref="QuantizedKernel.CpuGemv"/> when this layer and CPU allow it (no derived state to build).</summary>
