@@ -128,9 +128,9 @@ public sealed class GlmModel : nn.Module
                     }
                     else
                     {
-                        var (n, _, probs) = layer.Forward(h, angles, mask, pasts[index], slot);
+                        var (n, _, probs) = layer.Forward(h, angles, mask, pasts[index], slot, needProbs: attentions is not null);
                         next = n.MoveToOuterDisposeScope();
-                        if (attentions is not null) attentions.Add(probs.MoveToOuterDisposeScope());
+                        if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
                     }
                 }
                 if (hidden is null) h.Dispose();

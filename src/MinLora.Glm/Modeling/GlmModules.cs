@@ -264,6 +264,7 @@ internal sealed class GlmSelfAttention : nn.Module
     private static readonly Scalar MaskValue = -10000.0;
     private readonly Scalar _norm;
     private readonly Scalar _coeff;
+    private readonly double _normValue;
 
     public GlmSelfAttention(GlmConfig c, int layerId, GlmBuildOptions o) : base("SelfAttention")
     {
@@ -274,7 +275,8 @@ internal sealed class GlmSelfAttention : nn.Module
         dense = GlmLayers.Projection(c.HiddenSize, c.HiddenSize, true, o);
         rotary_emb = new RotaryEmbedding(_headDim / 2, o);
         _coeff = (double)(layerId + 1);
-        _norm = Math.Sqrt(_headDim) * (layerId + 1);
+        _normValue = Math.Sqrt(_headDim) * (layerId + 1);
+        _norm = _normValue;
         RegisterComponents();
     }
 
@@ -284,7 +286,7 @@ internal sealed class GlmSelfAttention : nn.Module
     /// x [s, b, h]; angles from <see cref="RotaryEmbedding.Angles"/>; mask [b, 1, s, sk] (True = masked) or null; past
     /// (k, v) [sp, b, heads, d]. Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null)
+    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
@@ -324,6 +326,9 @@ internal sealed class GlmSelfAttention : nn.Module
             }
             else
             {
+                // One decoding position and no probabilities wanted: the managed kernel streams each head's cache block.
+                if (s == 1 && !needProbs && DecodeAttention.Applies(q, sl.Keys, sl.Values, total, mask))
+                    return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, total, mask, _normValue, _layerId + 1)), present, null);
                 ks = keyBuffer.reshape(b * _heads, total, _headDim);
                 vs = valueBuffer.reshape(b * _heads, total, _headDim);
             }
@@ -416,10 +421,10 @@ internal sealed class GlmBlock : nn.Module
 
     public GlmSelfAttention Attention => attention;
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null)
+    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         var x = input_layernorm.call(h);
-        var (a, present, probs) = attention.Forward(x, angles, mask, past, slot);
+        var (a, present, probs) = attention.Forward(x, angles, mask, past, slot, needProbs);
         var h1 = x.mul(_alpha).add(a);
         var y = post_attention_layernorm.call(h1);
         var outp = y.mul(_alpha).add(mlp.call(y));
