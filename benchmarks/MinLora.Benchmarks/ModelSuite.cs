@@ -57,7 +57,8 @@ internal static class ModelSuite
         var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
         // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
         var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
-        string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "");
+        string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "") +
+            (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "");
         Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
         bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
@@ -65,12 +66,16 @@ internal static class ModelSuite
         Progress("building the model");
         long rssBefore = Rss.Current();
         var sw = Stopwatch.StartNew();
-        bool quantizeHead = args.Contains("--quantize-head");
-        var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random) { QuantizationBit = bits, Int4Format = format, QuantizeLmHead = quantizeHead && bits > 0 });
+        bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
+        var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
+        {
+            QuantizationBit = bits, Int4Format = format, QuantizeLmHead = quantizeHead && bits > 0, QuantizeEmbeddings = quantizeEmbeddings && bits > 0,
+        });
         model.eval();
         double buildS = sw.Elapsed.TotalSeconds;
         long size = model.GetSizeInBytes();
-        long embedding = model.Transformer.WordEmbeddings.numel() * 2;
+        // A step reads one embedding row per token, not the table.
+        long embedding = model.Transformer.QuantizedWordEmbeddings?.GetSizeInBytes() ?? model.Transformer.WordEmbeddings.numel() * 2;
         long weightRead = size - embedding;
         var kernels = model.modules().OfType<QuantizedLinear>().Select(q => q.Kernel.ToString()).Distinct().ToList();
         rows.Add(new("build (random weights)", $"{buildS:F1} s", "", ""));

@@ -51,34 +51,78 @@ internal static class QuantSuite
         }
     }
 
+    /// <summary>
+    /// Where the managed kernel (which converts every weight once per row) stops beating dequantize + bf16 linear:
+    /// both paths on the same layers at 4–64 rows, against bf16 linear.
+    /// </summary>
+    public static void RunCrossover(int rounds)
+    {
+        var shapes = new[] { (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) };
+        var rowsList = new[] { 4L, 8L, 16L, 32L, 64L };
+        Console.WriteLine();
+        Console.WriteLine("| K→N | rows | path | time | ratio to bf16 linear |");
+        Console.WriteLine("|---|---|---|---|---|");
+        foreach (var (k, n) in shapes)
+        {
+            using var scope = NewDisposeScope();
+            var variants = new List<(string Name, Func<Tensor, Tensor> Call, long Bytes, Func<double> ReadBw)>();
+            // Three copies of each weight (the suites' usual 1 GiB of copies per variant does not fit 24 GiB here).
+            AddFloat(variants, "bf16 linear", k, n, ScalarType.BFloat16, copies: 3);
+            foreach (var format in new[] { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4PerRowChatGlm })
+            {
+                var name = format == QuantizationFormat.Int8PerRow ? "int8" : "int4";
+                AddQuant(variants, $"{name} dequantize + linear", k, n, format, kernel: true, new QuantizedLinearOptions { CpuGemvMaxRows = 0 }, copies: 3);
+                AddQuant(variants, $"{name} CpuGemv", k, n, format, kernel: true, new QuantizedLinearOptions { CpuGemvMaxRows = 64 }, copies: 3);
+            }
+            foreach (var rows in rowsList)
+            {
+                using var x = randn(rows, k).to(ScalarType.BFloat16);
+                var calls = variants.Select(v => (Func<int, double>)(_ => LoraSuite.Time(() => { using var y = v.Call(x); }))).ToArray();
+                var times = LoraSuite.Measure(rounds, calls, 2);
+                for (int i = 0; i < variants.Count; i++)
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"| {k}→{n} | {rows} | {variants[i].Name} | {times[i]:F2} ms | {times[0] / times[i]:F2} |"));
+            }
+        }
+    }
+
     private static int Copies(long bytes) => (int)Math.Max(2, (CacheBytes + bytes - 1) / bytes);
 
-    private static void AddFloat(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, ScalarType dtype)
+    private static void AddFloat(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, ScalarType dtype, int? copies = null)
     {
         long bytes = k * n * (dtype == ScalarType.Float32 ? 4 : 2);
-        int copies = Copies(bytes);
-        var ws = Enumerable.Range(0, copies).Select(_ => randn(n, k).to(dtype).DetachFromDisposeScope()).ToArray();
+        int count = copies ?? Copies(bytes);
+        var ws = Enumerable.Range(0, count).Select(_ => randn(n, k).to(dtype).DetachFromDisposeScope()).ToArray();
         int i = 0;
         list.Add((name, x =>
         {
             using var noGrad = no_grad();
             using var xd = x.to(dtype);
-            return nn.functional.linear(xd, ws[i++ % copies]);
+            return nn.functional.linear(xd, ws[i++ % count]);
         }, bytes, () => ReadBandwidth(ws)));
     }
 
-    private static void AddQuant(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, QuantizationFormat format, bool kernel)
+    private static void AddQuant(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, QuantizationFormat format, bool kernel, QuantizedLinearOptions? baseOptions = null, int? copies = null)
     {
-        var options = new QuantizedLinearOptions { KernelMaxRows = kernel ? int.MaxValue : 0, UseKernels = kernel };
+        var options = (baseOptions ?? new QuantizedLinearOptions()) with { KernelMaxRows = kernel ? int.MaxValue : 0, UseKernels = kernel };
         var probe = QuantizedLinear.Empty(k, n, false, format, 128, ScalarType.Float32, CPU, options);
         long bytes = probe.GetSizeInBytes();
         long stored = probe.QuantizedWeight.Weight.numel() * probe.QuantizedWeight.Weight.element_size();
         probe.Dispose();
-        int copies = Copies(bytes);
-        var layers = Enumerable.Range(0, copies).Select(_ =>
+        int count = copies ?? Copies(bytes);
+        var layers = Enumerable.Range(0, count).Select(_ =>
         {
-            using var lin = nn.Linear(k, n, hasBias: false);
-            return QuantizedLinear.FromLinear(lin, format, 128, options);
+            // Random codes drawn in the stored layout (quantizing float copies took minutes per shape).
+            var layer = QuantizedLinear.Empty(k, n, false, format, 128, ScalarType.Float32, CPU, options);
+            using (no_grad())
+            {
+                var q = layer.QuantizedWeight;
+                q.Weight.copy_(randint(format == QuantizationFormat.Int4Grouped ? 0 : -128, format == QuantizationFormat.Int4Grouped ? 256 : 128, q.Weight.shape, dtype: q.Weight.dtype));
+                q.Scale.fill_(0.01 / Math.Sqrt(k));
+                q.Zero?.fill_(0.001);
+            }
+            layer.RefreshKernel();
+            return layer;
         }).ToArray();
         if (kernel && layers[0].Kernel == QuantizedKernel.Dequantize)
             Console.WriteLine($"  note: {name} {k}→{n}: kernel unavailable ({layers[0].KernelFallbackReason})");
@@ -88,7 +132,7 @@ internal static class QuantSuite
         list.Add((name, x =>
         {
             using var noGrad = no_grad();
-            return layers[i++ % copies].call(x);
+            return layers[i++ % count].call(x);
         }, readBytes, () => ReadBandwidth(layers.Select(l => l.QuantizedWeight.Weight).ToArray())));
     }
 

@@ -31,8 +31,19 @@ try
     for (int i = 0; i < args.Length; i++)
     {
         string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
-        int Int() => int.Parse(Value(), CultureInfo.InvariantCulture);
-        double Real() => double.Parse(Value(), CultureInfo.InvariantCulture);
+        // Plain numbers only: no thousands separators ("1,5" is not 15), finite values.
+        int Int()
+        {
+            var name = args[i];
+            var v = Value();
+            return int.TryParse(v, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var r) ? r : throw new ArgumentException($"{name} needs an integer, got '{v}'");
+        }
+        double Real()
+        {
+            var name = args[i];
+            var v = Value();
+            return double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out var r) && double.IsFinite(r) ? r : throw new ArgumentException($"{name} needs a finite number, got '{v}'");
+        }
         o = args[i] switch
         {
             "--model" => o with { ModelDirectory = Value() },
@@ -55,7 +66,7 @@ try
             _ => throw new ArgumentException($"unknown option {args[i]}"),
         };
     }
-    if (o.Bits is not (0 or 4 or 8)) throw new ArgumentException("--bits must be 0, 4 or 8");
+    o.Validate();
 }
 catch (OperationCanceledException)
 {

@@ -64,6 +64,55 @@ public sealed record SpoOptions
 
     /// <summary>Where progress goes.</summary>
     public TextWriter Log { get; init; } = Console.Out;
+
+    /// <summary>
+    /// Checks every setting and the output location before any work: ranges, files that must exist, and that
+    /// <see cref="OutputDirectory"/> can be created and written (so a finished training is never thrown away).
+    /// </summary>
+    /// <exception cref="ArgumentException">The first bad setting, by its option name.</exception>
+    public void Validate()
+    {
+        if (Rank < 1) throw new ArgumentException($"--rank must be at least 1, got {Rank}");
+        if (!(Alpha > 0) || !double.IsFinite(Alpha)) throw new ArgumentException($"--alpha must be a positive number, got {Alpha}");
+        if (!(Dropout >= 0 && Dropout < 1)) throw new ArgumentException($"--dropout must be in [0, 1), got {Dropout}");
+        if (!(LearningRate > 0) || !double.IsFinite(LearningRate)) throw new ArgumentException($"--lr must be a positive number, got {LearningRate}");
+        if (Epochs < 1) throw new ArgumentException($"--epochs must be at least 1, got {Epochs}");
+        if (BatchSize < 1) throw new ArgumentException($"--batch must be at least 1, got {BatchSize}");
+        if (MaxSourceLength < 8) throw new ArgumentException($"--max-source must be at least 8, got {MaxSourceLength}");
+        if (MaxTargetLength < 1) throw new ArgumentException($"--max-target must be at least 1, got {MaxTargetLength}");
+        if (Bits is not (0 or 4 or 8)) throw new ArgumentException($"--bits must be 0, 4 or 8, got {Bits}");
+        if (MaxTrainExamples is < 1) throw new ArgumentException($"--max-train must be at least 1, got {MaxTrainExamples}");
+        if (MaxTestExamples is < 1) throw new ArgumentException($"--max-test must be at least 1, got {MaxTestExamples}");
+        if (!Directory.Exists(ModelDirectory)) throw new ArgumentException($"--model: no directory '{ModelDirectory}'");
+        if (!File.Exists(TrainFile)) throw new ArgumentException($"--data: no file '{TrainFile}'");
+        if (!File.Exists(TestFile)) throw new ArgumentException($"--test: no file '{TestFile}'");
+        CheckWritable(OutputDirectory);
+    }
+
+    /// <summary>The output directory, or its nearest existing ancestor, must be a directory this process can write into.</summary>
+    private static void CheckWritable(string directory)
+    {
+        if (string.IsNullOrWhiteSpace(directory)) throw new ArgumentException("--out must not be empty");
+        var full = Path.GetFullPath(directory);
+        if (File.Exists(full)) throw new ArgumentException($"--out: '{full}' is a file");
+        // Atomic saves create a sibling of the output directory: its parent must be writable.
+        var probe = Path.GetDirectoryName(Path.TrimEndingDirectorySeparator(full)) ?? full;
+        while (!Directory.Exists(probe))
+        {
+            if (File.Exists(probe)) throw new ArgumentException($"--out: '{probe}' is a file, so '{full}' cannot be created");
+            probe = Path.GetDirectoryName(probe) ?? throw new ArgumentException($"--out: no existing ancestor of '{full}'");
+        }
+        var test = Path.Combine(probe, $".minlora-write-test-{Environment.ProcessId}");
+        try
+        {
+            File.WriteAllText(test, "");
+            File.Delete(test);
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"--out: cannot write in '{probe}' ({ex.Message})", ex);
+        }
+    }
 }
 
 /// <summary>What the job measured.</summary>
@@ -94,6 +143,9 @@ public static class SpoPipeline
         var tokenizer = GlmTokenizer.FromPretrained(o.ModelDirectory);
         var train = SpoData.ReadJsonLines(o.TrainFile).Take(o.MaxTrainExamples ?? int.MaxValue).ToList();
         var test = SpoData.ReadJsonLines(o.TestFile).Take(o.MaxTestExamples ?? int.MaxValue).ToList();
+        // Nothing to train on or to score is an error found before the model loads, and nothing is written.
+        if (train.Count == 0) throw new InvalidDataException($"{o.TrainFile}: no training examples.");
+        if (test.Count == 0) throw new InvalidDataException($"{o.TestFile}: no held-out examples.");
         var builder = new SpoDatasetBuilder(tokenizer, new SpoTrainingOptions { MaxSourceLength = o.MaxSourceLength, MaxTargetLength = o.MaxTargetLength });
         var (examples, cutSources, cutTargets) = builder.BuildAll(train);
         log.WriteLine($"data: {train.Count} training examples ({cutSources} texts and {cutTargets} answers truncated), {test.Count} held out");
@@ -111,11 +163,15 @@ public static class SpoPipeline
         var losses = Train(model, examples, o, log);
         double trainSeconds = trainClock.Elapsed.TotalSeconds;
 
-        Directory.CreateDirectory(o.OutputDirectory);
+        // The adapter and the full state dict replace a previous run's output together, only now that there is a result.
         var loraDir = Path.Combine(o.OutputDirectory, "lora");
-        model.SaveLoraAdapter(loraDir, baseModelNameOrPath: o.ModelDirectory);
         var fullPath = Path.Combine(o.OutputDirectory, "model_with_lora.safetensors");
-        SaveSafetensorsAtomically(fullPath, model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous()));
+        var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous());
+        AtomicDirectory.Write(o.OutputDirectory, staging =>
+        {
+            model.SaveLoraAdapter(Path.Combine(staging, "lora"), baseModelNameOrPath: o.ModelDirectory);
+            Safetensors.SaveStateDict(Path.Combine(staging, "model_with_lora.safetensors"), state);
+        });
         log.WriteLine($"saved: {loraDir} (LoRA only, PEFT layout) and {fullPath} (full state dict)");
 
         var trained = Evaluate(model, tokenizer, builder, test, o);
@@ -194,13 +250,6 @@ public static class SpoPipeline
         return new Evaluation(SpoEvaluation.Score(predictions.Zip(test, (p, e) => (p, e.Answer))), predictions);
     }
 
-    private static void SaveSafetensorsAtomically(string path, Dictionary<string, Tensor> state)
-    {
-        var tmp = path + ".tmp";
-        Safetensors.SaveStateDict(tmp, state);
-        File.Move(tmp, path, overwrite: true);
-    }
-
     /// <summary>
     /// Builds the built-in base model: a small ChatGLM-architecture model (random init) pre-trained with full
     /// fine-tuning on two warm-up tasks over the synthetic texts — copying the text and listing the parts it
@@ -245,11 +294,13 @@ public static class SpoPipeline
             optimizer.step();
             progress.Report(step + 1, $"loss {output.Loss.item<float>():F4}");
         }
-        Directory.CreateDirectory(directory);
-        File.WriteAllText(Path.Combine(directory, "config.json"), config.ToJson());
         var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous());
-        SaveSafetensorsAtomically(Path.Combine(directory, "model.safetensors"), state);
-        foreach (var f in new[] { "ice_text.model", "tokenizer_config.json" })
-            File.Copy(Path.Combine(tokenizerDirectory, f), Path.Combine(directory, f), overwrite: true);
+        AtomicDirectory.Write(directory, staging =>
+        {
+            File.WriteAllText(Path.Combine(staging, "config.json"), config.ToJson());
+            Safetensors.SaveStateDict(Path.Combine(staging, "model.safetensors"), state);
+            foreach (var f in new[] { "ice_text.model", "tokenizer_config.json" })
+                File.Copy(Path.Combine(tokenizerDirectory, f), Path.Combine(staging, f));
+        });
     }
 }

@@ -83,10 +83,12 @@ public static partial class GlmCheckpoint
         if (options.PreSeqLen is { } pre) config = config with { PreSeqLen = pre };
         var files = FindWeightFiles(directory);
         LogConfig(logger, directory, config.NumLayers, config.HiddenSize, config.VocabSize, config.QuantizationBit, files.Count);
+        CheckConfigAgainstWeights(config, directory, files);
 
         var build = new GlmBuildOptions(options.Dtype, options.Device ?? CPU, GlmInit.Empty)
         {
             QuantizationBit = config.QuantizationBit,
+            QuantizeEmbeddings = config.QuantizationEmbeddings,
             QuantizedLayer = options.Quantization?.Layer,
         };
         var model = new GlmForCausalLM(config, build);
@@ -107,6 +109,50 @@ public static partial class GlmCheckpoint
         {
             model.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>
+    /// Before the model is allocated: the layer count and embedding size the config promises must be those of the
+    /// weight files (keys from the index or the safetensors headers, shapes from the headers), so a wrong or hostile
+    /// config.json fails at once instead of allocating a model the files cannot fill.
+    /// </summary>
+    private static void CheckConfigAgainstWeights(GlmConfig config, string directory, IReadOnlyList<string> files)
+    {
+        var keys = new HashSet<string>(StringComparer.Ordinal);
+        var shapes = new Dictionary<string, (string File, IReadOnlyList<long> Shape)>(StringComparer.Ordinal);
+        foreach (var file in files)
+        {
+            if (!file.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) continue;
+            foreach (var e in SafetensorsHeader.Read(file))
+            {
+                keys.Add(e.Name);
+                shapes[e.Name] = (file, e.Shape);
+            }
+        }
+        var index = Path.Combine(directory, "pytorch_model.bin.index.json");
+        if (keys.Count == 0 && File.Exists(index))
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(index));
+            foreach (var p in doc.RootElement.GetProperty("weight_map").EnumerateObject()) keys.Add(p.Name);
+        }
+        if (keys.Count == 0) return; // a single pickle: checked key by key while loading
+        const string LayerPrefix = "transformer.layers.";
+        int layers = 0;
+        foreach (var k in keys)
+        {
+            if (!k.StartsWith(LayerPrefix, StringComparison.Ordinal)) continue;
+            int dot = k.IndexOf('.', LayerPrefix.Length);
+            if (dot > LayerPrefix.Length && int.TryParse(k.AsSpan(LayerPrefix.Length, dot - LayerPrefix.Length), out int i) && i >= 0)
+                layers = Math.Max(layers, i + 1);
+        }
+        if (layers > 0 && layers != config.NumLayers)
+            throw new InvalidDataException($"{directory}: config.json says num_layers {config.NumLayers}, the weight files hold {layers} layers.");
+        if (shapes.TryGetValue("transformer.word_embeddings.weight", out var emb) && emb.Shape.Count == 2)
+        {
+            long hidden = config.QuantizationEmbeddings && config.QuantizationBit == 4 ? config.HiddenSize / 2 : config.HiddenSize;
+            if (emb.Shape[0] != config.VocabSize || emb.Shape[1] != hidden)
+                throw new InvalidDataException($"{emb.File}: transformer.word_embeddings.weight is [{string.Join(", ", emb.Shape)}], config.json says vocab_size {config.VocabSize} × hidden_size {config.HiddenSize}.");
         }
     }
 
@@ -178,7 +224,20 @@ public static partial class GlmCheckpoint
         bool tied = false;
         if (!loaded.Contains("lm_head.weight") && loaded.Contains("transformer.word_embeddings.weight") && target.ContainsKey("lm_head.weight"))
         {
-            using (no_grad()) target["lm_head.weight"].copy_(target["transformer.word_embeddings.weight"]);
+            if (target["transformer.word_embeddings.weight"].dtype != target["lm_head.weight"].dtype || target.ContainsKey("lm_head.weight_scale") != target.ContainsKey("transformer.word_embeddings.weight_scale"))
+                throw new InvalidDataException("The checkpoint ties lm_head to word_embeddings, but the model stores them in different formats (QuantizeEmbeddings / QuantizeLmHead): build both alike or neither.");
+            using (no_grad())
+            {
+                target["lm_head.weight"].copy_(target["transformer.word_embeddings.weight"]);
+                foreach (var suffix in new[] { ".weight_scale", ".weight_zero" })
+                {
+                    if (target.ContainsKey("lm_head" + suffix) && loaded.Contains("transformer.word_embeddings" + suffix))
+                    {
+                        target["lm_head" + suffix].copy_(target["transformer.word_embeddings" + suffix]);
+                        loaded.Add("lm_head" + suffix);
+                    }
+                }
+            }
             loaded.Add("lm_head.weight");
             tied = true;
         }
@@ -217,7 +276,10 @@ public static partial class GlmCheckpoint
         try
         {
             if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+            {
+                SafetensorsHeader.Read(path); // ranges inside the file, no overlaps, sizes consistent: before reading data
                 return Safetensors.LoadStateDict(path);
+            }
             var table = PyTorchUnpickler.UnpickleStateDict(path);
             var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
             foreach (DictionaryEntry e in table)
@@ -240,9 +302,18 @@ public static partial class GlmCheckpoint
             using var doc = JsonDocument.Parse(File.ReadAllText(indexPath));
             if (!doc.RootElement.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
                 throw new InvalidDataException($"{indexPath} has no weight_map object.");
-            var shards = map.EnumerateObject().Select(p => p.Value.GetString() ?? throw new InvalidDataException($"{indexPath}: entry '{p.Name}' is not a file name."))
+            var shards = map.EnumerateObject().Select(p => p.Value.ValueKind == JsonValueKind.String && p.Value.GetString() is { Length: > 0 } f
+                    ? f : throw new InvalidDataException($"{indexPath}: weight_map entry '{p.Name}' is not a file name ({p.Value.ValueKind})."))
                 .Distinct(StringComparer.Ordinal).OrderBy(f => f, StringComparer.Ordinal).ToList();
             if (shards.Count == 0) throw new InvalidDataException($"{indexPath} lists no shards.");
+            // Shards live in the checkpoint directory itself: no absolute paths, no way out of it.
+            var root = Path.TrimEndingDirectorySeparator(Path.GetFullPath(directory)) + Path.DirectorySeparatorChar;
+            foreach (var f in shards)
+            {
+                var full = Path.GetFullPath(Path.Combine(directory, f));
+                if (Path.IsPathRooted(f) || !full.StartsWith(root, StringComparison.Ordinal) || full.Length == root.Length)
+                    throw new InvalidDataException($"{indexPath}: shard '{f}' is outside the checkpoint directory.");
+            }
             var paths = shards.Select(f => Path.Combine(directory, f)).ToList();
             foreach (var p in paths)
             {

@@ -82,7 +82,10 @@ public sealed record GlmConfig
     /// <summary>Bits of a pre-quantized checkpoint (0: not quantized; 4 or 8).</summary>
     public int QuantizationBit { get; init; }
 
-    /// <summary>Whether a pre-quantized checkpoint also quantized the embedding (not supported).</summary>
+    /// <summary>
+    /// Whether a pre-quantized checkpoint also stores <c>word_embeddings</c> quantized (ChatGLM's
+    /// <c>quantization_embeddings</c>: <c>weight</c> and <c>weight_scale</c> in the projections' per-row format).
+    /// </summary>
     public bool QuantizationEmbeddings { get; init; }
 
     /// <summary>The checkpoint's element type name (e.g. "float16").</summary>
@@ -151,7 +154,7 @@ public sealed record GlmConfig
 
     /// <summary>Checks the values; throws naming the first bad one.</summary>
     /// <param name="source">Where the config came from, for messages.</param>
-    /// <exception cref="InvalidDataException">A size is not positive, the hidden size does not split into heads, or a token id is out of the vocabulary.</exception>
+    /// <exception cref="InvalidDataException">A size is not positive or above its bound, the hidden size does not split into heads, a non-finite epsilon, or a token id is out of the vocabulary.</exception>
     /// <exception cref="NotSupportedException">Another model type, or an unsupported generation or option.</exception>
     public void Validate(string source = "config")
     {
@@ -159,16 +162,21 @@ public sealed record GlmConfig
             throw new NotSupportedException($"{source}: model_type '{ModelType}' is not a GLM (expected 'chatglm').");
         if (Version != GlmVersion.ChatGlm1)
             throw new NotSupportedException($"{source}: this is a ChatGLM2/3 (v2 architecture) config; MinLora.Glm implements ChatGLM-6B (v1) so far.");
-        void Positive(int v, string name)
+        // Upper bounds far above any GLM (ChatGLM-6B: 130,528 × 4,096, 28 layers; GLM-4: 151,552 vocab) keep a
+        // corrupt or hostile config from allocating without end or overflowing sizes before a weight is read.
+        void InRange(int v, int max, string name)
         {
             if (v <= 0) throw new InvalidDataException($"{source}: {name} must be positive, got {v}.");
+            if (v > max) throw new InvalidDataException($"{source}: {name} {v} is above the supported maximum {max}.");
         }
-        Positive(VocabSize, "vocab_size");
-        Positive(HiddenSize, "hidden_size");
-        Positive(NumLayers, "num_layers");
-        Positive(NumAttentionHeads, "num_attention_heads");
-        Positive(MlpHiddenSize, "inner_hidden_size");
-        Positive(MaxSequenceLength, "max_sequence_length");
+        InRange(VocabSize, 4_000_000, "vocab_size");
+        InRange(HiddenSize, 65_536, "hidden_size");
+        InRange(NumLayers, 1_024, "num_layers");
+        InRange(NumAttentionHeads, 4_096, "num_attention_heads");
+        if (InnerHiddenSize is { } inner) InRange(inner, 1 << 20, "inner_hidden_size");
+        InRange(MaxSequenceLength, 1 << 20, "max_sequence_length");
+        if (!double.IsFinite(LayernormEpsilon) || LayernormEpsilon <= 0 || LayernormEpsilon >= 1)
+            throw new InvalidDataException($"{source}: layernorm_epsilon must be in (0, 1), got {LayernormEpsilon}.");
         if (HiddenSize % NumAttentionHeads != 0)
             throw new InvalidDataException($"{source}: hidden_size {HiddenSize} is not divisible by num_attention_heads {NumAttentionHeads}.");
         if (PositionEncoding2d && HeadDim % 4 != 0)
@@ -181,6 +189,6 @@ public sealed record GlmConfig
         }
         if (PreSeqLen is { } p && p <= 0) throw new InvalidDataException($"{source}: pre_seq_len must be positive when set, got {p}.");
         if (QuantizationBit is not (0 or 4 or 8)) throw new InvalidDataException($"{source}: quantization_bit must be 0, 4 or 8, got {QuantizationBit}.");
-        if (QuantizationEmbeddings) throw new NotSupportedException($"{source}: quantized embeddings (quantization_embeddings) are not supported.");
+        if (QuantizationEmbeddings && QuantizationBit == 0) throw new InvalidDataException($"{source}: quantization_embeddings needs quantization_bit 4 or 8.");
     }
 }

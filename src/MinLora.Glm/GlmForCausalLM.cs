@@ -11,7 +11,7 @@ namespace MinLora.Glm;
 /// </summary>
 public sealed class GlmModel : nn.Module
 {
-    private readonly GlmEmbedding word_embeddings;
+    private readonly nn.Module<Tensor, Tensor> word_embeddings;
     private readonly ModuleList<GlmBlock> layers = new();
     private readonly nn.Module<Tensor, Tensor> final_layernorm;
     private readonly PrefixEncoder? prefix_encoder;
@@ -20,15 +20,21 @@ public sealed class GlmModel : nn.Module
     internal GlmModel(GlmConfig config, GlmBuildOptions o) : base("ChatGLMModel")
     {
         _config = config;
-        word_embeddings = new GlmEmbedding(config.VocabSize, config.HiddenSize, o);
+        word_embeddings = GlmLayers.Embedding(config.VocabSize, config.HiddenSize, o);
         for (int i = 0; i < config.NumLayers; i++) layers.Add(new GlmBlock(config, i, o));
         final_layernorm = GlmLayers.LayerNorm(config.HiddenSize, config.LayernormEpsilon, o);
         if (config.PreSeqLen is not null) prefix_encoder = new PrefixEncoder(config, o);
         RegisterComponents();
     }
 
-    /// <summary>The embedding table [vocab, hidden].</summary>
-    public Parameter WordEmbeddings => word_embeddings.Weight;
+    /// <summary>The float embedding table [vocab, hidden].</summary>
+    /// <exception cref="InvalidOperationException">The table is quantized (see <see cref="QuantizedWordEmbeddings"/>).</exception>
+    public Parameter WordEmbeddings => word_embeddings is GlmEmbedding e
+        ? e.Weight
+        : throw new InvalidOperationException("The word embeddings are quantized (GlmBuildOptions.QuantizeEmbeddings): use QuantizedWordEmbeddings.");
+
+    /// <summary>The quantized embedding table when built with <see cref="GlmBuildOptions.QuantizeEmbeddings"/>, else null.</summary>
+    public MinLora.Quantization.QuantizedEmbedding? QuantizedWordEmbeddings => word_embeddings as MinLora.Quantization.QuantizedEmbedding;
 
     /// <summary>
     /// Recompute each block in backward instead of keeping its activations (training without a cache or prefix

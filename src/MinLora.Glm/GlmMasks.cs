@@ -22,7 +22,10 @@ public static class GlmMasks
     public static Tensor BuildAttentionMask(Tensor inputIds, GlmConfig config)
     {
         var (ids, b, s) = Rows(inputIds, config);
-        var mask = new bool[b * s * s];
+        long cells = (long)b * s * s;
+        if (cells > Array.MaxLength)
+            throw new ArgumentException($"A full mask of {b} × {s} × {s} positions does not fit one array ({cells} cells); use shorter sequences or fewer rows per call.", nameof(inputIds));
+        var mask = new bool[cells];
         for (int r = 0; r < b; r++)
         {
             var (start, context, _) = Layout(ids[r], config);
@@ -31,7 +34,7 @@ public static class GlmMasks
                 for (int j = 0; j < s; j++)
                 {
                     bool visible = i >= start && j >= start && (j - start < context || j <= i);
-                    mask[(r * s + i) * s + j] = !visible;
+                    mask[((long)r * s + i) * s + j] = !visible;
                 }
             }
         }

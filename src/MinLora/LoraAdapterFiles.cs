@@ -23,8 +23,9 @@ public static class LoraAdapterFiles
     public const string LegacyWeightsFileName = "adapter_model.bin";
 
     /// <summary>
-    /// Writes one adapter in PEFT's layout into <paramref name="directory"/> (created if needed). Each file is
-    /// written to a temporary name and then renamed, so an existing adapter is never left half-written.
+    /// Writes one adapter in PEFT's layout into <paramref name="directory"/> (created if needed), all-or-nothing
+    /// (<see cref="AtomicDirectory"/>): the previous adapter there stays whole until the new one replaces it in one
+    /// step; other files in the directory are kept.
     /// </summary>
     /// <param name="model">The adapted model.</param>
     /// <param name="directory">The output directory.</param>
@@ -72,15 +73,19 @@ public static class LoraAdapterFiles
             ["library"] = "MinLora",
         };
 
-        Directory.CreateDirectory(directory);
         var weightsPath = Path.Combine(directory, WeightsFileName);
         var configPath = Path.Combine(directory, ConfigFileName);
         using (var scope = NewDisposeScope())
         {
             var export = tensors.ToDictionary(kv => LoraExtensions.PeftKeyPrefix + kv.Key, kv => kv.Value.detach().cpu().contiguous());
-            AtomicWrite(weightsPath, tmp => Safetensors.SaveStateDict(tmp, export));
+            // Both files are written into a staging directory and swapped in together: a reader or a crash sees the
+            // previous pair or the new pair, never a config beside weights of another rank.
+            AtomicDirectory.Write(directory, staging =>
+            {
+                Safetensors.SaveStateDict(Path.Combine(staging, WeightsFileName), export);
+                File.WriteAllText(Path.Combine(staging, ConfigFileName), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            });
         }
-        AtomicWrite(configPath, tmp => File.WriteAllText(tmp, config.ToJsonString(new JsonSerializerOptions { WriteIndented = true })));
         return new[] { configPath, weightsPath };
     }
 
@@ -182,7 +187,11 @@ public static class LoraAdapterFiles
         var bin = Path.Combine(directory, LegacyWeightsFileName);
         try
         {
-            if (File.Exists(st)) return Safetensors.LoadStateDict(st);
+            if (File.Exists(st))
+            {
+                SafetensorsHeader.Read(st);
+                return Safetensors.LoadStateDict(st);
+            }
             if (File.Exists(bin))
             {
                 var table = PyTorchUnpickler.UnpickleStateDict(bin);
@@ -227,19 +236,5 @@ public static class LoraAdapterFiles
             if (path == k || path.EndsWith("." + k, StringComparison.Ordinal)) return v;
         }
         return null;
-    }
-
-    internal static void AtomicWrite(string path, Action<string> write)
-    {
-        var tmp = path + "." + Guid.NewGuid().ToString("N")[..8] + ".tmp";
-        try
-        {
-            write(tmp);
-            File.Move(tmp, path, overwrite: true);
-        }
-        finally
-        {
-            if (File.Exists(tmp)) File.Delete(tmp);
-        }
     }
 }

@@ -288,4 +288,43 @@ public sealed class CheckpointTests : IDisposable
             Assert.True(err < bound, $"{dtype}: logits differ by {err}");
         }
     }
+
+    /// <summary>
+    /// quantization_embeddings: a model built with quantized projections and embedding table saves, and loads back
+    /// from config.json's flags into the same quantized modules with identical logits; the table is the format's size.
+    /// </summary>
+    [Theory]
+    [InlineData(8)]
+    [InlineData(4)]
+    public void QuantizedEmbeddings_BuildSaveAndLoadBack(int bits)
+    {
+        manual_seed(9);
+        var config = Tiny with { HiddenSize = 128, NumAttentionHeads = 4, InnerHiddenSize = 256, QuantizationBit = bits, QuantizationEmbeddings = true };
+        using var model = new GlmForCausalLM(config, new GlmBuildOptions { QuantizationBit = bits, QuantizeEmbeddings = true });
+        var table = model.Transformer.QuantizedWordEmbeddings;
+        Assert.NotNull(table);
+        Assert.Throws<InvalidOperationException>(() => model.Transformer.WordEmbeddings);
+        Assert.Equal(config.VocabSize * (bits == 8 ? 128L : 64L) + config.VocabSize * 2L, table.GetSizeInBytes());
+        Assert.True(table.QuantizedWeight.Weight.ne(0).any().item<bool>(), "random codes, not an empty table");
+
+        var dir = Path.Combine(_dir, $"qe{bits}");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
+        var sd = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous());
+        Assert.Contains("transformer.word_embeddings.weight_scale", sd.Keys);
+        Safetensors.SaveStateDict(Path.Combine(dir, "model.safetensors"), sd);
+        var (loaded, _) = GlmCheckpoint.FromPretrained(dir);
+        using (loaded)
+        {
+            Assert.NotNull(loaded.Transformer.QuantizedWordEmbeddings);
+            using var ids = randint(5, 80, new long[] { 2, 6 });
+            model.eval();
+            using var a = model.call(new GlmInput(ids));
+            using var b = loaded.call(new GlmInput(ids));
+            Assert.True(Fixtures.Identical(a.Logits, b.Logits));
+        }
+        // The flag without quantized weights is refused when the config is read.
+        File.WriteAllText(Path.Combine(dir, "config.json"), (config with { QuantizationBit = 0 }).ToJson());
+        Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(dir));
+    }
 }

@@ -15,7 +15,7 @@ public sealed record GenerationOptions
     /// <value>The default value is true.</value>
     public bool DoSample { get; init; } = true;
 
-    /// <summary>Softmax temperature (sampling only; must be positive).</summary>
+    /// <summary>Softmax temperature (sampling only: positive when sampling; ignored, and 0 allowed, for greedy decoding, as Hugging Face does).</summary>
     /// <value>The default value is 0.95.</value>
     public double Temperature { get; init; } = 0.95;
 
@@ -52,7 +52,8 @@ public sealed record GenerationOptions
     {
         if (MaxNewTokens is { } n && n <= 0) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), n, "Must be positive.");
         if (MaxLength <= 0) throw new ArgumentOutOfRangeException(nameof(MaxLength), MaxLength, "Must be positive.");
-        if (!(Temperature > 0) || double.IsInfinity(Temperature)) throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, "Must be positive and finite.");
+        if (DoSample ? !(Temperature > 0) || double.IsInfinity(Temperature) : !(Temperature >= 0) || double.IsInfinity(Temperature))
+            throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, DoSample ? "Must be positive and finite when sampling." : "Must be finite and not negative.");
         if (TopK < 0) throw new ArgumentOutOfRangeException(nameof(TopK), TopK, "Must be 0 (off) or positive.");
         if (!(TopP > 0 && TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(TopP), TopP, "Must be in (0, 1].");
         if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentOutOfRangeException(nameof(RepetitionPenalty), RepetitionPenalty, "Must be positive and finite.");

@@ -23,10 +23,13 @@ public static partial class GlmGeneration
     /// <param name="options">Generation settings; null: ChatGLM's chat defaults.</param>
     /// <param name="cancellationToken">Stops generation between steps.</param>
     /// <returns>The new tokens of each sequence and why it stopped.</returns>
-    /// <exception cref="ArgumentException">No inputs, an empty input, or a prompt already at MaxLength.</exception>
+    /// <exception cref="ArgumentException">No inputs, an empty input, an id outside the vocabulary, a prompt already at
+    /// MaxLength, or <see cref="GenerationOptions.StopStrings"/> (text needs a tokenizer: use the text APIs).</exception>
     /// <exception cref="OperationCanceledException">Cancelled.</exception>
     public static IReadOnlyList<GeneratedSequence> Generate(this GlmForCausalLM model, IReadOnlyList<IReadOnlyList<int>> inputs, GenerationOptions? options = null, CancellationToken cancellationToken = default)
     {
+        if (options?.StopStrings is { Count: > 0 })
+            throw new ArgumentException("StopStrings are matched on decoded text, which the id API cannot produce: use GenerateText, GenerateStreamAsync or Chat (which take the tokenizer), or StopTokenIds here.", nameof(options));
         var rows = inputs?.Select(_ => new List<int>()).ToList() ?? throw new ArgumentNullException(nameof(inputs));
         var reasons = new FinishReason?[inputs.Count];
         foreach (var step in Steps(model, inputs, options ?? new GenerationOptions(), null, cancellationToken))
@@ -202,6 +205,14 @@ public static partial class GlmGeneration
         if (inputs.Count == 0) throw new ArgumentException("Give at least one input.", nameof(inputs));
         if (inputs.Any(i => i is null || i.Count == 0)) throw new ArgumentException("An input is empty.", nameof(inputs));
         var config = model.Config;
+        for (int r = 0; r < inputs.Count; r++)
+        {
+            for (int i = 0; i < inputs[r].Count; i++)
+            {
+                if ((uint)inputs[r][i] >= (uint)config.VocabSize)
+                    throw new ArgumentException($"Input {r}, position {i}: token id {inputs[r][i]} is outside the vocabulary (0..{config.VocabSize - 1}).", nameof(inputs));
+            }
+        }
         int batch = inputs.Count, length = inputs.Max(i => i.Count);
         if (length >= options.MaxLength) throw new ArgumentException($"The prompt ({length} tokens) already reaches MaxLength ({options.MaxLength}).", nameof(inputs));
         int budget = Math.Min(options.MaxNewTokens ?? int.MaxValue, options.MaxLength - length);

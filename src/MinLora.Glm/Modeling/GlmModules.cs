@@ -40,6 +40,15 @@ public sealed record GlmBuildOptions(ScalarType Dtype = ScalarType.Float32, Devi
     /// </summary>
     /// <value>The default value is false.</value>
     public bool QuantizeLmHead { get; init; }
+
+    /// <summary>
+    /// With <see cref="QuantizationBit"/>, build <c>word_embeddings</c> as a <see cref="MinLora.Quantization.QuantizedEmbedding"/>
+    /// in the projections' format (ChatGLM's <c>quantization_embeddings</c>; state dict keys <c>weight</c> and
+    /// <c>weight_scale</c>): at int4, 0.27 GB instead of 1.07 GB. Each step dequantizes only the rows it looks up.
+    /// Not for checkpoints that tie the head to the embedding.
+    /// </summary>
+    /// <value>The default value is false.</value>
+    public bool QuantizeEmbeddings { get; init; }
 }
 
 /// <summary>Factories that allocate parameters directly where they belong (no CPU detour, no init when empty).</summary>
@@ -76,15 +85,39 @@ internal static class GlmLayers
     }
 
     /// <summary>
+    /// The word embedding table: float, or (with <see cref="GlmBuildOptions.QuantizeEmbeddings"/> and
+    /// <see cref="GlmBuildOptions.QuantizationBit"/>) quantized in the projections' format, random codes with unit
+    /// spread when <see cref="GlmInit.Random"/> (as the float table's normal initialisation).
+    /// </summary>
+    internal static nn.Module<Tensor, Tensor> Embedding(long rows, long dim, GlmBuildOptions o)
+    {
+        if (!o.QuantizeEmbeddings || o.QuantizationBit == 0) return new GlmEmbedding(rows, dim, o);
+        var format = o.QuantizationBit == 8 ? MinLora.Quantization.QuantizationFormat.Int8PerRow : o.Int4Format;
+        var device = o.Device ?? CPU;
+        bool random = o.Init == GlmInit.Random && device.type != DeviceType.META;
+        if (device.type == DeviceType.META) device = CPU;
+        var table = MinLora.Quantization.QuantizedEmbedding.Empty(rows, dim, format, 128, o.Dtype, device);
+        if (random) RandomizeQuantized(table.QuantizedWeight, Math.Sqrt(3));
+        return table;
+    }
+
+    /// <summary>
     /// Random integer codes with scales that give the spread of PyTorch's default Linear initialisation
     /// (uniform in ±1/√in), drawn directly in the stored format: no float weight is ever allocated.
     /// </summary>
     private static void RandomizeQuantized(MinLora.Quantization.QuantizedLinear layer)
     {
+        RandomizeQuantized(layer.QuantizedWeight, 1.0 / Math.Sqrt(layer.InFeatures));
+        using var noGrad = no_grad();
+        double bound = 1.0 / Math.Sqrt(layer.InFeatures);
+        layer.Bias?.uniform_(-bound, bound);
+    }
+
+    /// <summary>Random codes in the stored format, values spread about uniformly in ±<paramref name="bound"/>.</summary>
+    private static void RandomizeQuantized(MinLora.Quantization.QuantizedWeight q, double bound)
+    {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var q = layer.QuantizedWeight;
-        double bound = 1.0 / Math.Sqrt(layer.InFeatures);
         var w = q.Weight;
         switch (q.Format)
         {
@@ -103,7 +136,6 @@ internal static class GlmLayers
                 q.Zero!.fill_(bound / 15);
                 break;
         }
-        layer.Bias?.uniform_(-bound, bound);
     }
 
     internal static LayerNorm LayerNorm(long size, double eps, GlmBuildOptions o) =>
