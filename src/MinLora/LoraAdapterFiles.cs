@@ -98,12 +98,15 @@ public static class LoraAdapterFiles
     /// <param name="directory">A directory with <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> (or <c>.bin</c>).</param>
     /// <param name="adapterName">The name to give the adapter.</param>
     /// <param name="freezeBase">Freeze every non-LoRA parameter (for further training of the adapter only).</param>
+    /// <param name="allowNonFinite">Accept NaN or infinite adapter values (refused by default: such an adapter only
+    /// ever produces NaN outputs).</param>
     /// <returns>The paths of the adapted layers.</returns>
     /// <exception cref="FileNotFoundException">A file is missing.</exception>
-    /// <exception cref="InvalidDataException">The config is malformed or describes something other than plain LoRA.</exception>
+    /// <exception cref="InvalidDataException">The config is malformed (the message names the file and key), describes
+    /// something other than plain LoRA, a weight file is corrupt, or a tensor holds NaN/Inf.</exception>
     /// <exception cref="LoraStateDictMismatchException">The tensors do not fit the adapted layers.</exception>
     /// <exception cref="InvalidOperationException">The model already has an adapter of that name.</exception>
-    public static IReadOnlyList<string> LoadLoraAdapter(this nn.Module model, string directory, string adapterName = LoraConfig.DefaultAdapterName, bool freezeBase = true)
+    public static IReadOnlyList<string> LoadLoraAdapter(this nn.Module model, string directory, string adapterName = LoraConfig.DefaultAdapterName, bool freezeBase = true, bool allowNonFinite = false)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentException.ThrowIfNullOrWhiteSpace(directory);
@@ -121,50 +124,134 @@ public static class LoraAdapterFiles
         {
             throw new InvalidDataException($"{configPath} is not valid JSON: {ex.Message}", ex);
         }
-        var peftType = json["peft_type"]?.GetValue<string>();
+        var peftType = ReadString(json, "peft_type", configPath);
         if (peftType is not null && peftType != "LORA") throw new InvalidDataException($"{configPath}: peft_type is '{peftType}', not LORA.");
-        if (json["use_dora"]?.GetValue<bool>() == true) throw new InvalidDataException($"{configPath}: DoRA adapters are not supported.");
-        if (json["fan_in_fan_out"]?.GetValue<bool>() == true) throw new InvalidDataException($"{configPath}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported.");
-        var bias = json["bias"]?.GetValue<string>() ?? "none";
+        if (Read<bool>(json, "use_dora", configPath) == true) throw new InvalidDataException($"{configPath}: DoRA adapters are not supported.");
+        if (Read<bool>(json, "fan_in_fan_out", configPath) == true) throw new InvalidDataException($"{configPath}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported.");
+        var bias = ReadString(json, "bias", configPath) ?? "none";
         if (bias != "none") throw new InvalidDataException($"{configPath}: bias '{bias}' is not supported (only 'none').");
-        int rank = ReadInt(json, "r", configPath);
-        double alpha = json["lora_alpha"] is { } a ? a.GetValue<double>() : rank;
-        double dropout = json["lora_dropout"]?.GetValue<double>() ?? 0;
-        bool rs = json["use_rslora"]?.GetValue<bool>() ?? false;
+        int rank = Read<int>(json, "r", configPath) ?? throw new InvalidDataException($"{configPath}: 'r' is missing.");
+        if (rank < 1) throw new InvalidDataException($"{configPath}: 'r' must be at least 1, got {rank}.");
+        double alpha = Read<double>(json, "lora_alpha", configPath) ?? rank;
+        if (!double.IsFinite(alpha)) throw new InvalidDataException($"{configPath}: 'lora_alpha' must be finite, got {alpha}.");
+        double dropout = Read<double>(json, "lora_dropout", configPath) ?? 0;
+        if (!(dropout >= 0 && dropout < 1)) throw new InvalidDataException($"{configPath}: 'lora_dropout' must be in [0, 1), got {dropout}.");
+        bool rs = Read<bool>(json, "use_rslora", configPath) ?? false;
         var targets = json["target_modules"] switch
         {
-            JsonArray arr => arr.Select(n => n!.GetValue<string>()).ToList(),
+            JsonArray arr => arr.Select((n, i) => n is JsonValue v && v.TryGetValue(out string? t) && !string.IsNullOrEmpty(t)
+                ? t : throw new InvalidDataException($"{configPath}: target_modules[{i}] is not a module name ({n?.ToJsonString() ?? "null"}).")).ToList(),
             JsonValue v => throw new InvalidDataException($"{configPath}: target_modules '{v}' is a regular expression or preset; only a list of names is supported."),
             _ => throw new InvalidDataException($"{configPath}: target_modules is missing."),
         };
-        var rankPattern = ReadPattern(json, "rank_pattern");
-        var alphaPattern = ReadPattern(json, "alpha_pattern");
+        var rankPattern = ReadPattern(json, "rank_pattern", configPath);
+        var alphaPattern = ReadPattern(json, "alpha_pattern", configPath);
 
         var tensors = ReadWeights(directory);
-        // What a failed load must put back: each layer's active adapters and every parameter's requires_grad.
-        var activeBefore = model.GetLoraLayers().Select(l => (l.Layer, Active: l.Layer.ActiveAdapters.ToArray())).ToList();
-        var gradBefore = model.named_parameters().Select(p => (p.parameter, p.parameter.requires_grad)).ToList();
-        var baseConfig = new LoraConfig { Rank = rank, Alpha = alpha, Dropout = dropout, UseRsLora = rs, AdapterName = adapterName, FreezeBase = freezeBase, TargetModules = targets };
         try
         {
-            IReadOnlyList<string> adapted;
+            if (!allowNonFinite) RequireFinite(tensors, directory);
+            var baseConfig = new LoraConfig { Rank = rank, Alpha = alpha, Dropout = dropout, UseRsLora = rs, AdapterName = adapterName, FreezeBase = freezeBase, TargetModules = targets };
+            List<LoraConfig> configs;
             if (rankPattern.Count == 0 && alphaPattern.Count == 0)
             {
-                adapted = model.AddLora(baseConfig);
+                configs = new List<LoraConfig> { baseConfig };
             }
             else
             {
                 // Group the matched modules by their (rank, alpha) and add each group with its own settings.
                 var matched = ModuleTree.Walk(model).Where(s => baseConfig.IsExplicitTarget(s.Path, s.Module)).Select(s => s.Path).ToList();
-                var groups = matched.GroupBy(p => (R: Lookup(rankPattern, p) ?? rank, A: Lookup(alphaPattern, p) ?? alpha));
-                var all = new List<string>();
-                foreach (var g in groups)
+                configs = matched.GroupBy(p => (R: Lookup(rankPattern, p) ?? rank, A: Lookup(alphaPattern, p) ?? alpha)).Select(g =>
                 {
                     var paths = g.ToHashSet(StringComparer.Ordinal);
-                    all.AddRange(model.AddLora(baseConfig with { Rank = (int)g.Key.R, Alpha = g.Key.A, TargetModules = null, TargetPredicate = (p, _) => paths.Contains(p) }));
-                }
-                adapted = all;
+                    return baseConfig with { Rank = (int)g.Key.R, Alpha = g.Key.A, TargetModules = null, TargetPredicate = (p, _) => paths.Contains(p) };
+                }).ToList();
             }
+            return AddAndLoad(model, configs, tensors, adapterName);
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Loads the LoRA file the book's Python code writes with minLoRA (<c>get_lora_state_dict</c> + <c>torch.save</c>,
+    /// usually <c>lora.pth</c>; a safetensors file of the same keys also works): keys
+    /// <c>&lt;path&gt;.parametrizations.weight.0.lora_A</c> [r, in] and <c>.lora_B</c> [out, r] on Linear layers. The
+    /// adapted layers and each one's rank come from the file; minLoRA stores no alpha, so give the one used in training
+    /// (minLoRA's default is 1; the update is scaled by alpha / r as there). On any error the model is left as it was.
+    /// </summary>
+    /// <param name="model">The base model.</param>
+    /// <param name="path">The .pth (PyTorch pickle) or .safetensors file.</param>
+    /// <param name="alpha">minLoRA's <c>lora_alpha</c> used in training.</param>
+    /// <param name="adapterName">The name to give the adapter.</param>
+    /// <param name="freezeBase">Freeze every non-LoRA parameter.</param>
+    /// <param name="allowNonFinite">Accept NaN or infinite values.</param>
+    /// <returns>The paths of the adapted layers.</returns>
+    /// <exception cref="FileNotFoundException">No such file.</exception>
+    /// <exception cref="InvalidDataException">A corrupt file, keys that are not minLoRA's, inconsistent ranks, NaN/Inf,
+    /// or a path that is not a linear layer of the model (the message names the key).</exception>
+    /// <exception cref="LoraStateDictMismatchException">The shapes do not fit the model's layers.</exception>
+    public static IReadOnlyList<string> LoadMinLoraFile(this nn.Module model, string path, double alpha = 1.0, string adapterName = LoraConfig.DefaultAdapterName, bool freezeBase = true, bool allowNonFinite = false)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        if (!double.IsFinite(alpha)) throw new ArgumentOutOfRangeException(nameof(alpha), alpha, "Must be finite.");
+        if (!File.Exists(path)) throw new FileNotFoundException($"No LoRA file '{path}'.", path);
+        if (model.GetLoraAdapterNames().Contains(adapterName))
+            throw new InvalidOperationException($"The model already has an adapter named '{adapterName}'; load under another name or delete it first.");
+        var tensors = ReadTensorFile(path);
+        try
+        {
+            if (!allowNonFinite) RequireFinite(tensors, path);
+            const string A = ".parametrizations.weight.0.lora_A", B = ".parametrizations.weight.0.lora_B";
+            var ranks = new Dictionary<string, int>(StringComparer.Ordinal);
+            var mapped = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+            foreach (var (key, t) in tensors)
+            {
+                bool isA = key.EndsWith(A, StringComparison.Ordinal), isB = key.EndsWith(B, StringComparison.Ordinal);
+                if (!isA && !isB) throw new InvalidDataException($"{path}: '{key}' is not a minLoRA key (<path>{A} / <path>{B}).");
+                if (t.dim() != 2) throw new InvalidDataException($"{path}: '{key}' has rank {t.dim()}, expected a matrix.");
+                var layer = key[..^A.Length];
+                int r = (int)(isA ? t.shape[0] : t.shape[1]);
+                if (ranks.TryGetValue(layer, out int other) && other != r)
+                    throw new InvalidDataException($"{path}: lora_A and lora_B of '{layer}' disagree on the rank ({other} vs {r}).");
+                ranks[layer] = r;
+                mapped[layer + (isA ? ".lora_A.weight" : ".lora_B.weight")] = t;
+            }
+            if (ranks.Count == 0) throw new InvalidDataException($"{path} holds no LoRA tensors.");
+            var modules = ModuleTree.Walk(model).ToDictionary(m => m.Path, m => m.Module, StringComparer.Ordinal);
+            foreach (var layer in ranks.Keys)
+            {
+                if (!modules.TryGetValue(layer, out var m))
+                    throw new InvalidDataException($"{path}: the model has no module '{layer}'.");
+                if (m is not (TorchSharp.Modules.Linear or ILinearLayer))
+                    throw new InvalidDataException($"{path}: '{layer}' is a {m.GetType().Name}; minLoRA files are read for linear layers only.");
+            }
+            var configs = ranks.GroupBy(kv => kv.Value).Select(g =>
+            {
+                var paths = g.Select(kv => kv.Key).ToHashSet(StringComparer.Ordinal);
+                return new LoraConfig { Rank = g.Key, Alpha = alpha, AdapterName = adapterName, FreezeBase = freezeBase, TargetPredicate = (p, _) => paths.Contains(p) };
+            }).ToList();
+            return AddAndLoad(model, configs, mapped, adapterName);
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>Adds the adapter (one config per rank/alpha group) and loads its tensors strictly; on failure puts the model back.</summary>
+    private static IReadOnlyList<string> AddAndLoad(nn.Module model, IReadOnlyList<LoraConfig> configs, IReadOnlyDictionary<string, Tensor> tensors, string adapterName)
+    {
+        // What a failed load must put back: each layer's active adapters and every parameter's requires_grad.
+        var activeBefore = model.GetLoraLayers().Select(l => (l.Layer, Active: l.Layer.ActiveAdapters.ToArray())).ToList();
+        var gradBefore = model.named_parameters().Select(p => (p.parameter, p.parameter.requires_grad)).ToList();
+        try
+        {
+            var adapted = new List<string>();
+            foreach (var c in configs) adapted.AddRange(model.AddLora(c));
             model.LoadLoraStateDict(tensors, adapterName, strict: true);
             return adapted;
         }
@@ -175,9 +262,32 @@ public static class LoraAdapterFiles
             foreach (var (p, grad) in gradBefore) p.requires_grad = grad;
             throw;
         }
-        finally
+    }
+
+    private static void RequireFinite(IReadOnlyDictionary<string, Tensor> tensors, string source)
+    {
+        foreach (var (key, t) in tensors)
         {
-            foreach (var t in tensors.Values) t.Dispose();
+            if (Dtypes.IsFloating(t.dtype) && !isfinite(t).all().item<bool>())
+                throw new InvalidDataException($"{source}: '{key}' holds NaN or infinite values (pass allowNonFinite: true to load it anyway).");
+        }
+    }
+
+    private static T? Read<T>(JsonObject json, string key, string path) where T : struct => (T?)ReadNode<T>(json, key, path);
+
+    private static string? ReadString(JsonObject json, string key, string path) => (string?)ReadNode<string>(json, key, path);
+
+    private static object? ReadNode<T>(JsonObject json, string key, string path)
+    {
+        var node = json[key];
+        if (node is null) return null;
+        try
+        {
+            return node.GetValue<T>();
+        }
+        catch (Exception ex) when (ex is FormatException or InvalidOperationException)
+        {
+            throw new InvalidDataException($"{path}: '{key}' has the wrong type ({node.ToJsonString()}, expected {typeof(T).Name}).", ex);
         }
     }
 
@@ -185,46 +295,53 @@ public static class LoraAdapterFiles
     {
         var st = Path.Combine(directory, WeightsFileName);
         var bin = Path.Combine(directory, LegacyWeightsFileName);
-        try
-        {
-            if (File.Exists(st))
-            {
-                SafetensorsHeader.Read(st);
-                return Safetensors.LoadStateDict(st);
-            }
-            if (File.Exists(bin))
-            {
-                var table = PyTorchUnpickler.UnpickleStateDict(bin);
-                var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-                foreach (System.Collections.DictionaryEntry e in table) dict[(string)e.Key] = (Tensor)e.Value!;
-                return dict;
-            }
-        }
-        catch (Exception ex) when (ex is not FileNotFoundException)
-        {
-            throw new InvalidDataException($"Cannot read the adapter weights in '{directory}': {ex.Message}", ex);
-        }
+        if (File.Exists(st)) return ReadTensorFile(st);
+        if (File.Exists(bin)) return ReadTensorFile(bin);
         throw new FileNotFoundException($"No {WeightsFileName} or {LegacyWeightsFileName} in '{directory}'.", st);
     }
 
-    private static int ReadInt(JsonObject json, string key, string path)
+    /// <summary>A safetensors file (header checked first) or a PyTorch pickle of a flat name → tensor dictionary.</summary>
+    private static Dictionary<string, Tensor> ReadTensorFile(string path)
     {
         try
         {
-            return json[key]?.GetValue<int>() ?? throw new InvalidDataException($"{path}: '{key}' is missing.");
+            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+            {
+                SafetensorsHeader.Read(path);
+                return Safetensors.LoadStateDict(path);
+            }
+            var table = PyTorchUnpickler.UnpickleStateDict(path);
+            var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+            foreach (System.Collections.DictionaryEntry e in table)
+            {
+                if (e.Key is not string k || e.Value is not Tensor t) throw new InvalidDataException("an entry is not a name → tensor pair");
+                dict[k] = t;
+            }
+            return dict;
         }
-        catch (Exception ex) when (ex is FormatException or InvalidOperationException)
+        catch (Exception ex) when (ex is not FileNotFoundException and not OutOfMemoryException)
         {
-            throw new InvalidDataException($"{path}: '{key}' is not an integer.", ex);
+            throw new InvalidDataException($"Cannot read the LoRA weights '{path}': {ex.Message}", ex);
         }
     }
 
-    private static Dictionary<string, double> ReadPattern(JsonObject json, string key)
+    private static Dictionary<string, double> ReadPattern(JsonObject json, string key, string path)
     {
         var result = new Dictionary<string, double>(StringComparer.Ordinal);
-        if (json[key] is JsonObject o)
+        switch (json[key])
         {
-            foreach (var (k, v) in o) result[k] = v!.GetValue<double>();
+            case null:
+                break;
+            case JsonObject o:
+                foreach (var (k, v) in o)
+                {
+                    if (v is not JsonValue value || !value.TryGetValue(out double d) || !double.IsFinite(d))
+                        throw new InvalidDataException($"{path}: {key}['{k}'] is not a finite number ({v?.ToJsonString() ?? "null"}).");
+                    result[k] = d;
+                }
+                break;
+            default:
+                throw new InvalidDataException($"{path}: '{key}' is not an object.");
         }
         return result;
     }

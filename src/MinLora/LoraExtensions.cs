@@ -134,12 +134,22 @@ public static class LoraExtensions
     /// <param name="model">The adapted model.</param>
     /// <param name="unload">Remove the wrappers after merging.</param>
     /// <param name="adapterNames">Adapters to merge; null means the active ones.</param>
-    /// <param name="safeMerge">Check that each update is finite before changing any weight of that layer.</param>
+    /// <param name="safeMerge">Check that every layer's update is finite before changing any weight (the opt-out skips the check).</param>
     /// <returns>What was merged, and whether any base (e.g. quantized) rounded the result.</returns>
     /// <exception cref="InvalidOperationException">The model has no LoRA layers, or an update is not finite.</exception>
     public static LoraMergeResult MergeLora(this nn.Module model, bool unload = true, IReadOnlyList<string>? adapterNames = null, bool safeMerge = true)
     {
         var layers = RequireLayers(model);
+        if (safeMerge)
+        {
+            // Every layer's update is checked before any weight changes: a bad adapter in a later layer must not leave
+            // the earlier layers merged.
+            foreach (var (path, layer) in layers)
+            {
+                if (layer.FirstNonFiniteUpdate((adapterNames ?? layer.ActiveAdapters).Where(layer.HasAdapter)) is { } bad)
+                    throw new InvalidOperationException($"LoRA adapter '{bad}' has a non-finite weight update (NaN or Inf) in '{path}'; nothing was merged.");
+            }
+        }
         bool exact = true;
         var merged = new HashSet<string>(StringComparer.Ordinal);
         foreach (var (_, layer) in layers)

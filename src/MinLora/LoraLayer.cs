@@ -156,6 +156,18 @@ public abstract class LoraLayer : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>Folds the given adapters into the base weight. Returns false if any merge was rounded by the base.</summary>
+    /// <summary>The first of <paramref name="adapterNames"/> (not merged yet) whose weight update is not finite, or null.</summary>
+    internal string? FirstNonFiniteUpdate(IEnumerable<string> adapterNames)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        foreach (var n in adapterNames.Where(n => !_merged.Contains(n)).Distinct())
+        {
+            if (!isfinite(DeltaWeight(n, GetAdapterInfo(n))).all().item<bool>()) return n;
+        }
+        return null;
+    }
+
     internal bool Merge(IEnumerable<string> adapterNames, bool safeMerge)
     {
         // Check every update first, so a bad adapter leaves the layer's weight untouched.

@@ -21,6 +21,8 @@ public static class SafetensorsHeader
     /// <summary>The largest header accepted (the format's own limit is 100 MB).</summary>
     public const long MaxHeaderBytes = 100_000_000;
 
+    private static readonly System.Text.UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
     private static readonly Dictionary<string, int> ElementBytes = new(StringComparer.Ordinal)
     {
         ["BOOL"] = 1, ["U8"] = 1, ["I8"] = 1, ["F8_E4M3"] = 1, ["F8_E5M2"] = 1,
@@ -54,7 +56,12 @@ public static class SafetensorsHeader
         JsonDocument doc;
         try
         {
+            _ = StrictUtf8.GetCharCount(header); // names must be text: invalid UTF-8 would surface later as a raw error
             doc = JsonDocument.Parse(header);
+        }
+        catch (System.Text.DecoderFallbackException ex)
+        {
+            throw new InvalidDataException($"{path}: the header is not valid UTF-8 text ({ex.Message}).", ex);
         }
         catch (JsonException ex)
         {
