@@ -18,18 +18,33 @@ try
     for (int i = 0; i < args.Length; i++)
     {
         string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
+        // Plain numbers only: no thousands separators, finite values.
+        int Int()
+        {
+            var name = args[i];
+            var v = Value();
+            return int.TryParse(v, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var r) ? r : throw new ArgumentException($"{name} needs an integer, got '{v}'");
+        }
+        double Real()
+        {
+            var name = args[i];
+            var v = Value();
+            return double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out var r) && double.IsFinite(r) ? r : throw new ArgumentException($"{name} needs a finite number, got '{v}'");
+        }
         switch (args[i])
         {
             case "--model": modelDir = Value(); break;
-            case "--top-p": options = options with { TopP = double.Parse(Value(), CultureInfo.InvariantCulture) }; break;
-            case "--temperature": options = options with { Temperature = double.Parse(Value(), CultureInfo.InvariantCulture) }; break;
-            case "--max-new-tokens": options = options with { MaxNewTokens = int.Parse(Value(), CultureInfo.InvariantCulture) }; break;
-            case "--bits": bits = int.Parse(Value(), CultureInfo.InvariantCulture); break;
+            case "--top-p": options = options with { TopP = Real() }; break;
+            case "--temperature": options = options with { Temperature = Real() }; break;
+            case "--max-new-tokens": options = options with { MaxNewTokens = Int() }; break;
+            case "--bits": bits = Int(); break;
             case "--greedy": options = options with { DoSample = false }; break;
             default: throw new ArgumentException($"unknown option {args[i]}");
         }
     }
     options.Validate();
+    if (bits is not (0 or 4 or 8)) throw new ArgumentException($"--bits must be 0, 4 or 8, got {bits}");
+    if (!Directory.Exists(modelDir)) throw new ArgumentException($"--model: no directory '{modelDir}'");
 }
 catch (Exception ex) when (ex is ArgumentException or FormatException or OverflowException)
 {

@@ -95,20 +95,19 @@ public static class SpoData
         return examples;
     }
 
-    /// <summary>Writes examples as JSON lines in the book's format (atomically: temp file, then rename).</summary>
+    /// <summary>Writes examples as JSON lines in the book's format, all-or-nothing (<see cref="AtomicDirectory.WriteFile"/>).</summary>
     /// <param name="path">The file.</param>
     /// <param name="examples">The examples.</param>
     public static void WriteJsonLines(string path, IEnumerable<SpoExample> examples)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(path);
         ArgumentNullException.ThrowIfNull(examples);
-        var tmp = path + ".tmp";
-        using (var w = new StreamWriter(tmp, false, new UTF8Encoding(false)))
+        var options = new JsonSerializerOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+        AtomicDirectory.WriteFile(path, tmp =>
         {
-            foreach (var e in examples)
-                w.WriteLine(JsonSerializer.Serialize(new { text = e.Text, answer = e.Answer }, new JsonSerializerOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
-        }
-        File.Move(tmp, path, overwrite: true);
+            using var w = new StreamWriter(tmp, false, new UTF8Encoding(false));
+            foreach (var e in examples) w.WriteLine(JsonSerializer.Serialize(new { text = e.Text, answer = e.Answer }, options));
+        });
     }
 
     private static string Value(JsonElement e) =>
