@@ -306,4 +306,42 @@ public sealed class RobustFilesTests : IDisposable
         Assert.Throws<LoraStateDictMismatchException>(() => model.LoadMinLoraFile(path));
         Assert.Empty(model.GetLoraAdapterNames());
     }
+
+    /// <summary>
+    /// 1,500 mutated or truncated adapter configs (time-bounded) beside valid weights: loading succeeds or throws a
+    /// documented exception, and a failed load leaves the model exactly as it was (no adapter, same parameters).
+    /// </summary>
+    [Fact]
+    public void AdapterConfig_Fuzz_OnlyDocumentedExceptions_AndNoPartialState()
+    {
+        var dir = WriteAdapter(Path.Combine(_dir, "fuzz"), "{\"peft_type\":\"LORA\",\"r\":4,\"lora_alpha\":8,\"lora_dropout\":0.0,\"target_modules\":[\"fc1\"],\"rank_pattern\":{},\"alpha_pattern\":{},\"bias\":\"none\",\"use_rslora\":false}", ToyAdapterTensors());
+        var configPath = Path.Combine(dir, LoraAdapterFiles.ConfigFileName);
+        var valid = File.ReadAllBytes(configPath);
+        using var model = new ToyNet();
+        var before = Snapshot.Clone(model);
+        var rng = new Random(5);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        int refused = 0, loaded = 0;
+        const string Alphabet = "{}[]\":,.-0123456789eEtrufalsn";
+        for (int i = 0; i < 1500 && clock.Elapsed < TimeSpan.FromSeconds(30); i++)
+        {
+            byte[] bytes = rng.Next(4) == 0 ? valid[..rng.Next(valid.Length)] : (byte[])valid.Clone();
+            if (bytes.Length == valid.Length)
+                for (int m = rng.Next(1, 4); m > 0; m--) bytes[rng.Next(bytes.Length)] = (byte)Alphabet[rng.Next(Alphabet.Length)];
+            File.WriteAllBytes(configPath, bytes);
+            try
+            {
+                model.LoadLoraAdapter(dir);
+                loaded++;
+                model.RemoveLora();
+            }
+            catch (Exception ex) when (ex is InvalidDataException or LoraStateDictMismatchException or ArgumentException)
+            {
+                refused++;
+                Assert.Empty(model.GetLoraAdapterNames());
+            }
+        }
+        Snapshot.AssertEqual(before, Snapshot.Clone(model));
+        Assert.True(refused > 100 && loaded > 0, $"{refused} refused, {loaded} loaded");
+    }
 }
