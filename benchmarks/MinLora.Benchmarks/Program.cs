@@ -22,6 +22,7 @@ if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains
 if (suite == "model") return ModelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
+if (suite == "tokenizer") return TokenizerSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {
     Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model)");

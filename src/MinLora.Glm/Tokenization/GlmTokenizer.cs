@@ -1,6 +1,5 @@
 using System.Text;
 using System.Text.Json;
-using Microsoft.ML.Tokenizers;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -22,28 +21,29 @@ public sealed record GlmBatch(Tensor InputIds, Tensor AttentionMask, Tensor Posi
 }
 
 /// <summary>
-/// ChatGLM-6B's tokenizer (<c>tokenization_chatglm.py</c> + <c>ice_text.model</c>): SentencePiece Unigram through
-/// Microsoft.ML.Tokenizers' <see cref="SentencePieceTokenizer"/>, with ChatGLM's preprocessing (<c>\n</c> → <c>&lt;n&gt;</c>,
+/// ChatGLM-6B's tokenizer (<c>tokenization_chatglm.py</c> + <c>ice_text.model</c>): SentencePiece Unigram computed
+/// as SentencePiece computes it (normalizer, Viterbi, byte fallback; linear in the text length), with ChatGLM's preprocessing (<c>\n</c> → <c>&lt;n&gt;</c>,
 /// <c>\t</c> → <c>&lt;|tab|&gt;</c>, runs of 2–80 spaces → <c>&lt;|blank_N|&gt;</c>), its special tokens, the image-token
 /// offset of old vocabularies, and decoding that reverses all of it.
 /// </summary>
 /// <remarks>
-/// Two Microsoft.ML.Tokenizers 2.0.1 defects are worked around (docs/tokenizers-upstream.md): byte-fallback ids come out
-/// offset from the last piece instead of from <c>&lt;0x00&gt;</c> (corrected here), and <c>Decode</c> returns empty text
-/// for ice_text.model (decoding uses the model's own piece table instead). Only load model files from a trusted source.
+/// The encoder is MinLora's own (Microsoft.ML.Tokenizers 2.0.1's Unigram breaks ties differently from SentencePiece,
+/// numbers byte-fallback pieces wrongly, decodes ice_text.model to empty text and is quadratic in the text length:
+/// docs/tokenizers-upstream.md). Text goes to UTF-8 with .NET's encoder, so invalid UTF-16 (a lone or reversed
+/// surrogate) is encoded as U+FFFD, never dropped.
 /// </remarks>
 public sealed class GlmTokenizer
 {
     /// <summary>The longest run of spaces with its own token.</summary>
     public const int MaxBlankLength = 80;
 
-    private readonly SentencePieceTokenizer _sp;
+    private readonly UnigramEncoder _encoder;
     private readonly SentencePieceModel _model;
     private readonly int _imageTokens;
 
-    private GlmTokenizer(SentencePieceTokenizer sp, SentencePieceModel model, int imageTokens)
+    private GlmTokenizer(SentencePieceModel model, int imageTokens)
     {
-        _sp = sp;
+        _encoder = new UnigramEncoder(model);
         _model = model;
         _imageTokens = imageTokens;
         int Id(string piece)
@@ -133,16 +133,8 @@ public sealed class GlmTokenizer
         modelStream.CopyTo(buffer);
         var bytes = buffer.ToArray();
         var model = SentencePieceModel.Parse(bytes);
-        SentencePieceTokenizer sp;
-        try
-        {
-            sp = SentencePieceTokenizer.Create(new MemoryStream(bytes), false, false);
-        }
-        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or NotSupportedException or FormatException)
-        {
-            throw new InvalidDataException($"Microsoft.ML.Tokenizers cannot read this SentencePiece model: {ex.Message}", ex);
-        }
-        return new GlmTokenizer(sp, model, numImageTokens);
+        if (model.ModelType != 1) throw new InvalidDataException($"The SentencePiece model is of type {model.ModelType}, not Unigram (1): not a ChatGLM tokenizer model.");
+        return new GlmTokenizer(model, numImageTokens);
     }
 
     /// <summary>ChatGLM's preprocessing: <c>\n</c> → <c>&lt;n&gt;</c>, <c>\t</c> → <c>&lt;|tab|&gt;</c>, runs of 80…2 spaces → <c>&lt;|blank_N|&gt;</c>.</summary>
@@ -176,62 +168,15 @@ public sealed class GlmTokenizer
     }
 
     /// <summary>
-    /// SentencePiece ids of preprocessed text. Microsoft.ML.Tokenizers 2.0.1 gets the segmentation right but numbers
-    /// byte-fallback pieces 255 too high (from the last byte piece instead of <c>&lt;0x00&gt;</c>), which can land on
-    /// ordinary pieces; so byte-fallback tokens are recognised by their text span (the piece does not spell it; the
-    /// following bytes of the character have empty spans) and renumbered from the character's UTF-8 bytes. A run of
-    /// unknown characters is one <c>&lt;unk&gt;</c>, as in SentencePiece.
+    /// SentencePiece ids of preprocessed text, computed as SentencePiece computes them (<see cref="UnigramEncoder"/>:
+    /// the model's normalizer, the optimized Viterbi with its score arithmetic and tie-breaking, byte fallback). The
+    /// text goes to UTF-8 with .NET's encoder, which writes invalid UTF-16 (a lone or reversed surrogate) as U+FFFD.
     /// </summary>
     private List<int> SentencePieceIds(string preprocessed)
     {
-        IReadOnlyList<EncodedToken> tokens;
-        string? normalizedText;
-        try
-        {
-            tokens = _sp.EncodeToTokens(preprocessed, out normalizedText, false, false, true, true);
-        }
-        catch (IndexOutOfRangeException)
-        {
-            // The library fails to build token values when its wrong byte ids run past the vocabulary (they do for
-            // ice_text.model, whose byte pieces are the last 256). Those ids are then unambiguous: renumber them.
-            return IdsPastTheVocabulary(preprocessed);
-        }
-        var normalized = normalizedText ?? preprocessed;
-        var result = new List<int>(tokens.Count);
-        int unk = _model.IdOf("<unk>");
-        for (int i = 0; i < tokens.Count; i++)
-        {
-            var t = tokens[i];
-            var (start, length) = t.Offset.GetOffsetAndLength(normalized.Length);
-            string span = normalized.Substring(start, length);
-            int id = t.Id;
-            bool spelled = id >= 0 && id < _model.Pieces.Count && _model.Pieces[id].Piece == span;
-            if (!spelled && _model.FirstByteId >= 0 && length > 0 && id != unk)
-            {
-                foreach (var b in Encoding.UTF8.GetBytes(span)) result.Add(_model.FirstByteId + b);
-                while (i + 1 < tokens.Count && tokens[i + 1].Offset.GetOffsetAndLength(normalized.Length).Length == 0) i++;
-                continue;
-            }
-            if (id == unk && result.Count > 0 && result[^1] == unk) continue;
-            result.Add(id >= 0 && id < _model.Pieces.Count ? id : unk);
-        }
-        return result;
-    }
-
-    private List<int> IdsPastTheVocabulary(string preprocessed)
-    {
-        int count = _model.Pieces.Count, unk = _model.IdOf("<unk>");
-        var result = new List<int>();
-        foreach (var id in _sp.EncodeToIds(preprocessed, false, false, true, true))
-        {
-            if (id < count) result.Add(id);
-            else
-            {
-                int b = id - _model.FirstByteId - 255;
-                result.Add(_model.FirstByteId >= 0 && b is >= 0 and <= 255 ? _model.FirstByteId + b : unk);
-            }
-        }
-        return result;
+        var ids = new List<int>(preprocessed.Length);
+        _encoder.Encode(Encoding.UTF8.GetBytes(preprocessed), ids);
+        return ids;
     }
 
     /// <summary>The model input for a prompt (and, for training, an answer): <c>prompt [gMASK] &lt;sop&gt; (answer &lt;eop&gt;)</c>.</summary>

@@ -34,12 +34,17 @@ public sealed class SentencePieceModel
 {
     private readonly Dictionary<string, int> _ids;
 
-    private SentencePieceModel(List<SentencePiece> pieces, bool addDummyPrefix, bool removeExtraWhitespaces, int modelType)
+    private SentencePieceModel(List<SentencePiece> pieces, List<byte[]> pieceBytes, NormalizerSettings normalizer, TrainerSettings trainer)
     {
         Pieces = pieces;
-        AddDummyPrefix = addDummyPrefix;
-        RemoveExtraWhitespaces = removeExtraWhitespaces;
-        ModelType = modelType;
+        PieceBytes = pieceBytes;
+        AddDummyPrefix = normalizer.AddDummyPrefix;
+        RemoveExtraWhitespaces = normalizer.RemoveExtraWhitespaces;
+        EscapeWhitespaces = normalizer.EscapeWhitespaces;
+        PrecompiledCharsMap = normalizer.CharsMap;
+        ModelType = trainer.ModelType;
+        ByteFallback = trainer.ByteFallback;
+        TreatWhitespaceAsSuffix = trainer.TreatWhitespaceAsSuffix;
         _ids = new Dictionary<string, int>(StringComparer.Ordinal);
         for (int i = 0; i < pieces.Count; i++) _ids.TryAdd(pieces[i].Piece, i);
         int firstByte = pieces.FindIndex(p => p.Type == PieceType.Byte);
@@ -58,6 +63,25 @@ public sealed class SentencePieceModel
     /// <summary>TrainerSpec.model_type (1 = Unigram, 2 = BPE).</summary>
     public int ModelType { get; }
 
+    /// <summary>Whether spaces become <c>▁</c> (U+2581) in the normalized text (proto default true).</summary>
+    public bool EscapeWhitespaces { get; }
+
+    /// <summary>Whether unknown characters are written as their UTF-8 byte pieces (TrainerSpec.byte_fallback).</summary>
+    public bool ByteFallback { get; }
+
+    /// <summary>TrainerSpec.treat_whitespace_as_suffix (the dummy space goes at the end instead).</summary>
+    public bool TreatWhitespaceAsSuffix { get; }
+
+    /// <summary>The normalizer's precompiled character map (a double-array trie and its replacement strings), or empty.</summary>
+    internal byte[] PrecompiledCharsMap { get; }
+
+    /// <summary>Every piece's exact UTF-8 bytes, by id.</summary>
+    internal IReadOnlyList<byte[]> PieceBytes { get; }
+
+    private readonly record struct NormalizerSettings(bool AddDummyPrefix, bool RemoveExtraWhitespaces, bool EscapeWhitespaces, byte[] CharsMap);
+
+    private readonly record struct TrainerSettings(int ModelType, bool ByteFallback, bool TreatWhitespaceAsSuffix);
+
     /// <summary>The id of <c>&lt;0x00&gt;</c>, or −1 without byte fallback.</summary>
     public int FirstByteId { get; }
 
@@ -73,55 +97,73 @@ public sealed class SentencePieceModel
     public static SentencePieceModel Parse(ReadOnlySpan<byte> data)
     {
         var pieces = new List<SentencePiece>();
-        bool addDummyPrefix = true, removeExtra = true;
+        var pieceBytes = new List<byte[]>();
+        bool addDummyPrefix = true, removeExtra = true, escape = true, byteFallback = false, suffix = false;
+        byte[] charsMap = Array.Empty<byte>();
         int modelType = 1;
-        var r = new ProtoReader(data);
-        while (!r.End)
+        try
         {
-            var (field, wire) = r.Tag();
-            if (field == 1 && wire == 2) pieces.Add(ParsePiece(r.Bytes()));
-            else if (field == 2 && wire == 2)
+            var r = new ProtoReader(data);
+            while (!r.End)
             {
-                var t = new ProtoReader(r.Bytes());
-                while (!t.End)
+                var (field, wire) = r.Tag();
+                if (field == 1 && wire == 2)
                 {
-                    var (f, w) = t.Tag();
-                    if (f == 3 && w == 0) modelType = (int)t.Varint();
-                    else t.Skip(w);
+                    var (piece, bytes) = ParsePiece(r.Bytes());
+                    pieces.Add(piece);
+                    pieceBytes.Add(bytes);
                 }
-            }
-            else if (field == 3 && wire == 2)
-            {
-                var n = new ProtoReader(r.Bytes());
-                while (!n.End)
+                else if (field == 2 && wire == 2)
                 {
-                    var (f, w) = n.Tag();
-                    if (f == 3 && w == 0) addDummyPrefix = n.Varint() != 0;
-                    else if (f == 4 && w == 0) removeExtra = n.Varint() != 0;
-                    else n.Skip(w);
+                    var t = new ProtoReader(r.Bytes());
+                    while (!t.End)
+                    {
+                        var (f, w) = t.Tag();
+                        if (f == 3 && w == 0) modelType = (int)t.Varint();
+                        else if (f == 24 && w == 0) suffix = t.Varint() != 0;
+                        else if (f == 35 && w == 0) byteFallback = t.Varint() != 0;
+                        else t.Skip(w);
+                    }
                 }
+                else if (field == 3 && wire == 2)
+                {
+                    var n = new ProtoReader(r.Bytes());
+                    while (!n.End)
+                    {
+                        var (f, w) = n.Tag();
+                        if (f == 2 && w == 2) charsMap = n.Bytes().ToArray();
+                        else if (f == 3 && w == 0) addDummyPrefix = n.Varint() != 0;
+                        else if (f == 4 && w == 0) removeExtra = n.Varint() != 0;
+                        else if (f == 5 && w == 0) escape = n.Varint() != 0;
+                        else n.Skip(w);
+                    }
+                }
+                else r.Skip(wire);
             }
-            else r.Skip(wire);
+        }
+        catch (Exception ex) when (ex is IndexOutOfRangeException or ArgumentOutOfRangeException or OverflowException)
+        {
+            throw new InvalidDataException($"The SentencePiece model is truncated or corrupt ({ex.Message}).", ex);
         }
         if (pieces.Count == 0) throw new InvalidDataException("The file holds no SentencePiece pieces: not a SentencePiece model.");
-        return new SentencePieceModel(pieces, addDummyPrefix, removeExtra, modelType);
+        return new SentencePieceModel(pieces, pieceBytes, new NormalizerSettings(addDummyPrefix, removeExtra, escape, charsMap), new TrainerSettings(modelType, byteFallback, suffix));
     }
 
-    private static SentencePiece ParsePiece(ReadOnlySpan<byte> data)
+    private static (SentencePiece Piece, byte[] Bytes) ParsePiece(ReadOnlySpan<byte> data)
     {
         var r = new ProtoReader(data);
-        string piece = "";
+        byte[] bytes = Array.Empty<byte>();
         float score = 0;
         var type = PieceType.Normal;
         while (!r.End)
         {
             var (f, w) = r.Tag();
-            if (f == 1 && w == 2) piece = Encoding.UTF8.GetString(r.Bytes());
+            if (f == 1 && w == 2) bytes = r.Bytes().ToArray();
             else if (f == 2 && w == 5) score = r.Fixed32();
             else if (f == 3 && w == 0) type = (PieceType)r.Varint();
             else r.Skip(w);
         }
-        return new SentencePiece(piece, score, type);
+        return (new SentencePiece(Encoding.UTF8.GetString(bytes), score, type), bytes);
     }
 
     /// <summary>A minimal protobuf reader (varint, fixed32/64, length-delimited).</summary>

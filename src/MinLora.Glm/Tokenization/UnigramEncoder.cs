@@ -1,0 +1,370 @@
+using System.Buffers.Binary;
+
+namespace MinLora.Glm.Tokenization;
+
+/// <summary>
+/// SentencePiece's normalizer as a <c>.model</c> file configures it: user-defined symbols kept verbatim, the
+/// precompiled character map (a Darts double-array trie of replacement rules, e.g. NFKC) applied by longest match,
+/// extra whitespace removed, the dummy prefix added and spaces escaped to <c>▁</c>. Works on UTF-8 bytes, as
+/// SentencePiece does, so its output is byte-for-byte the text SentencePiece segments.
+/// </summary>
+internal sealed class SentencePieceNormalizer
+{
+    private const int MaxRuleMatches = 32;              // SentencePiece considers at most 32 prefix matches
+    private static ReadOnlySpan<byte> SpaceSymbol => "\u2581"u8;
+
+    private readonly uint[] _units = Array.Empty<uint>();
+    private readonly byte[] _replacements = Array.Empty<byte>();
+    private readonly ByteTrie? _userDefined;
+    private readonly bool _addDummyPrefix, _removeExtraWhitespaces, _escapeWhitespaces, _suffix;
+
+    public SentencePieceNormalizer(SentencePieceModel model, ByteTrie? userDefinedSymbols)
+    {
+        _addDummyPrefix = model.AddDummyPrefix;
+        _removeExtraWhitespaces = model.RemoveExtraWhitespaces;
+        _escapeWhitespaces = model.EscapeWhitespaces;
+        _suffix = model.TreatWhitespaceAsSuffix;
+        _userDefined = userDefinedSymbols;
+        var map = model.PrecompiledCharsMap;
+        if (map.Length == 0) return;
+        if (map.Length <= 4) throw new InvalidDataException("The SentencePiece model's precompiled character map is broken.");
+        uint trieBytes = BinaryPrimitives.ReadUInt32LittleEndian(map);
+        if (trieBytes >= map.Length - 4 || trieBytes % 4 != 0) throw new InvalidDataException("The SentencePiece model's character map trie exceeds its blob.");
+        _units = new uint[trieBytes / 4];
+        for (int i = 0; i < _units.Length; i++) _units[i] = BinaryPrimitives.ReadUInt32LittleEndian(map.AsSpan(4 + 4 * i));
+        _replacements = map.AsSpan(4 + (int)trieBytes).ToArray();
+    }
+
+    /// <summary>Normalizes UTF-8 <paramref name="input"/> into <paramref name="output"/> (cleared first).</summary>
+    public void Normalize(ReadOnlySpan<byte> input, List<byte> output)
+    {
+        output.Clear();
+        if (input.IsEmpty) return;
+        if (_removeExtraWhitespaces)
+        {
+            // Leading spaces (after normalization) are dropped.
+            while (!input.IsEmpty)
+            {
+                int consumed = NormalizePrefix(input, out var piece);
+                if (!(piece.Length == 1 && piece[0] == (byte)' ')) break;
+                input = input[consumed..];
+            }
+        }
+        if (input.IsEmpty) return;
+        if (!_suffix && _addDummyPrefix) AddSpace(output);
+        bool previousSpace = _removeExtraWhitespaces;
+        while (!input.IsEmpty)
+        {
+            int consumed = NormalizePrefix(input, out var piece);
+            if (previousSpace)
+            {
+                while (!piece.IsEmpty && piece[0] == (byte)' ') piece = piece[1..];
+            }
+            if (!piece.IsEmpty)
+            {
+                foreach (var b in piece)
+                {
+                    if (_escapeWhitespaces && b == (byte)' ') AddSpace(output);
+                    else output.Add(b);
+                }
+                previousSpace = piece[^1] == (byte)' ';
+            }
+            input = input[consumed..];
+            if (!_removeExtraWhitespaces) previousSpace = false;
+        }
+        if (_removeExtraWhitespaces)
+        {
+            var space = _escapeWhitespaces ? SpaceSymbol : " "u8;
+            while (output.Count >= space.Length && EndsWith(output, space)) output.RemoveRange(output.Count - space.Length, space.Length);
+        }
+        if (_suffix && _addDummyPrefix) AddSpace(output);
+    }
+
+    private void AddSpace(List<byte> output)
+    {
+        if (_escapeWhitespaces) output.AddRange(SpaceSymbol);
+        else output.Add((byte)' ');
+    }
+
+    private static bool EndsWith(List<byte> output, ReadOnlySpan<byte> suffix)
+    {
+        for (int i = 0; i < suffix.Length; i++)
+        {
+            if (output[output.Count - suffix.Length + i] != suffix[i]) return false;
+        }
+        return true;
+    }
+
+    /// <summary>The normalized form of the longest rule matching the start of <paramref name="input"/>; returns the bytes it consumes.</summary>
+    private int NormalizePrefix(ReadOnlySpan<byte> input, out ReadOnlySpan<byte> piece)
+    {
+        if (_userDefined is not null)
+        {
+            int length = _userDefined.LongestPrefix(input, out _);
+            if (length > 0)
+            {
+                piece = input[..length];
+                return length;
+            }
+        }
+        int longest = 0, value = 0;
+        if (_units.Length > 0) (longest, value) = LongestRule(input);
+        if (longest == 0)
+        {
+            int n = Utf8.CharLength(input);
+            if (n <= 0)
+            {
+                piece = "\uFFFD"u8;                 // malformed UTF-8: one byte becomes U+FFFD
+                return 1;
+            }
+            piece = input[..n];
+            return n;
+        }
+        int end = value;
+        while (end < _replacements.Length && _replacements[end] != 0) end++;
+        piece = _replacements.AsSpan(value, end - value);
+        return longest;
+    }
+
+    /// <summary>Darts-clone common-prefix search over the character map's double array, keeping the longest of the first 32 matches.</summary>
+    private (int Length, int Value) LongestRule(ReadOnlySpan<byte> key)
+    {
+        uint id = Offset(_units[0]);
+        int longest = 0, value = 0, matches = 0;
+        for (int i = 0; i < key.Length; i++)
+        {
+            id ^= key[i];
+            if (id >= (uint)_units.Length) break;
+            uint unit = _units[id];
+            if ((unit & ((1u << 31) | 0xFF)) != key[i]) break;
+            id ^= Offset(unit);
+            if (((unit >> 8) & 1) != 0)
+            {
+                if (id >= (uint)_units.Length) break;
+                if (matches++ < MaxRuleMatches && i + 1 > longest)
+                {
+                    longest = i + 1;
+                    value = (int)(_units[id] & ((1u << 31) - 1));
+                }
+            }
+        }
+        if (value >= _replacements.Length) return (0, 0);
+        return (longest, value);
+    }
+
+    private static uint Offset(uint unit) => (unit >> 10) << (int)((unit & (1u << 9)) >> 6);
+}
+
+/// <summary>UTF-8 helpers with SentencePiece's rules.</summary>
+internal static class Utf8
+{
+    /// <summary>SentencePiece's OneCharLen: the length a lead byte announces (1 for continuation bytes).</summary>
+    public static int LeadLength(byte b) => (b >> 4) switch { < 0xC => 1, 0xC or 0xD => 2, 0xE => 3, _ => 4 };
+
+    /// <summary>The length of the valid UTF-8 character at the start, or 0 when it is malformed (SentencePiece's IsValidDecodeUTF8).</summary>
+    public static int CharLength(ReadOnlySpan<byte> s)
+    {
+        if (s.IsEmpty) return 0;
+        var status = System.Text.Rune.DecodeFromUtf8(s, out _, out int consumed);
+        return status == System.Buffers.OperationStatus.Done ? consumed : 0;
+    }
+}
+
+/// <summary>A byte trie from piece bytes to ids (transitions in one hash table).</summary>
+internal sealed class ByteTrie
+{
+    private readonly Dictionary<long, int> _next = new();
+    private readonly List<int> _values = new() { -1 };
+
+    public int Count { get; private set; }
+
+    public void Add(ReadOnlySpan<byte> key, int value)
+    {
+        if (key.IsEmpty) return;
+        int node = 0;
+        foreach (var b in key)
+        {
+            long edge = ((long)node << 8) | b;
+            if (!_next.TryGetValue(edge, out int child))
+            {
+                child = _values.Count;
+                _values.Add(-1);
+                _next[edge] = child;
+            }
+            node = child;
+        }
+        if (_values[node] < 0) Count++;
+        _values[node] = value;
+    }
+
+    /// <summary>Follows one byte from <paramref name="node"/>; −1 when there is no such edge.</summary>
+    public int Step(int node, byte b) => _next.TryGetValue(((long)node << 8) | b, out int child) ? child : -1;
+
+    /// <summary>The value stored at <paramref name="node"/> (−1: none).</summary>
+    public int ValueAt(int node) => _values[node];
+
+    /// <summary>The length of the longest key that starts <paramref name="text"/> (0: none), and its value.</summary>
+    public int LongestPrefix(ReadOnlySpan<byte> text, out int value)
+    {
+        int node = 0, longest = 0;
+        value = -1;
+        for (int i = 0; i < text.Length; i++)
+        {
+            node = Step(node, text[i]);
+            if (node < 0) break;
+            if (_values[node] >= 0)
+            {
+                longest = i + 1;
+                value = _values[node];
+            }
+        }
+        return longest;
+    }
+}
+
+/// <summary>
+/// SentencePiece's Unigram segmentation, computed exactly as its optimized encoder (unigram_model.cc,
+/// <c>EncodeOptimized</c>, the default since 0.1.96) computes it: one pass over UTF-8 positions keeping the best path
+/// that ends at each position, candidate scores in double compared against the stored float, the first of equal
+/// scores kept, user-defined symbols scored <c>bytes·max_score − 0.1</c>, an unknown character scored
+/// <c>min_score − 10</c> in float; then byte fallback (or runs of unknowns merged into one <c>&lt;unk&gt;</c>) as its
+/// processor does. Linear in the input length.
+/// </summary>
+internal sealed class UnigramEncoder
+{
+    private readonly SentencePieceModel _model;
+    private readonly ByteTrie _pieces = new();
+    private readonly SentencePieceNormalizer _normalizer;
+    private readonly float[] _scores;
+    private readonly PieceType[] _types;
+    // As SentencePiece: FLT_MAX and FLT_MIN (the smallest normal float, not zero), over normal pieces only.
+    private readonly float _minScore = float.MaxValue, _maxScore = 1.17549435E-38f;
+    private readonly int _unkId = -1;
+    private readonly int[] _byteIds = new int[256];
+
+    public UnigramEncoder(SentencePieceModel model)
+    {
+        _model = model;
+        int n = model.Pieces.Count;
+        _scores = new float[n];
+        _types = new PieceType[n];
+        ByteTrie? userDefined = null;
+        Array.Fill(_byteIds, -1);
+        for (int i = 0; i < n; i++)
+        {
+            var p = model.Pieces[i];
+            _scores[i] = p.Score;
+            _types[i] = p.Type;
+            switch (p.Type)
+            {
+                case PieceType.Normal:
+                    _minScore = Math.Min(_minScore, p.Score);
+                    _maxScore = Math.Max(_maxScore, p.Score);
+                    _pieces.Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.UserDefined:
+                    _pieces.Add(model.PieceBytes[i], i);
+                    (userDefined ??= new ByteTrie()).Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.Unused:
+                    _pieces.Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.Unknown:
+                    if (_unkId < 0) _unkId = i;
+                    break;
+                case PieceType.Byte:
+                    if (p.Piece.Length == 6 && p.Piece.StartsWith("<0x", StringComparison.Ordinal) && p.Piece.EndsWith('>') &&
+                        byte.TryParse(p.Piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b))
+                        _byteIds[b] = i;
+                    break;
+            }
+        }
+        if (_unkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
+        _normalizer = new SentencePieceNormalizer(model, userDefined);
+    }
+
+    private struct Best
+    {
+        public int Id;
+        public float Score;
+        public int StartsAt;
+    }
+
+    /// <summary>Appends the ids of <paramref name="utf8"/> (raw UTF-8 text: normalized here) to <paramref name="ids"/>.</summary>
+    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids)
+    {
+        var normalized = new List<byte>(utf8.Length + 8);
+        _normalizer.Normalize(utf8, normalized);
+        if (normalized.Count == 0) return;
+        var text = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(normalized);
+        int size = text.Length;
+        var best = new Best[size + 1];
+        for (int i = 1; i <= size; i++) best[i].StartsAt = -1;
+        float unkScore = _minScore - 10.0f;
+        int start = 0;
+        while (start < size)
+        {
+            float tillHere = best[start].Score;
+            bool hasSingle = false;
+            int charLength = Math.Min(Utf8.LeadLength(text[start]), size - start);
+            int node = 0;
+            for (int pos = start; pos < size;)
+            {
+                node = _pieces.Step(node, text[pos]);
+                pos++;
+                if (node < 0) break;
+                int id = _pieces.ValueAt(node);
+                if (id < 0 || _types[id] == PieceType.Unused) continue;
+                int length = pos - start;
+                // As SentencePiece: the user-defined bonus in double ((float)bytes·max − 0.1), the sum in double,
+                // compared with the stored float, stored as float; the first of equal scores stays.
+                double score = _types[id] == PieceType.UserDefined ? (double)((float)length * _maxScore) - 0.1 : _scores[id];
+                double candidate = score + tillHere;
+                ref var target = ref best[pos];
+                if (target.StartsAt == -1 || candidate > target.Score)
+                {
+                    target.Score = (float)candidate;
+                    target.StartsAt = start;
+                    target.Id = id;
+                }
+                if (!hasSingle && length == charLength) hasSingle = true;
+            }
+            if (!hasSingle)
+            {
+                ref var target = ref best[start + charLength];
+                float candidate = unkScore + tillHere;
+                if (target.StartsAt == -1 || candidate > target.Score)
+                {
+                    target.Score = candidate;
+                    target.StartsAt = start;
+                    target.Id = _unkId;
+                }
+            }
+            start += charLength;
+        }
+
+        // Backtrack, then byte fallback or unknown merging.
+        var path = new List<(int Start, int End, int Id)>();
+        for (int end = size; end > 0;)
+        {
+            var b = best[end];
+            path.Add((b.StartsAt, end, b.Id));
+            end = b.StartsAt;
+        }
+        bool previousUnknown = false;
+        for (int k = path.Count - 1; k >= 0; k--)
+        {
+            var (s, e, id) = path[k];
+            bool unknown = id == _unkId;
+            if (unknown && _model.ByteFallback)
+            {
+                for (int i = s; i < e; i++) ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
+            }
+            else if (!(unknown && previousUnknown))
+            {
+                ids.Add(id);
+            }
+            previousUnknown = unknown;
+        }
+    }
+}

@@ -1,0 +1,145 @@
+using System.Diagnostics;
+using System.Text;
+using MinLora.Glm.Tokenization;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>
+/// MinLora's Unigram encoder against SentencePiece itself (Debian's <c>spm_encode</c>, which <c>.ci/run</c> installs):
+/// more than 20,000 generated strings — single characters of every script in the vocabulary repeated 1–64 times, such
+/// runs spliced into real sentences, random mixes of scripts, emoji, astral CJK, whitespace and newline runs — after
+/// ChatGLM's preprocessing, on the repo's own Unigram fixture and, when it is beside the repository, on the real
+/// ice_text.model. Zero differences are allowed.
+/// </summary>
+public class SentencePieceParityTests
+{
+    private static string? SpmEncode()
+    {
+        foreach (var dir in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Append("/usr/bin"))
+        {
+            var p = Path.Combine(dir, "spm_encode");
+            if (File.Exists(p)) return p;
+        }
+        return null;
+    }
+
+    /// <summary>The generated inputs (deterministic), preprocessed as ChatGLM does, one per line.</summary>
+    internal static List<string> Inputs(SentencePieceModel model, int seed)
+    {
+        var rng = new Random(seed);
+        // Characters the vocabulary knows as single-character pieces (every script in it), plus some it does not.
+        var chars = model.Pieces.Where(p => p.Type == PieceType.Normal)
+            .Select(p => p.Piece.TrimStart('\u2581'))
+            .Where(p => p.Length > 0 && (p.Length == 1 || (p.Length == 2 && char.IsSurrogatePair(p, 0))))
+            .Distinct(StringComparer.Ordinal).OrderBy(p => p, StringComparer.Ordinal).ToList();
+        var pool = chars.OrderBy(_ => rng.Next()).Take(400).ToList();
+        pool.AddRange(new[] { "啊", "好", "b", ".", "a", "哈", "😀", "𠀀", "𪚥", "ｱ", "Ａ", "①", "ﬁ", "é", "e\u0301", "한", "ß", "ℌ", "\u00a0", "\u3000", "-", "…", "ー" });
+        var sentences = new[]
+        {
+            "汽车发动机故障检测需要专业的诊断工具。", "The quick brown fox jumps over the lazy dog.", "你好，世界！Hello, world!",
+            "def f(x):\n    return x * 2", "价格是 3.5 元/公斤，约合 $0.48。", "東京タワーは高さ333メートルです。", "Ünïcödé tèxt with àccents",
+        };
+        var extras = new[] { " ", "  ", "   ", "\n", "\n\n", "\t", "😀", "👋🏽", "𠀀𠀁", "\u3000", "\u200b", "ＡＢＣ", "１２３", "…", "«»", "\u2581", "<n>", "[gMASK]" };
+        var lines = new List<string>();
+        foreach (var c in pool)
+        {
+            foreach (var n in new[] { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 20, 24, 31, 32, 33, 48, 63, 64 })
+                lines.Add(string.Concat(Enumerable.Repeat(c, n)));
+        }
+        while (lines.Count < 14_000)
+        {
+            var s = sentences[rng.Next(sentences.Length)];
+            int at = rng.Next(s.Length + 1);
+            if (at > 0 && at < s.Length && char.IsLowSurrogate(s[at])) at--;
+            var run = string.Concat(Enumerable.Repeat(pool[rng.Next(pool.Count)], rng.Next(1, 40)));
+            lines.Add(s[..at] + run + s[at..]);
+        }
+        while (lines.Count < 22_000)
+        {
+            var sb = new StringBuilder();
+            int parts = rng.Next(1, 12);
+            for (int i = 0; i < parts; i++)
+            {
+                switch (rng.Next(4))
+                {
+                    case 0: sb.Append(pool[rng.Next(pool.Count)]); break;
+                    case 1: sb.Append(extras[rng.Next(extras.Length)]); break;
+                    case 2: sb.Append(sentences[rng.Next(sentences.Length)], 0, rng.Next(1, 8)); break;
+                    default: sb.Append(char.ConvertFromUtf32(rng.Next(4) == 0 ? rng.Next(0x20000, 0x2A6DF) : rng.Next(0x4E00, 0x9FFF))); break;
+                }
+            }
+            var text = sb.ToString();
+            if (char.IsHighSurrogate(text[^1])) text = text[..^1];
+            lines.Add(text);
+        }
+        // ChatGLM's preprocessing turns newlines, tabs and space runs into its symbols; the result is one line each.
+        return lines.Select(GlmTokenizer.Preprocess).Where(l => l.Length > 0 && !l.Contains('\r', StringComparison.Ordinal)).ToList();
+    }
+
+    private static void Compare(string modelPath, int seed)
+    {
+        var spm = SpmEncode();
+        Skip.If(spm is null, "spm_encode is not installed (apt-get install sentencepiece; .ci/run does it)");
+        var model = SentencePieceModel.Parse(File.ReadAllBytes(modelPath));
+        var encoder = new UnigramEncoder(model);
+        var inputs = Inputs(model, seed);
+        Assert.True(inputs.Count >= 20_000, $"only {inputs.Count} inputs");
+        var file = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllLines(file, inputs, new UTF8Encoding(false));
+            var psi = new ProcessStartInfo(spm!) { RedirectStandardOutput = true, RedirectStandardError = true };
+            psi.ArgumentList.Add("--model=" + modelPath);
+            psi.ArgumentList.Add("--output_format=id");
+            psi.ArgumentList.Add(file);
+            using var p = Process.Start(psi)!;
+            var stderr = p.StandardError.ReadToEndAsync();
+            var expected = new List<string>();
+            string? line;
+            while ((line = p.StandardOutput.ReadLine()) is not null) expected.Add(line);
+            p.WaitForExit();
+            Assert.True(p.ExitCode == 0, "spm_encode failed: " + stderr.Result);
+            Assert.Equal(inputs.Count, expected.Count);
+            var differences = new List<string>();
+            var ids = new List<int>();
+            for (int i = 0; i < inputs.Count; i++)
+            {
+                ids.Clear();
+                encoder.Encode(Encoding.UTF8.GetBytes(inputs[i]), ids);
+                var ours = string.Join(' ', ids);
+                if (ours != expected[i]) differences.Add($"{inputs[i]}: ours {ours} vs spm {expected[i]}");
+            }
+            Assert.True(differences.Count == 0, $"{differences.Count} of {inputs.Count} differ, e.g.\n{string.Join('\n', differences.Take(5))}");
+        }
+        finally
+        {
+            File.Delete(file);
+        }
+    }
+
+    [SkippableFact]
+    public void RepoFixture_EqualsSpmEncode() => Compare(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"), 1);
+
+    [SkippableFact]
+    public void RealIceTextModel_EqualsSpmEncode()
+    {
+        var path = SharedData.Find(Path.Combine("data", "chatglm-6b", "ice_text.model"));
+        Skip.If(path is null, "the real ice_text.model is not beside the repo (../shared/data/chatglm-6b); its licence forbids committing it");
+        Compare(path!, 2);
+    }
+}
+
+/// <summary>Invalid UTF-16 is encoded as U+FFFD (as .NET's UTF-8 encoder writes it), never dropped.</summary>
+public class InvalidUtf16Tests
+{
+    [Fact]
+    public void LoneAndReversedSurrogates_EncodeAsReplacementCharacters()
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"));
+        var tok = GlmTokenizer.Create(s);
+        var lone = tok.EncodeToIds("\uDE00\uD83D");
+        Assert.NotEmpty(lone);
+        Assert.Equal(tok.EncodeToIds("\uFFFD\uFFFD"), lone);
+        Assert.Equal(tok.EncodeToIds("a\uFFFDb"), tok.EncodeToIds("a\uD800b"));
+    }
+}
