@@ -129,7 +129,10 @@ public class SentencePieceParityTests
     }
 }
 
-/// <summary>Invalid UTF-16 is encoded as U+FFFD (as .NET's UTF-8 encoder writes it), never dropped.</summary>
+/// <summary>
+/// Each invalid UTF-16 code unit becomes one U+FFFD that normalization does not touch (a literal U+FFFD becomes a space
+/// under NFKC, in SentencePiece too), so bad text is never dropped: with byte fallback, the pieces of EF BF BD.
+/// </summary>
 public class InvalidUtf16Tests
 {
     [Fact]
@@ -137,9 +140,13 @@ public class InvalidUtf16Tests
     {
         using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"));
         var tok = GlmTokenizer.Create(s);
-        var lone = tok.EncodeToIds("\uDE00\uD83D");
-        Assert.NotEmpty(lone);
-        Assert.Equal(tok.EncodeToIds("\uFFFD\uFFFD"), lone);
-        Assert.Equal(tok.EncodeToIds("a\uFFFDb"), tok.EncodeToIds("a\uD800b"));
+        var fffd = new[] { tok.Model.IdOf("<0xEF>"), tok.Model.IdOf("<0xBF>"), tok.Model.IdOf("<0xBD>") };
+        Assert.All(fffd, id => Assert.True(id >= 0));
+        var lone = tok.EncodeToIds("\uDE00\uD83D", addDummyPrefix: false);
+        Assert.Equal(fffd.Concat(fffd), lone);
+        var inside = tok.EncodeToIds("a\uD800b");
+        Assert.Equal(fffd, inside.Skip(inside.Count - 4).Take(3));
+        // A literal U+FFFD is a space after the model's NFKC rules, exactly as in spm_encode ("x\uFFFDy" → ▁x ▁y).
+        Assert.Equal(tok.EncodeToIds("a b"), tok.EncodeToIds("a\uFFFDb"));
     }
 }

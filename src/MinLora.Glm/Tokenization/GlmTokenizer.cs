@@ -29,8 +29,8 @@ public sealed record GlmBatch(Tensor InputIds, Tensor AttentionMask, Tensor Posi
 /// <remarks>
 /// The encoder is MinLora's own (Microsoft.ML.Tokenizers 2.0.1's Unigram breaks ties differently from SentencePiece,
 /// numbers byte-fallback pieces wrongly, decodes ice_text.model to empty text and is quadratic in the text length:
-/// docs/tokenizers-upstream.md). Text goes to UTF-8 with .NET's encoder, so invalid UTF-16 (a lone or reversed
-/// surrogate) is encoded as U+FFFD, never dropped.
+/// docs/tokenizers-upstream.md). Each invalid UTF-16 code unit (a lone or reversed surrogate) is encoded as one
+/// U+FFFD (its byte-fallback pieces with ice_text.model), never dropped.
 /// </remarks>
 public sealed class GlmTokenizer
 {
@@ -169,14 +169,39 @@ public sealed class GlmTokenizer
 
     /// <summary>
     /// SentencePiece ids of preprocessed text, computed as SentencePiece computes them (<see cref="UnigramEncoder"/>:
-    /// the model's normalizer, the optimized Viterbi with its score arithmetic and tie-breaking, byte fallback). The
-    /// text goes to UTF-8 with .NET's encoder, which writes invalid UTF-16 (a lone or reversed surrogate) as U+FFFD.
+    /// the model's normalizer, the optimized Viterbi with its score arithmetic and tie-breaking, byte fallback).
     /// </summary>
     private List<int> SentencePieceIds(string preprocessed)
     {
         var ids = new List<int>(preprocessed.Length);
-        _encoder.Encode(Encoding.UTF8.GetBytes(preprocessed), ids);
+        _encoder.Encode(ToUtf8(preprocessed), ids);
         return ids;
+    }
+
+    /// <summary>
+    /// UTF-8 of <paramref name="text"/>, with each invalid UTF-16 code unit (a lone or reversed surrogate) written as
+    /// the byte 0xFF, which SentencePiece's normalizer turns into one U+FFFD that no normalization rule touches (a
+    /// literal U+FFFD in the text becomes a space under NFKC, as in SentencePiece): bad text is never dropped silently.
+    /// </summary>
+    private static byte[] ToUtf8(string text)
+    {
+        var output = new List<byte>(text.Length * 3);
+        Span<byte> buffer = stackalloc byte[4];
+        for (int i = 0; i < text.Length;)
+        {
+            if (System.Text.Rune.TryGetRuneAt(text, i, out var rune))
+            {
+                int n = rune.EncodeToUtf8(buffer);
+                for (int k = 0; k < n; k++) output.Add(buffer[k]);
+                i += rune.Utf16SequenceLength;
+            }
+            else
+            {
+                output.Add(0xFF);
+                i++;
+            }
+        }
+        return output.ToArray();
     }
 
     /// <summary>The model input for a prompt (and, for training, an answer): <c>prompt [gMASK] &lt;sop&gt; (answer &lt;eop&gt;)</c>.</summary>
