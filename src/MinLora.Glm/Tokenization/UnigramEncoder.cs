@@ -36,6 +36,7 @@ internal sealed class SentencePieceNormalizer
     }
 
     /// <summary>Normalizes UTF-8 <paramref name="input"/> into <paramref name="output"/> (cleared first).</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public void Normalize(ReadOnlySpan<byte> input, List<byte> output)
     {
         output.Clear();
@@ -170,38 +171,87 @@ internal static class Utf8
     }
 }
 
-/// <summary>A byte trie from piece bytes to ids (transitions in one hash table).</summary>
+/// <summary>
+/// A byte trie from piece bytes to ids: built with a hash table of transitions, then frozen into sorted child arrays
+/// (a 256-entry table for the root, a short linear or binary search below it) for lookups.
+/// </summary>
 internal sealed class ByteTrie
 {
-    private readonly Dictionary<long, int> _next = new();
+    private Dictionary<long, int>? _building = new();
     private readonly List<int> _values = new() { -1 };
-
-    public int Count { get; private set; }
+    private int[] _root = Array.Empty<int>();
+    private int[] _childStart = Array.Empty<int>();
+    private byte[] _labels = Array.Empty<byte>();
+    private int[] _targets = Array.Empty<int>();
+    private int[] _valueArray = Array.Empty<int>();
 
     public void Add(ReadOnlySpan<byte> key, int value)
     {
+        var next = _building ?? throw new InvalidOperationException("The trie is frozen.");
         if (key.IsEmpty) return;
         int node = 0;
         foreach (var b in key)
         {
             long edge = ((long)node << 8) | b;
-            if (!_next.TryGetValue(edge, out int child))
+            if (!next.TryGetValue(edge, out int child))
             {
                 child = _values.Count;
                 _values.Add(-1);
-                _next[edge] = child;
+                next[edge] = child;
             }
             node = child;
         }
-        if (_values[node] < 0) Count++;
         _values[node] = value;
     }
 
+    /// <summary>Turns the transitions into sorted arrays; no more keys can be added.</summary>
+    public ByteTrie Freeze()
+    {
+        var next = _building ?? throw new InvalidOperationException("The trie is frozen.");
+        int nodes = _values.Count;
+        var counts = new int[nodes + 1];
+        foreach (var edge in next.Keys) counts[(int)(edge >> 8)]++;
+        _childStart = new int[nodes + 1];
+        for (int i = 0; i < nodes; i++) _childStart[i + 1] = _childStart[i] + counts[i];
+        var fill = (int[])_childStart.Clone();
+        var edges = next.OrderBy(e => e.Key).ToList();                   // by node, then label
+        _labels = new byte[edges.Count];
+        _targets = new int[edges.Count];
+        foreach (var (edge, child) in edges)
+        {
+            int node = (int)(edge >> 8), at = fill[node]++;
+            _labels[at] = (byte)edge;
+            _targets[at] = child;
+        }
+        _root = new int[256];
+        Array.Fill(_root, -1);
+        for (int i = _childStart[0]; i < _childStart[1]; i++) _root[_labels[i]] = _targets[i];
+        _valueArray = _values.ToArray();
+        _building = null;
+        return this;
+    }
+
     /// <summary>Follows one byte from <paramref name="node"/>; −1 when there is no such edge.</summary>
-    public int Step(int node, byte b) => _next.TryGetValue(((long)node << 8) | b, out int child) ? child : -1;
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveInlining)]
+    public int Step(int node, byte b)
+    {
+        if (node == 0) return _root[b];
+        int lo = _childStart[node], hi = _childStart[node + 1] - 1;
+        while (hi - lo > 6)
+        {
+            int mid = (lo + hi) >> 1;
+            if (_labels[mid] < b) lo = mid + 1;
+            else hi = mid;
+        }
+        for (int i = lo; i <= hi; i++)
+        {
+            if (_labels[i] == b) return _targets[i];
+        }
+        return -1;
+    }
 
     /// <summary>The value stored at <paramref name="node"/> (−1: none).</summary>
-    public int ValueAt(int node) => _values[node];
+    public int ValueAt(int node) => _valueArray[node];
 
     /// <summary>The length of the longest key that starts <paramref name="text"/> (0: none), and its value.</summary>
     public int LongestPrefix(ReadOnlySpan<byte> text, out int value)
@@ -212,10 +262,10 @@ internal sealed class ByteTrie
         {
             node = Step(node, text[i]);
             if (node < 0) break;
-            if (_values[node] >= 0)
+            if (_valueArray[node] >= 0)
             {
                 longest = i + 1;
-                value = _values[node];
+                value = _valueArray[node];
             }
         }
         return longest;
@@ -280,7 +330,8 @@ internal sealed class UnigramEncoder
             }
         }
         if (_unkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
-        _normalizer = new SentencePieceNormalizer(model, userDefined);
+        _pieces.Freeze();
+        _normalizer = new SentencePieceNormalizer(model, userDefined?.Freeze());
     }
 
     private struct Best
@@ -291,6 +342,7 @@ internal sealed class UnigramEncoder
     }
 
     /// <summary>Appends the ids of <paramref name="utf8"/> (raw UTF-8 text: normalized here) to <paramref name="ids"/>.</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public void Encode(ReadOnlySpan<byte> utf8, List<int> ids)
     {
         var normalized = new List<byte>(utf8.Length + 8);
