@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using Microsoft.ML.Tokenizers;
 using System.Text;
 using MinLora.Glm.Tokenization;
 
@@ -148,5 +149,82 @@ public class InvalidUtf16Tests
         Assert.Equal(fffd, inside.Skip(inside.Count - 4).Take(3));
         // A literal U+FFFD is a space after the model's NFKC rules, exactly as in spm_encode ("x\uFFFDy" → ▁x ▁y).
         Assert.Equal(tok.EncodeToIds("a b"), tok.EncodeToIds("a\uFFFDb"));
+    }
+}
+
+/// <summary>GlmTokenizer as a Microsoft.ML.Tokenizers <c>Tokenizer</c>: same ids through the base API, token ranges in the original text, counting and trimming, span decoding.</summary>
+public class TokenizerSubclassTests
+{
+    private static GlmTokenizer Fixture()
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"));
+        return GlmTokenizer.Create(s);
+    }
+
+    /// <summary>The reference's preprocessing, literally (replacements of 80…2 spaces, longest first).</summary>
+    private static string ReferencePreprocess(string text)
+    {
+        var sb = new StringBuilder(text.Replace("\n", "<n>", StringComparison.Ordinal).Replace("\t", "<|tab|>", StringComparison.Ordinal));
+        for (int n = 80; n >= 2; n--) sb.Replace(new string(' ', n), $"<|blank_{n}|>");
+        return sb.ToString();
+    }
+
+    [Fact]
+    public void OnePassPreprocessing_EqualsTheReferencesReplacements()
+    {
+        var rng = new Random(8);
+        for (int i = 0; i < 2000; i++)
+        {
+            var sb = new StringBuilder();
+            for (int p = rng.Next(1, 8); p > 0; p--)
+            {
+                switch (rng.Next(4))
+                {
+                    case 0: sb.Append(' ', rng.Next(1, 200)); break;
+                    case 1: sb.Append(rng.Next(2) == 0 ? '\n' : '\t'); break;
+                    default: sb.Append("ab你好"[rng.Next(4)]); break;
+                }
+            }
+            var text = sb.ToString();
+            Assert.Equal(ReferencePreprocess(text), GlmTokenizer.Preprocess(text));
+        }
+    }
+
+    [Fact]
+    public void AsTokenizer_SameIds_RangesInTheOriginalText_CountingAndDecoding()
+    {
+        var tok = Fixture();
+        Tokenizer t = tok;
+        var text = "Hello world,  你好\n世界 😀 abc";
+        Assert.Equal(tok.EncodeToIds(text), t.EncodeToIds(text));
+        Assert.Equal(tok.EncodeToIds(text).Count, t.CountTokens(text));
+        var tokens = t.EncodeToTokens(text, out _);
+        Assert.Equal(tok.EncodeToIds(text), tokens.Select(x => x.Id));
+        int previousEnd = 0;
+        foreach (var x in tokens)
+        {
+            var (start, length) = x.Offset.GetOffsetAndLength(text.Length);
+            Assert.True(start >= previousEnd - 1 && start + length <= text.Length, $"{x.Value} at {x.Offset}");
+            previousEnd = Math.Max(previousEnd, start + length);
+        }
+        Assert.Equal(text.Length, previousEnd);
+        // "Hello" is covered by the tokens that start at 0..4 (the dummy prefix maps to the first character).
+        Assert.Contains(tokens, x => x.Offset.Start.Value == 0);
+        Assert.Contains(tokens, x => text[x.Offset.Start.Value..x.Offset.End.Value] == "😀" || x.Offset.Start.Value == text.IndexOf("😀", StringComparison.Ordinal));
+
+        // Trimming by token count: the ids of a prefix, and how many characters they cover.
+        var firstThree = t.EncodeToIds(text, 3, out _, out int consumed);
+        Assert.Equal(tok.EncodeToIds(text).Take(3), firstThree);
+        Assert.True(consumed > 0 && consumed < text.Length);
+
+        var ids = tok.EncodeToIds(text);
+        Assert.Equal(tok.Decode(ids), t.Decode(ids));
+        var big = new char[256];
+        Assert.Equal(System.Buffers.OperationStatus.Done, t.Decode(ids, big, out int used, out int written));
+        Assert.Equal(ids.Count, used);
+        Assert.Equal(tok.Decode(ids), new string(big, 0, written));
+        var small = new char[5];
+        Assert.Equal(System.Buffers.OperationStatus.DestinationTooSmall, t.Decode(ids, small, out used, out written));
+        Assert.True(used < ids.Count && written <= 5);
     }
 }

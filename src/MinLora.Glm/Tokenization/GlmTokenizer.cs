@@ -1,5 +1,7 @@
+using System.Buffers;
 using System.Text;
 using System.Text.Json;
+using Microsoft.ML.Tokenizers;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -32,7 +34,7 @@ public sealed record GlmBatch(Tensor InputIds, Tensor AttentionMask, Tensor Posi
 /// docs/tokenizers-upstream.md). Each invalid UTF-16 code unit (a lone or reversed surrogate) is encoded as one
 /// U+FFFD (its byte-fallback pieces with ice_text.model), never dropped.
 /// </remarks>
-public sealed class GlmTokenizer
+public sealed class GlmTokenizer : Tokenizer
 {
     /// <summary>The longest run of spaces with its own token.</summary>
     public const int MaxBlankLength = 80;
@@ -143,8 +145,38 @@ public sealed class GlmTokenizer
     public static string Preprocess(string text)
     {
         ArgumentNullException.ThrowIfNull(text);
-        var sb = new StringBuilder(text.Replace("\n", "<n>", StringComparison.Ordinal).Replace("\t", "<|tab|>", StringComparison.Ordinal));
-        for (int n = MaxBlankLength; n >= 2; n--) sb.Replace(new string(' ', n), $"<|blank_{n}|>");
+        return Preprocess(text, null);
+    }
+
+    /// <summary>
+    /// The preprocessing in one pass (the reference's replacements of 80…2 spaces, longest first and left to right,
+    /// amount to: a run of L spaces → ⌊L/80⌋ × <c>&lt;|blank_80|&gt;</c>, then the rest as one blank token or, for a
+    /// single space, itself); with <paramref name="map"/>, the original index of every output character plus a final entry.
+    /// </summary>
+    private static string Preprocess(string text, List<int>? map)
+    {
+        var sb = new StringBuilder(text.Length + 16);
+        void Emit(string s, int from)
+        {
+            sb.Append(s);
+            if (map is not null) for (int k = 0; k < s.Length; k++) map.Add(from);
+        }
+        for (int i = 0; i < text.Length;)
+        {
+            char c = text[i];
+            if (c == '\n') { Emit("<n>", i); i++; continue; }
+            if (c == '\t') { Emit("<|tab|>", i); i++; continue; }
+            if (c != ' ') { sb.Append(c); map?.Add(i); i++; continue; }
+            int run = 1;
+            while (i + run < text.Length && text[i + run] == ' ') run++;
+            int at = i;
+            for (int full = run / MaxBlankLength; full > 0; full--, at += MaxBlankLength) Emit($"<|blank_{MaxBlankLength}|>", at);
+            int rest = run % MaxBlankLength;
+            if (rest == 1) Emit(" ", at);
+            else if (rest > 1) Emit($"<|blank_{rest}|>", at);
+            i += run;
+        }
+        map?.Add(text.Length);
         return sb.ToString();
     }
 
@@ -183,7 +215,7 @@ public sealed class GlmTokenizer
     /// the byte 0xFF, which SentencePiece's normalizer turns into one U+FFFD that no normalization rule touches (a
     /// literal U+FFFD in the text becomes a space under NFKC, as in SentencePiece): bad text is never dropped silently.
     /// </summary>
-    private static byte[] ToUtf8(string text)
+    private static byte[] ToUtf8(string text, List<int>? map = null)
     {
         var output = new List<byte>(text.Length * 3);
         Span<byte> buffer = stackalloc byte[4];
@@ -192,17 +224,87 @@ public sealed class GlmTokenizer
             if (System.Text.Rune.TryGetRuneAt(text, i, out var rune))
             {
                 int n = rune.EncodeToUtf8(buffer);
-                for (int k = 0; k < n; k++) output.Add(buffer[k]);
+                for (int k = 0; k < n; k++)
+                {
+                    output.Add(buffer[k]);
+                    map?.Add(i);
+                }
                 i += rune.Utf16SequenceLength;
             }
             else
             {
                 output.Add(0xFF);
+                map?.Add(i);
                 i++;
             }
         }
+        map?.Add(text.Length);
         return output.ToArray();
     }
+
+    /// <summary>
+    /// Tokens of <paramref name="text"/> (ids as <see cref="EncodeToIds(string, bool)"/> with the dummy prefix), each
+    /// with its piece and its character range in <paramref name="text"/>.
+    /// </summary>
+    /// <param name="text">The text.</param>
+    /// <returns>The tokens.</returns>
+    public IReadOnlyList<EncodedToken> EncodeWithOffsets(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var charMap = new List<int>(text.Length + 1);
+        var pre = Preprocess(text, charMap);
+        var byteMap = new List<int>(pre.Length * 2);
+        var utf8 = ToUtf8(pre, byteMap);
+        var ids = new List<int>(pre.Length);
+        var spans = new List<(int Start, int End)>(pre.Length);
+        _encoder.Encode(utf8, ids, spans);
+        var tokens = new List<EncodedToken>(ids.Count);
+        for (int i = 0; i < ids.Count; i++)
+        {
+            int start = charMap[byteMap[spans[i].Start]], end = charMap[byteMap[spans[i].End]];
+            tokens.Add(new EncodedToken(ids[i] + _imageTokens, _model.Pieces[ids[i]].Piece, new Range(start, Math.Max(start, end))));
+        }
+        return tokens;
+    }
+
+    /// <inheritdoc />
+    protected override EncodeResults<EncodedToken> EncodeToTokens(string? text, ReadOnlySpan<char> textSpan, EncodeSettings settings)
+    {
+        var source = text ?? textSpan.ToString();
+        var tokens = EncodeWithOffsets(source);
+        int consumed = source.Length;
+        if (settings.MaxTokenCount > 0 && tokens.Count > settings.MaxTokenCount)
+        {
+            tokens = tokens.Take(settings.MaxTokenCount).ToList();
+            consumed = tokens.Count == 0 ? 0 : tokens[^1].Offset.End.Value;
+        }
+        return new EncodeResults<EncodedToken> { Tokens = tokens, NormalizedText = null, CharsConsumed = consumed };
+    }
+
+    /// <inheritdoc />
+    public override OperationStatus Decode(IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten)
+    {
+        ArgumentNullException.ThrowIfNull(ids);
+        var list = ids as IReadOnlyList<int> ?? ids.ToList();
+        // The longest prefix of ids whose text fits (decoding is not prefix-additive: byte pieces join, ▁ is trimmed).
+        for (int count = list.Count; count >= 0; count--)
+        {
+            var text = Decode(list.Take(count));
+            if (text.Length <= destination.Length)
+            {
+                text.AsSpan().CopyTo(destination);
+                idsConsumed = count;
+                charsWritten = text.Length;
+                return count == list.Count ? OperationStatus.Done : OperationStatus.DestinationTooSmall;
+            }
+        }
+        idsConsumed = 0;
+        charsWritten = 0;
+        return OperationStatus.DestinationTooSmall;
+    }
+
+    /// <inheritdoc />
+    public override string Decode(IEnumerable<int> ids) => Decode(ids, skipSpecialTokens: true);
 
     /// <summary>The model input for a prompt (and, for training, an answer): <c>prompt [gMASK] &lt;sop&gt; (answer &lt;eop&gt;)</c>.</summary>
     /// <param name="prompt">Prompt ids.</param>
@@ -310,7 +412,7 @@ public sealed class GlmTokenizer
         return Postprocess(sb.ToString());
     }
 
-    /// <summary>Reverses <see cref="Preprocess"/>.</summary>
+    /// <summary>Reverses <see cref="Preprocess(string)"/>.</summary>
     /// <param name="text">Decoded SentencePiece text.</param>
     /// <returns>The original text.</returns>
     public static string Postprocess(string text)

@@ -35,12 +35,22 @@ internal sealed class SentencePieceNormalizer
         _replacements = map.AsSpan(4 + (int)trieBytes).ToArray();
     }
 
-    /// <summary>Normalizes UTF-8 <paramref name="input"/> into <paramref name="output"/> (cleared first).</summary>
+    /// <summary>
+    /// Normalizes UTF-8 <paramref name="input"/> into <paramref name="output"/> (cleared first). With
+    /// <paramref name="map"/>, records for every output byte the input byte offset it came from, plus one final entry
+    /// (SentencePiece's norm_to_orig).
+    /// </summary>
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
-    public void Normalize(ReadOnlySpan<byte> input, List<byte> output)
+    public void Normalize(ReadOnlySpan<byte> input, List<byte> output, List<int>? map = null)
     {
         output.Clear();
-        if (input.IsEmpty) return;
+        map?.Clear();
+        int consumedTotal = 0;
+        if (input.IsEmpty)
+        {
+            map?.Add(0);
+            return;
+        }
         if (_removeExtraWhitespaces)
         {
             // Leading spaces (after normalization) are dropped.
@@ -49,10 +59,15 @@ internal sealed class SentencePieceNormalizer
                 int consumed = NormalizePrefix(input, out var piece);
                 if (!(piece.Length == 1 && piece[0] == (byte)' ')) break;
                 input = input[consumed..];
+                consumedTotal += consumed;
             }
         }
-        if (input.IsEmpty) return;
-        if (!_suffix && _addDummyPrefix) AddSpace(output);
+        if (input.IsEmpty)
+        {
+            map?.Add(consumedTotal);
+            return;
+        }
+        if (!_suffix && _addDummyPrefix) AddSpace(output, map, consumedTotal);
         bool previousSpace = _removeExtraWhitespaces;
         while (!input.IsEmpty)
         {
@@ -65,26 +80,49 @@ internal sealed class SentencePieceNormalizer
             {
                 foreach (var b in piece)
                 {
-                    if (_escapeWhitespaces && b == (byte)' ') AddSpace(output);
-                    else output.Add(b);
+                    if (_escapeWhitespaces && b == (byte)' ') AddSpace(output, map, consumedTotal);
+                    else
+                    {
+                        output.Add(b);
+                        map?.Add(consumedTotal);
+                    }
                 }
                 previousSpace = piece[^1] == (byte)' ';
             }
             input = input[consumed..];
+            consumedTotal += consumed;
             if (!_removeExtraWhitespaces) previousSpace = false;
         }
         if (_removeExtraWhitespaces)
         {
             var space = _escapeWhitespaces ? SpaceSymbol : " "u8;
-            while (output.Count >= space.Length && EndsWith(output, space)) output.RemoveRange(output.Count - space.Length, space.Length);
+            while (output.Count >= space.Length && EndsWith(output, space))
+            {
+                int length = output.Count - space.Length;
+                if (map is not null)
+                {
+                    consumedTotal = map[length];
+                    map.RemoveRange(length, map.Count - length);
+                }
+                output.RemoveRange(length, space.Length);
+            }
         }
-        if (_suffix && _addDummyPrefix) AddSpace(output);
+        if (_suffix && _addDummyPrefix) AddSpace(output, map, consumedTotal);
+        map?.Add(consumedTotal);
     }
 
-    private void AddSpace(List<byte> output)
+    private void AddSpace(List<byte> output, List<int>? map, int consumed)
     {
-        if (_escapeWhitespaces) output.AddRange(SpaceSymbol);
-        else output.Add((byte)' ');
+        if (_escapeWhitespaces)
+        {
+            output.AddRange(SpaceSymbol);
+            if (map is not null) for (int i = 0; i < SpaceSymbol.Length; i++) map.Add(consumed);
+        }
+        else
+        {
+            output.Add((byte)' ');
+            map?.Add(consumed);
+        }
     }
 
     private static bool EndsWith(List<byte> output, ReadOnlySpan<byte> suffix)
@@ -342,11 +380,19 @@ internal sealed class UnigramEncoder
     }
 
     /// <summary>Appends the ids of <paramref name="utf8"/> (raw UTF-8 text: normalized here) to <paramref name="ids"/>.</summary>
+    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids) => Encode(utf8, ids, null);
+
+    /// <summary>
+    /// As <see cref="Encode(ReadOnlySpan{byte}, List{int})"/>; with <paramref name="spans"/>, also each id's source
+    /// range in <paramref name="utf8"/> (bytes [start, end); the second and later bytes of a byte-fallback character get
+    /// an empty range at its end).
+    /// </summary>
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
-    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids)
+    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
     {
         var normalized = new List<byte>(utf8.Length + 8);
-        _normalizer.Normalize(utf8, normalized);
+        var map = spans is null ? null : new List<int>(utf8.Length + 8);
+        _normalizer.Normalize(utf8, normalized, map);
         if (normalized.Count == 0) return;
         var text = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(normalized);
         int size = text.Length;
@@ -408,13 +454,23 @@ internal sealed class UnigramEncoder
         {
             var (s, e, id) = path[k];
             bool unknown = id == _unkId;
+            int from = map?[s] ?? 0, to = map?[e] ?? 0;
             if (unknown && _model.ByteFallback)
             {
-                for (int i = s; i < e; i++) ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
+                for (int i = s; i < e; i++)
+                {
+                    ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
+                    spans?.Add(i == s ? (from, to) : (to, to));
+                }
             }
-            else if (!(unknown && previousUnknown))
+            else if (unknown && previousUnknown)
+            {
+                if (spans is not null) spans[^1] = (spans[^1].Start, to);      // the merged <unk> covers the run
+            }
+            else
             {
                 ids.Add(id);
+                spans?.Add((from, to));
             }
             previousUnknown = unknown;
         }
