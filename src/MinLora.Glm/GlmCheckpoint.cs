@@ -137,7 +137,8 @@ public static partial class GlmCheckpoint
             foreach (var p in doc.RootElement.GetProperty("weight_map").EnumerateObject()) keys.Add(p.Name);
         }
         if (keys.Count == 0) return; // a single pickle: checked key by key while loading
-        const string LayerPrefix = "transformer.layers.";
+        bool v2 = config.Version == GlmVersion.ChatGlm2;
+        string LayerPrefix = v2 ? "transformer.encoder.layers." : "transformer.layers.";
         int layers = 0;
         foreach (var k in keys)
         {
@@ -148,11 +149,12 @@ public static partial class GlmCheckpoint
         }
         if (layers > 0 && layers != config.NumLayers)
             throw new InvalidDataException($"{directory}: config.json says num_layers {config.NumLayers}, the weight files hold {layers} layers.");
-        if (shapes.TryGetValue("transformer.word_embeddings.weight", out var emb) && emb.Shape.Count == 2)
+        var embeddingKey = v2 ? "transformer.embedding.word_embeddings.weight" : "transformer.word_embeddings.weight";
+        if (shapes.TryGetValue(embeddingKey, out var emb) && emb.Shape.Count == 2)
         {
             long hidden = config.QuantizationEmbeddings && config.QuantizationBit == 4 ? config.HiddenSize / 2 : config.HiddenSize;
-            if (emb.Shape[0] != config.VocabSize || emb.Shape[1] != hidden)
-                throw new InvalidDataException($"{emb.File}: transformer.word_embeddings.weight is [{string.Join(", ", emb.Shape)}], config.json says vocab_size {config.VocabSize} × hidden_size {config.HiddenSize}.");
+            if (emb.Shape[0] != config.ModelVocabSize || emb.Shape[1] != hidden)
+                throw new InvalidDataException($"{emb.File}: {embeddingKey} is [{string.Join(", ", emb.Shape)}], config.json says {(v2 ? "padded_vocab_size" : "vocab_size")} {config.ModelVocabSize} × hidden_size {config.HiddenSize}.");
         }
     }
 
@@ -200,7 +202,7 @@ public static partial class GlmCheckpoint
             {
                 foreach (var (key, src) in tensors)
                 {
-                    if (key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal)) { ignored.Add(key); continue; }
+                    if (key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal) || key == "transformer.rotary_pos_emb.inv_freq") { ignored.Add(key); continue; }
                     if (!target.TryGetValue(key, out var dst)) { unexpected.Add(key); continue; }
                     if (!dst.shape.SequenceEqual(src.shape))
                     {
@@ -241,7 +243,8 @@ public static partial class GlmCheckpoint
             loaded.Add("lm_head.weight");
             tied = true;
         }
-        var missing = target.Keys.Where(k => !loaded.Contains(k) && !k.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal)).ToList();
+        // Rotary frequencies are recomputed from the config (the reference ignores the saved buffer too).
+        var missing = target.Keys.Where(k => !loaded.Contains(k) && !k.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal) && k != "transformer.rotary_pos_emb.inv_freq").ToList();
         bool freshPrefix = false;
         if (options.PreSeqLen is not null && missing.Count > 0 && missing.All(k => k.StartsWith(PrefixKeys, StringComparison.Ordinal)))
         {

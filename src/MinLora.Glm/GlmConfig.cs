@@ -100,6 +100,48 @@ public sealed record GlmConfig
     /// <summary>v2 architecture marker: key/value channels.</summary>
     public int? KvChannels { get; init; }
 
+    /// <summary>v2: number of key/value groups of multi-query attention (2 in ChatGLM2/3-6B and GLM-4-9B).</summary>
+    public int? MultiQueryGroupNum { get; init; }
+
+    /// <summary>v2: the SwiGLU MLP's inner size (13,696 in the 6B/9B models).</summary>
+    public int? FfnHiddenSize { get; init; }
+
+    /// <summary>v2: RMSNorm instead of LayerNorm.</summary>
+    public bool? Rmsnorm { get; init; }
+
+    /// <summary>v2: biases on the dense and MLP projections.</summary>
+    public bool? AddBiasLinear { get; init; }
+
+    /// <summary>v2: bias on query_key_value.</summary>
+    public bool? AddQkvBias { get; init; }
+
+    /// <summary>v2: scores scaled by 1/(√d·layer) and back by layer (the reference's layer scaling).</summary>
+    public bool? ApplyQueryKeyLayerScaling { get; init; }
+
+    /// <summary>v2: residual from the LayerNorm output instead of its input.</summary>
+    public bool? ApplyResidualConnectionPostLayernorm { get; init; }
+
+    /// <summary>v2: a final norm after the last block.</summary>
+    public bool? PostLayerNorm { get; init; }
+
+    /// <summary>v2: the longest sequence (rotary table length).</summary>
+    public int? SeqLength { get; init; }
+
+    /// <summary>v2: rotary base multiplier (base = 10,000·rope_ratio; ChatGLM3-6B-32k and GLM-4 use it).</summary>
+    public double? RopeRatio { get; init; }
+
+    /// <summary>Rows of the embedding and output head: <c>padded_vocab_size</c> for v2, else <see cref="VocabSize"/>.</summary>
+    [JsonIgnore]
+    public int ModelVocabSize => Version == GlmVersion.ChatGlm2 ? PaddedVocabSize ?? VocabSize : VocabSize;
+
+    /// <summary>v2: size of one head (<c>kv_channels</c>, else hidden / heads).</summary>
+    [JsonIgnore]
+    public int KvChannelsOrHeadDim => KvChannels ?? HiddenSize / NumAttentionHeads;
+
+    /// <summary>v2: key/value groups in effect (1 per head without multi-query attention).</summary>
+    [JsonIgnore]
+    public int KvGroups => MultiQueryAttention == true ? MultiQueryGroupNum ?? 1 : NumAttentionHeads;
+
     /// <summary>The MLP inner size in effect.</summary>
     [JsonIgnore]
     public int MlpHiddenSize => InnerHiddenSize ?? 4 * HiddenSize;
@@ -110,7 +152,8 @@ public sealed record GlmConfig
 
     /// <summary>The architecture generation this config describes.</summary>
     [JsonIgnore]
-    public GlmVersion Version => MultiQueryAttention is not null || PaddedVocabSize is not null || KvChannels is not null ? GlmVersion.ChatGlm2 : GlmVersion.ChatGlm1;
+    public GlmVersion Version => MultiQueryAttention is not null || PaddedVocabSize is not null || KvChannels is not null || Rmsnorm is not null || FfnHiddenSize is not null
+        ? GlmVersion.ChatGlm2 : GlmVersion.ChatGlm1;
 
     /// <summary>Reads a <c>config.json</c>.</summary>
     /// <param name="path">The file.</param>
@@ -137,9 +180,17 @@ public sealed record GlmConfig
         GlmConfig? config;
         try
         {
-            config = JsonSerializer.Deserialize<GlmConfig>(json, JsonOptions);
+            // A null value means "not set" (v2 configs write "bos_token_id": null); GLM-4 lists several eos ids: the
+            // first is the model's eos.
+            var node = System.Text.Json.Nodes.JsonNode.Parse(json, documentOptions: new JsonDocumentOptions { CommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true });
+            if (node is System.Text.Json.Nodes.JsonObject obj)
+            {
+                foreach (var key in obj.Where(kv => kv.Value is null).Select(kv => kv.Key).ToList()) obj.Remove(key);
+                if (obj["eos_token_id"] is System.Text.Json.Nodes.JsonArray eos && eos.Count > 0) obj["eos_token_id"] = eos[0]?.DeepClone();
+            }
+            config = node.Deserialize<GlmConfig>(JsonOptions);
         }
-        catch (JsonException ex)
+        catch (Exception ex) when (ex is JsonException or InvalidOperationException or FormatException)
         {
             throw new InvalidDataException($"{source} is not a valid GLM config: {ex.Message}", ex);
         }
@@ -160,8 +211,11 @@ public sealed record GlmConfig
     {
         if (!string.Equals(ModelType, "chatglm", StringComparison.OrdinalIgnoreCase))
             throw new NotSupportedException($"{source}: model_type '{ModelType}' is not a GLM (expected 'chatglm').");
-        if (Version != GlmVersion.ChatGlm1)
-            throw new NotSupportedException($"{source}: this is a ChatGLM2/3 (v2 architecture) config; MinLora.Glm implements ChatGLM-6B (v1) so far.");
+        if (Version == GlmVersion.ChatGlm2)
+        {
+            ValidateV2(source);
+            return;
+        }
         // Upper bounds far above any GLM (ChatGLM-6B: 130,528 × 4,096, 28 layers; GLM-4: 151,552 vocab) keep a
         // corrupt or hostile config from allocating without end or overflowing sizes before a weight is read.
         void InRange(int v, int max, string name)
@@ -188,6 +242,42 @@ public sealed record GlmConfig
             if (id < 0 || id >= VocabSize) throw new InvalidDataException($"{source}: {name} {id} is outside the vocabulary (0..{VocabSize - 1}).");
         }
         if (PreSeqLen is { } p && p <= 0) throw new InvalidDataException($"{source}: pre_seq_len must be positive when set, got {p}.");
+        if (QuantizationBit is not (0 or 4 or 8)) throw new InvalidDataException($"{source}: quantization_bit must be 0, 4 or 8, got {QuantizationBit}.");
+        if (QuantizationEmbeddings && QuantizationBit == 0) throw new InvalidDataException($"{source}: quantization_embeddings needs quantization_bit 4 or 8.");
+    }
+
+    /// <summary>The checks of a v2 (ChatGLM2/3, GLM-4) config.</summary>
+    private void ValidateV2(string source)
+    {
+        void InRange(int v, int max, string name)
+        {
+            if (v <= 0) throw new InvalidDataException($"{source}: {name} must be positive, got {v}.");
+            if (v > max) throw new InvalidDataException($"{source}: {name} {v} is above the supported maximum {max}.");
+        }
+        InRange(ModelVocabSize, 4_000_000, "padded_vocab_size");
+        InRange(HiddenSize, 65_536, "hidden_size");
+        InRange(NumLayers, 1_024, "num_layers");
+        InRange(NumAttentionHeads, 4_096, "num_attention_heads");
+        InRange(KvChannelsOrHeadDim, 4_096, "kv_channels");
+        InRange(FfnHiddenSize ?? 4 * HiddenSize, 1 << 20, "ffn_hidden_size");
+        InRange(SeqLength ?? 32_768, 1 << 20, "seq_length");
+        if (MultiQueryAttention == true)
+        {
+            InRange(MultiQueryGroupNum ?? 0, NumAttentionHeads, "multi_query_group_num");
+            if (NumAttentionHeads % MultiQueryGroupNum!.Value != 0)
+                throw new InvalidDataException($"{source}: num_attention_heads {NumAttentionHeads} is not a multiple of multi_query_group_num {MultiQueryGroupNum}.");
+        }
+        if (KvChannelsOrHeadDim % 4 != 0) throw new InvalidDataException($"{source}: rotary embedding needs kv_channels divisible by 4, got {KvChannelsOrHeadDim}.");
+        if (!double.IsFinite(LayernormEpsilon) || LayernormEpsilon <= 0 || LayernormEpsilon >= 1)
+            throw new InvalidDataException($"{source}: layernorm_epsilon must be in (0, 1), got {LayernormEpsilon}.");
+        if (RopeRatio is { } r && (!double.IsFinite(r) || r <= 0)) throw new InvalidDataException($"{source}: rope_ratio must be positive, got {r}.");
+        if (Rmsnorm == false) throw new NotSupportedException($"{source}: v2 configs with rmsnorm = false are not supported.");
+        if (ApplyResidualConnectionPostLayernorm == true) throw new NotSupportedException($"{source}: apply_residual_connection_post_layernorm = true is not supported.");
+        foreach (var (id, name) in new[] { (EosTokenId, "eos_token_id"), (PadTokenId, "pad_token_id") })
+        {
+            if (id < 0 || id >= ModelVocabSize) throw new InvalidDataException($"{source}: {name} {id} is outside the vocabulary (0..{ModelVocabSize - 1}).");
+        }
+        if (PreSeqLen is not null) throw new NotSupportedException($"{source}: P-tuning v2 (pre_seq_len) on the v2 architecture is not implemented yet.");
         if (QuantizationBit is not (0 or 4 or 8)) throw new InvalidDataException($"{source}: quantization_bit must be 0, 4 or 8, got {QuantizationBit}.");
         if (QuantizationEmbeddings && QuantizationBit == 0) throw new InvalidDataException($"{source}: quantization_embeddings needs quantization_bit 4 or 8.");
     }

@@ -199,8 +199,9 @@ public sealed class GlmModel : nn.Module
 /// </summary>
 public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
 {
-    private readonly GlmModel transformer;
-    private readonly nn.Module<Tensor, Tensor> lm_head;
+    // v1: transformer (GlmModel) + lm_head; v2: transformer (GlmV2Model, its head is transformer.output_layer).
+    private readonly nn.Module transformer;
+    private readonly nn.Module<Tensor, Tensor>? lm_head;
 
     /// <summary>Builds the model from a config.</summary>
     /// <param name="config">The architecture.</param>
@@ -213,10 +214,17 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         config.Validate();
         Config = config;
         var o = options ?? new GlmBuildOptions();
-        transformer = new GlmModel(config, o);
-        lm_head = o.QuantizeLmHead && o.QuantizationBit > 0
-            ? GlmLayers.Projection(config.HiddenSize, config.VocabSize, false, o)
-            : GlmLayers.Linear(config.HiddenSize, config.VocabSize, false, o);
+        if (config.Version == GlmVersion.ChatGlm2)
+        {
+            transformer = new GlmV2Model(config, o);
+        }
+        else
+        {
+            transformer = new GlmModel(config, o);
+            lm_head = o.QuantizeLmHead && o.QuantizationBit > 0
+                ? GlmLayers.Projection(config.HiddenSize, config.VocabSize, false, o)
+                : GlmLayers.Linear(config.HiddenSize, config.VocabSize, false, o);
+        }
         RegisterComponents();
         if (config.PreSeqLen is not null)
         {
@@ -236,14 +244,23 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     /// when training with gradients and without a KV cache, P-tuning prefix or attention outputs.
     /// </summary>
     /// <value>The default value is false.</value>
+    /// <exception cref="NotSupportedException">Set on a v2 model (not implemented for it yet).</exception>
     public bool GradientCheckpointing
     {
-        get => transformer.GradientCheckpointing;
-        set => transformer.GradientCheckpointing = value;
+        get => (transformer as GlmModel)?.GradientCheckpointing ?? false;
+        set
+        {
+            if (transformer is GlmModel v1) v1.GradientCheckpointing = value;
+            else if (value) throw new NotSupportedException("Gradient checkpointing is implemented for the v1 architecture (ChatGLM-6B) only so far.");
+        }
     }
 
-    /// <summary>The transformer.</summary>
-    public GlmModel Transformer => transformer;
+    /// <summary>The v1 transformer (ChatGLM-6B).</summary>
+    /// <exception cref="InvalidOperationException">The model is a v2 (ChatGLM2/3, GLM-4) model.</exception>
+    public GlmModel Transformer => transformer as GlmModel ?? throw new InvalidOperationException("This is a v2-architecture model (ChatGLM2/3, GLM-4); its transformer has another layout.");
+
+    /// <summary>The architecture generation (from the config).</summary>
+    public GlmVersion Version => Config.Version;
 
     /// <inheritdoc />
     public override GlmOutput forward(GlmInput input)
@@ -253,6 +270,7 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         if (ids.dim() != 2 || ids.dtype != ScalarType.Int64)
             throw new ArgumentException($"InputIds must be int64 [batch, sequence], got {ids.dtype} [{string.Join(", ", ids.shape)}].", nameof(input));
         long b = ids.shape[0], s = ids.shape[1];
+        if (transformer is GlmV2Model v2) return ForwardV2(v2, input, b, s);
         if (input.PastKeyValues is not null && (input.AttentionMask is null || input.PositionIds is null))
             throw new ArgumentException("With PastKeyValues, give AttentionMask and PositionIds for the new positions (see GlmMasks).", nameof(input));
         using var scope = NewDisposeScope();
@@ -266,7 +284,7 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             throw new ArgumentException($"AttentionMask must be [{b}, 1, {s}, {pastLength - prefix + s}], got [{string.Join(", ", mask.shape)}].", nameof(input));
         if (mask.dtype != ScalarType.Bool) mask = mask.to(ScalarType.Bool);
 
-        var (hidden, present, hiddenStates, attentions) = transformer.Forward(
+        var (hidden, present, hiddenStates, attentions) = ((GlmModel)transformer).Forward(
             ids, positions, mask, input.PastKeyValues, input.UseCache, input.OutputHiddenStates, input.OutputAttentions);
         if (input.LogitsToKeep is { } keep)
         {
@@ -274,16 +292,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             if (input.Labels is not null) throw new ArgumentException("LogitsToKeep cannot be combined with Labels (the loss needs every position's logits).", nameof(input));
             if (keep < s) hidden = hidden.narrow(0, s - keep, keep);
         }
-        var logits = MinLora.Quantization.CpuLinear.Forward(lm_head, hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
-        Tensor? loss = null;
-        if (input.Labels is { } labels)
-        {
-            if (!labels.shape.SequenceEqual(new[] { b, s }))
-                throw new ArgumentException($"Labels must be [{b}, {s}], got [{string.Join(", ", labels.shape)}].", nameof(input));
-            var shiftLogits = logits.to(ScalarType.Float32).narrow(1, 0, s - 1).reshape(-1, Config.VocabSize);
-            var shiftLabels = labels.narrow(1, 1, s - 1).reshape(-1);
-            loss = nn.functional.cross_entropy(shiftLogits, shiftLabels, ignore_index: -100).MoveToOuterDisposeScope();
-        }
+        var logits = MinLora.Quantization.CpuLinear.Forward(lm_head!, hidden).permute(1, 0, 2).contiguous();                  // [b, s, V]
+        var loss = Loss(logits, input.Labels, b, s);
         return new GlmOutput(
             logits.MoveToOuterDisposeScope(),
             loss,
@@ -292,6 +302,112 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             attentions?.Select(t => t.MoveToOuterDisposeScope()).ToList());
     }
 
+    /// <summary>The shifted cross-entropy over labels ≠ −100, in float32 (null without labels).</summary>
+    private static Tensor? Loss(Tensor logits, Tensor? labels, long b, long s)
+    {
+        if (labels is null) return null;
+        if (!labels.shape.SequenceEqual(new[] { b, s }))
+            throw new ArgumentException($"Labels must be [{b}, {s}], got [{string.Join(", ", labels.shape)}].", nameof(labels));
+        var shiftLogits = logits.to(ScalarType.Float32).narrow(1, 0, s - 1).reshape(-1, logits.shape[^1]);
+        var shiftLabels = labels.narrow(1, 1, s - 1).reshape(-1);
+        return nn.functional.cross_entropy(shiftLogits, shiftLabels, ignore_index: -100).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The v2 forward. Masks as the reference builds them: causal; with a padding mask [b, sk] (1 = token) padded keys
+    /// are masked and padded query rows see everything; a bool [b, 1, s, sk] mask (true = masked) is used as given.
+    /// Positions [b, s]; default 0…s−1 (with a cache they must be given, as for v1).
+    /// </summary>
+    private GlmOutput ForwardV2(GlmV2Model v2, GlmInput input, long b, long s)
+    {
+        var ids = input.InputIds;
+        var past = input.PastKeyValues;
+        if (past is not null && input.PositionIds is null)
+            throw new ArgumentException("With PastKeyValues, give PositionIds [batch, new positions] for the new tokens.", nameof(input));
+        using var scope = NewDisposeScope();
+        long pastLength = past?.Length ?? 0;
+        if (past is not null && past.Count != Config.NumLayers) throw new ArgumentException($"The cache has {past.Count} layers; the model has {Config.NumLayers}.", nameof(input));
+        var positions = input.PositionIds ?? arange(s, dtype: ScalarType.Int64, device: ids.device).unsqueeze(0).expand(b, s);
+        if (!positions.shape.SequenceEqual(new[] { b, s }))
+            throw new ArgumentException($"PositionIds must be [{b}, {s}] for a v2 model, got [{string.Join(", ", positions.shape)}].", nameof(input));
+        long total = pastLength + s;
+        Tensor? mask = null;
+        if (input.AttentionMask is { } m)
+        {
+            if (m.dim() == 2)
+            {
+                if (m.shape[0] != b || m.shape[1] != total)
+                    throw new ArgumentException($"A padding AttentionMask must be [{b}, {total}], got [{string.Join(", ", m.shape)}].", nameof(input));
+                mask = V2Mask(m, s, pastLength);
+            }
+            else
+            {
+                if (m.dim() != 4 || m.shape[0] != b || m.shape[2] != s || m.shape[3] != total)
+                    throw new ArgumentException($"AttentionMask must be [{b}, {total}] (padding) or [{b}, 1, {s}, {total}] (bool), got [{string.Join(", ", m.shape)}].", nameof(input));
+                mask = m.dtype == ScalarType.Bool ? m : m.to(ScalarType.Bool);
+            }
+        }
+        else if (pastLength > 0 && s > 1)
+        {
+            mask = V2Mask(ones(b, total, dtype: ScalarType.Int64, device: ids.device), s, pastLength);
+        }
+        var pastList = past is null ? null : Enumerable.Range(0, past.Count).Select(i => past[i]).ToList();
+        var (hidden, present, hiddenStates, attentions) = v2.Forward(ids, positions, mask, pastList, input.OutputHiddenStates, input.OutputAttentions);
+        if (input.LogitsToKeep is { } keep)
+        {
+            if (keep < 1) throw new ArgumentException($"LogitsToKeep must be at least 1, got {keep}.", nameof(input));
+            if (input.Labels is not null) throw new ArgumentException("LogitsToKeep cannot be combined with Labels (the loss needs every position's logits).", nameof(input));
+            if (keep < s) hidden = hidden.narrow(0, s - keep, keep);
+        }
+        var logits = MinLora.Quantization.CpuLinear.Forward(v2.OutputLayer, hidden).permute(1, 0, 2).contiguous();
+        var loss = Loss(logits, input.Labels, b, s);
+        GlmKvCache? cache = null;
+        if (input.UseCache)
+        {
+            // Stored once per key/value group (not repeated to every head), in place after the past when possible.
+            var first = present[0].Key;
+            bool inPlace = past is not null && past.Storage.TryClaim(pastLength, total, b, first.dtype, first.device);
+            var storage = inPlace ? past!.Storage : KvStorage.Allocate(Config.NumLayers, total, b, Config.KvGroups, Config.KvChannelsOrHeadDim, first.dtype, first.device);
+            if (!inPlace) storage.AddRef();
+            try
+            {
+                using (no_grad())
+                {
+                    for (int i = 0; i < present.Length; i++)
+                    {
+                        long from = inPlace ? pastLength : 0;
+                        storage.Keys[i].narrow(2, from, total - from).copy_(present[i].Key.detach().narrow(0, from, total - from).permute(1, 2, 0, 3));
+                        storage.Values[i].narrow(2, from, total - from).copy_(present[i].Value.detach().narrow(0, from, total - from).permute(1, 2, 0, 3));
+                    }
+                }
+                if (!inPlace) storage.MarkUsed(total);
+                cache = new GlmKvCache(storage, total);
+            }
+            finally
+            {
+                if (!inPlace) storage.Release();
+            }
+        }
+        return new GlmOutput(
+            logits.MoveToOuterDisposeScope(),
+            loss,
+            cache,
+            hiddenStates?.Select(t => t.MoveToOuterDisposeScope()).ToList(),
+            attentions?.Select(t => t.MoveToOuterDisposeScope()).ToList());
+    }
+
+    /// <summary>The reference's <c>get_masks</c>: causal over [past | new], times the padding mask; without a past, padded query rows see everything. True = masked.</summary>
+    private static Tensor V2Mask(Tensor padding, long s, long pastLength)
+    {
+        long b = padding.shape[0];
+        var pad = padding.to(ScalarType.Float32);
+        var full = ones(new[] { b, s, s }, dtype: ScalarType.Float32, device: padding.device).tril();
+        if (pastLength > 0) full = cat(new[] { ones(new[] { b, s, pastLength }, dtype: ScalarType.Float32, device: padding.device), full }, -1);
+        full = full.mul(pad.unsqueeze(1));
+        if (pastLength == 0) full = full.sub(pad.narrow(1, pastLength, s).unsqueeze(-1).sub(1));
+        return full.lt(0.5).unsqueeze(1);
+    }
+
     /// <summary>Recomputes derived buffers after loading a checkpoint (the rotary frequencies, which the reference never loads).</summary>
-    internal void AfterLoad() => transformer.ResetRotary();
+    internal void AfterLoad() => (transformer as GlmModel)?.ResetRotary();
 }

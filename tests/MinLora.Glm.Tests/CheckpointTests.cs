@@ -71,7 +71,9 @@ public sealed class CheckpointTests : IDisposable
         Assert.True(c.PrefixProjection);
         Assert.Equal(c, GlmConfig.FromJson(c.ToJson()));
         Assert.Throws<NotSupportedException>(() => GlmConfig.FromJson("""{"model_type":"llama"}"""));
-        Assert.Throws<NotSupportedException>(() => GlmConfig.FromJson("""{"model_type":"chatglm","multi_query_attention":true,"padded_vocab_size":65024}"""));
+        // v2 configs are read as v2 (issue 13); one with multi-query attention but no group count is refused by name.
+        Assert.Contains("multi_query_group_num", Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("""{"model_type":"chatglm","multi_query_attention":true,"padded_vocab_size":65024,"eos_token_id":2,"pad_token_id":0}""")).Message, StringComparison.Ordinal);
+        Assert.Equal(GlmVersion.ChatGlm2, GlmConfig.FromJson("""{"model_type":"chatglm","multi_query_attention":true,"multi_query_group_num":2,"kv_channels":128,"padded_vocab_size":65024,"eos_token_id":2,"pad_token_id":0,"bos_token_id":null}""").Version);
         Assert.Contains("num_attention_heads", Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("""{"hidden_size":30,"num_attention_heads":4,"vocab_size":200000}""")).Message, StringComparison.Ordinal);
         Assert.Contains("bos_token_id", Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("""{"vocab_size":1000}""")).Message, StringComparison.Ordinal);
         Assert.Throws<InvalidDataException>(() => GlmConfig.FromJson("{ not json"));

@@ -1,0 +1,136 @@
+using MinLora.Quantization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>
+/// The v2 architecture (ChatGLM2/3, GLM-4) against the unmodified ChatGLM2 reference on its golden tiny model
+/// (multi-query attention with 2 groups, kv_channels 16, RMSNorm, SwiGLU; shared/golden/v2 copied into Fixtures):
+/// logits within 1e-5 (the reference's own float32-vs-float64 difference is 3e-6), losses, hidden states, the grouped
+/// cache, a left-padded batch, greedy decoding with the cache step by step, and a 120-token row.
+/// </summary>
+public class GoldenV2Tests
+{
+    private const double Tol = 1e-5;
+
+    private static GlmForCausalLM Load() => GlmCheckpoint.FromPretrained(Fixtures.Dir("v2")).Model;
+
+    [Fact]
+    public void Config_IsV2_AndTheModelHasTheCheckpointsKeys()
+    {
+        using var model = Load();
+        Assert.Equal(GlmVersion.ChatGlm2, model.Version);
+        var keys = model.state_dict().Keys.ToHashSet();
+        var meta = Fixtures.Meta("v2").GetProperty("state_dict");
+        foreach (var entry in meta.EnumerateArray()) Assert.Contains(entry[0].GetString()!, keys);
+        Assert.Equal(meta.GetArrayLength(), keys.Count);
+        Assert.Contains("transformer.encoder.layers.1.self_attention.query_key_value.bias", keys);
+        Assert.Contains("transformer.output_layer.weight", keys);
+    }
+
+    [Fact]
+    public void CaseA_LogitsLossHiddenStatesAndGroupedCache()
+    {
+        using var model = Load();
+        var g = Fixtures.Golden("v2");
+        var meta = Fixtures.Meta("v2");
+        using var output = model.call(new GlmInput(g["A.input_ids"]) { Labels = g["A.labels"], UseCache = true, OutputHiddenStates = true });
+        Assert.True(Fixtures.MaxDiff(output.Logits, g["A.logits"]) < Tol, $"logits differ by {Fixtures.MaxDiff(output.Logits, g["A.logits"])}");
+        Assert.Equal(meta.GetProperty("A.loss").GetDouble(), output.Loss!.item<float>(), 5);
+        for (int i = 0; i < 3; i++)
+            Assert.True(Fixtures.MaxDiff(output.HiddenStates![i], g[$"A.hidden_states.{i}"]) < Tol, $"hidden state {i} differs by {Fixtures.MaxDiff(output.HiddenStates![i], g[$"A.hidden_states.{i}"])}");
+        for (int i = 0; i < 2; i++)
+        {
+            // The cache keeps the 2 key/value groups, not 4 repeated heads: [s, b, groups, kv_channels].
+            Assert.Equal(g[$"A.present.{i}.key"].shape, output.PresentKeyValues![i].Key.shape);
+            Assert.True(Fixtures.MaxDiff(output.PresentKeyValues![i].Key, g[$"A.present.{i}.key"]) < Tol, $"key {i} differs");
+            Assert.True(Fixtures.MaxDiff(output.PresentKeyValues![i].Value, g[$"A.present.{i}.value"]) < Tol, $"value {i} differs");
+        }
+        output.PresentKeyValues!.Dispose();
+    }
+
+    [Fact]
+    public void CaseB_LeftPaddedBatch_AndCaseD_LongRow()
+    {
+        using var model = Load();
+        var g = Fixtures.Golden("v2");
+        var meta = Fixtures.Meta("v2");
+        using (var output = model.call(new GlmInput(g["B.input_ids"]) { AttentionMask = g["B.attention_mask"], PositionIds = g["B.position_ids"], Labels = g["B.labels"] }))
+        {
+            Assert.True(Fixtures.MaxDiff(output.Logits, g["B.logits"]) < Tol, $"B logits differ by {Fixtures.MaxDiff(output.Logits, g["B.logits"])}");
+            Assert.Equal(meta.GetProperty("B.loss").GetDouble(), output.Loss!.item<float>(), 5);
+        }
+        // The reference's full mask given directly gives the same.
+        using (var output = model.call(new GlmInput(g["B.input_ids"]) { AttentionMask = g["B.full_attention_mask"], PositionIds = g["B.position_ids"] }))
+            Assert.True(Fixtures.MaxDiff(output.Logits, g["B.logits"]) < Tol);
+        using (var output = model.call(new GlmInput(g["D.input_ids"]) { Labels = g["D.labels"] }))
+        {
+            Assert.True(Fixtures.MaxDiff(output.Logits, g["D.logits"]) < Tol, $"D logits differ by {Fixtures.MaxDiff(output.Logits, g["D.logits"])}");
+            Assert.Equal(meta.GetProperty("D.loss").GetDouble(), output.Loss!.item<float>(), 5);
+        }
+    }
+
+    /// <summary>Greedy decoding from left-padded prompts, one token per step with the cache, as the reference's generate does.</summary>
+    [Fact]
+    public void CaseC_GreedyDecodingWithTheCache()
+    {
+        using var model = Load();
+        var g = Fixtures.Golden("v2");
+        var ids = g["C.input_ids"];
+        var padding = g["C.attention_mask"];
+        var positions = g["C.position_ids"];
+        var stepLogits = g["C.step_logits"];
+        long b = ids.shape[0];
+        using var noGrad = no_grad();
+        var first = model.call(new GlmInput(ids) { AttentionMask = padding, PositionIds = positions, UseCache = true });
+        var cache = first.PresentKeyValues!;
+        var logits = first.Logits.select(1, -1);
+        var all = ids;
+        for (int step = 0; step < stepLogits.shape[0]; step++)
+        {
+            Assert.True(Fixtures.MaxDiff(logits, stepLogits[step]) < Tol, $"step {step} logits differ by {Fixtures.MaxDiff(logits, stepLogits[step])}");
+            var next = logits.argmax(-1).unsqueeze(1);
+            all = cat(new[] { all, next }, 1);
+            if (step == stepLogits.shape[0] - 1) break;
+            padding = cat(new[] { padding, ones(b, 1, dtype: ScalarType.Int64) }, 1);
+            positions = positions.narrow(1, positions.shape[1] - 1, 1).add(1);
+            var output = model.call(new GlmInput(next) { AttentionMask = padding, PositionIds = positions, PastKeyValues = cache, UseCache = true });
+            cache = output.PresentKeyValues!;
+            logits = output.Logits.select(1, -1);
+        }
+        Assert.True(Fixtures.Identical(g["C.generated_ids"], all), "generated ids differ from the reference's");
+    }
+
+    [Fact]
+    public void PickleCheckpoints_LoadTheSameModel_AndLoraAndQuantizationWork()
+    {
+        var g = Fixtures.Golden("v2");
+        var dir = Path.Combine(Path.GetTempPath(), "minlora-v2-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        try
+        {
+            File.Copy(Path.Combine(Fixtures.Dir("v2"), "config.json"), Path.Combine(dir, "config.json"));
+            File.Copy(Path.Combine(Fixtures.Dir("v2"), "pytorch_model.bin"), Path.Combine(dir, "pytorch_model.bin"));
+            using var model = GlmCheckpoint.FromPretrained(dir).Model;
+            using (var output = model.call(new GlmInput(g["A.input_ids"])))
+                Assert.True(Fixtures.MaxDiff(output.Logits, g["A.logits"]) < Tol);
+
+            // LoRA on the fused projection: a fresh adapter changes nothing, and the default target exists.
+            Assert.Equal(2, model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" } }).Count);
+            using (var output = model.call(new GlmInput(g["A.input_ids"])))
+                Assert.True(Fixtures.MaxDiff(output.Logits, g["A.logits"]) < Tol);
+            model.RemoveLora();
+
+            // int8 weights: the same function up to the quantization error (relative norm well under 5 %).
+            Assert.Equal(8, model.Quantize(8).Count);
+            using var q = model.call(new GlmInput(g["A.input_ids"]));
+            var rel = (q.Logits - g["A.logits"]).norm().item<float>() / g["A.logits"].norm().item<float>();
+            Assert.True(rel < 0.05, $"int8 logits are {rel} away");
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+}
