@@ -134,3 +134,46 @@ public class GoldenV2Tests
         }
     }
 }
+
+/// <summary>The v2 architecture at real size, on the meta device: ChatGLM2-6B's real config and index, and GLM-4-9B's published dimensions.</summary>
+public class RealV2ShapeTests
+{
+    [SkippableFact]
+    public void ChatGlm2_6B_MetaModelHasExactlyTheIndexKeys_AndItsParameterCount()
+    {
+        var configPath = SharedData.Find(Path.Combine("data", "chatglm2-6b", "config.json"));
+        var indexPath = SharedData.Find(Path.Combine("data", "chatglm2-6b", "pytorch_model.bin.index.json"));
+        Skip.If(configPath is null || indexPath is null, "the real ChatGLM2-6B config/index are not beside the repo (../shared/data/chatglm2-6b)");
+        var config = GlmConfig.FromFile(configPath!);
+        Assert.Equal(GlmVersion.ChatGlm2, config.Version);
+        using var model = new GlmForCausalLM(config, new Modeling.GlmBuildOptions(ScalarType.Float16, new Device(DeviceType.META)));
+        var keys = model.state_dict();
+        using var index = System.Text.Json.JsonDocument.Parse(File.ReadAllText(indexPath!));
+        var expected = index.RootElement.GetProperty("weight_map").EnumerateObject().Select(p => p.Name).OrderBy(k => k, StringComparer.Ordinal).ToList();
+        Assert.Equal(expected, keys.Keys.OrderBy(k => k, StringComparer.Ordinal).ToList());
+        Assert.Equal(new long[] { 4608, 4096 }, keys["transformer.encoder.layers.0.self_attention.query_key_value.weight"].shape);
+        Assert.Equal(new long[] { 27392, 4096 }, keys["transformer.encoder.layers.27.mlp.dense_h_to_4h.weight"].shape);
+        Assert.Equal(new long[] { 4096, 13696 }, keys["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"].shape);
+        Assert.Equal(new long[] { 65024, 4096 }, keys["transformer.output_layer.weight"].shape);
+        // The index's total_size is the fp16 bytes of every tensor, the 32-value rotary buffer included.
+        long totalBytes = index.RootElement.GetProperty("metadata").GetProperty("total_size").GetInt64();
+        Assert.Equal((totalBytes - 32 * 2) / 2, model.CountParameters().Total);
+    }
+
+    [Fact]
+    public void Glm4_9B_BuildsOnMeta_WithItsPublishedDimensions()
+    {
+        var config = GlmConfig.FromJson("""
+            {"model_type":"chatglm","num_layers":40,"hidden_size":4096,"num_attention_heads":32,"kv_channels":128,
+             "multi_query_attention":true,"multi_query_group_num":2,"ffn_hidden_size":13696,"padded_vocab_size":151552,
+             "layernorm_epsilon":1.5625e-07,"rope_ratio":500,"seq_length":131072,"rmsnorm":true,"add_qkv_bias":true,
+             "add_bias_linear":false,"post_layer_norm":true,"eos_token_id":[151329,151336,151338],"pad_token_id":151329}
+            """);
+        Assert.Equal(151329, config.EosTokenId);
+        using var model = new GlmForCausalLM(config, new Modeling.GlmBuildOptions(ScalarType.BFloat16, new Device(DeviceType.META)));
+        long h = 4096, qkv = 4096 + 2 * 2 * 128, ffn = 13696, vocab = 151552;
+        long perLayer = h * qkv + qkv + h * h + h * 2 * ffn + ffn * h + 2 * h;
+        Assert.Equal(40 * perLayer + h + 2 * vocab * h, model.CountParameters().Total);   // 9.40 B
+        Assert.Equal(new long[] { qkv, h }, model.state_dict()["transformer.encoder.layers.39.self_attention.query_key_value.weight"].shape);
+    }
+}
