@@ -1,3 +1,4 @@
+using MinLora.Glm.Generation;
 using MinLora.Quantization;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -100,6 +101,24 @@ public class GoldenV2Tests
             logits = output.Logits.select(1, -1);
         }
         Assert.True(Fixtures.Identical(g["C.generated_ids"], all), "generated ids differ from the reference's");
+    }
+
+    /// <summary>The library's Generate (batched, left-padded, greedy) on v2 gives the reference's tokens.</summary>
+    [Fact]
+    public void Generate_MatchesTheReferenceGreedyDecoding()
+    {
+        using var model = Load();
+        var g = Fixtures.Golden("v2");
+        var ids = g["C.input_ids"];
+        var prompts = Enumerable.Range(0, (int)ids.shape[0])
+            .Select(r => (IReadOnlyList<int>)ids[r].data<long>().ToArray().SkipWhile(t => t == model.Config.PadTokenId).Select(t => (int)t).ToList()).ToList();
+        var generated = model.Generate(prompts, new Generation.GenerationOptions { DoSample = false, MaxNewTokens = 8 });
+        var expected = g["C.generated_ids"];
+        for (int r = 0; r < prompts.Count; r++)
+        {
+            var tail = expected[r].data<long>().ToArray().Skip((int)ids.shape[1]).Select(t => (int)t).ToList();
+            Assert.Equal(tail, generated[r].TokenIds);
+        }
     }
 
     [Fact]

@@ -205,12 +205,13 @@ public static partial class GlmGeneration
         if (inputs.Count == 0) throw new ArgumentException("Give at least one input.", nameof(inputs));
         if (inputs.Any(i => i is null || i.Count == 0)) throw new ArgumentException("An input is empty.", nameof(inputs));
         var config = model.Config;
+        bool v2 = config.Version == GlmVersion.ChatGlm2;
         for (int r = 0; r < inputs.Count; r++)
         {
             for (int i = 0; i < inputs[r].Count; i++)
             {
-                if ((uint)inputs[r][i] >= (uint)config.VocabSize)
-                    throw new ArgumentException($"Input {r}, position {i}: token id {inputs[r][i]} is outside the vocabulary (0..{config.VocabSize - 1}).", nameof(inputs));
+                if ((uint)inputs[r][i] >= (uint)config.ModelVocabSize)
+                    throw new ArgumentException($"Input {r}, position {i}: token id {inputs[r][i]} is outside the vocabulary (0..{config.ModelVocabSize - 1}).", nameof(inputs));
             }
         }
         int batch = inputs.Count, length = inputs.Max(i => i.Count);
@@ -237,8 +238,28 @@ public static partial class GlmGeneration
                     for (int i = 0; i < length; i++) flat[r * length + i] = i < pad ? config.PadTokenId : inputs[r][i - pad];
                 }
                 stepIds = tensor(flat, new long[] { batch, length }, device: device);
-                mask = GlmMasks.BuildAttentionMask(stepIds, config);
-                positions = GlmMasks.BuildPositionIds(stepIds, config);
+                if (v2)
+                {
+                    // v2 (ChatGLM2/3, GLM-4): a padding mask [b, total] (1 = token) and positions 0… per row after its padding.
+                    var padding = new long[batch * length];
+                    var pos = new long[batch * length];
+                    for (int r = 0; r < batch; r++)
+                    {
+                        int pad = length - inputs[r].Count;
+                        for (int i = pad; i < length; i++)
+                        {
+                            padding[r * length + i] = 1;
+                            pos[r * length + i] = i - pad;
+                        }
+                    }
+                    mask = tensor(padding, new long[] { batch, length }, device: device);
+                    positions = tensor(pos, new long[] { batch, length }, device: device);
+                }
+                else
+                {
+                    mask = GlmMasks.BuildAttentionMask(stepIds, config);
+                    positions = GlmMasks.BuildPositionIds(stepIds, config);
+                }
             }
             stepMask = mask;
             stepPositions = positions;
@@ -272,16 +293,16 @@ public static partial class GlmGeneration
                 // Feed the new tokens (finished rows feed pad; their outputs are ignored).
                 var fed = next.Select((t, r) => done[r] ? (long)config.PadTokenId : t).ToArray();
                 stepIds = tensor(fed, new long[] { batch, 1 }, device: device);
-                var newMask = GlmMasks.AppendTokenToMask(mask);
-                var newPositions = GlmMasks.AppendTokenToPositions(positions);
+                var newMask = v2 ? cat(new[] { mask, ones(batch, 1, dtype: mask.dtype, device: device) }, 1) : GlmMasks.AppendTokenToMask(mask);
+                var newPositions = v2 ? cat(new[] { positions, positions.narrow(1, positions.shape[1] - 1, 1).add(1) }, 1) : GlmMasks.AppendTokenToPositions(positions);
                 if (!ReferenceEquals(stepMask, mask)) stepMask.Dispose();
                 if (!ReferenceEquals(stepPositions, positions)) stepPositions.Dispose();
                 mask.Dispose();
                 positions.Dispose();
                 mask = newMask;
                 positions = newPositions;
-                stepMask = mask.narrow(2, mask.shape[2] - 1, 1);
-                stepPositions = positions.narrow(2, positions.shape[2] - 1, 1);
+                stepMask = v2 ? mask : mask.narrow(2, mask.shape[2] - 1, 1);
+                stepPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1) : positions.narrow(2, positions.shape[2] - 1, 1);
             }
         }
         finally
