@@ -82,7 +82,7 @@ public class SentencePieceParityTests
         var spm = SpmEncode();
         Skip.If(spm is null, "spm_encode is not installed (apt-get install sentencepiece; .ci/run does it)");
         var model = SentencePieceModel.Parse(File.ReadAllBytes(modelPath));
-        var encoder = new UnigramEncoder(model);
+        IPieceEncoder encoder = model.ModelType == 2 ? new BpeEncoder(model) : new UnigramEncoder(model);
         var inputs = Inputs(model, seed);
         Assert.True(inputs.Count >= 20_000, $"only {inputs.Count} inputs");
         var file = Path.GetTempFileName();
@@ -106,7 +106,7 @@ public class SentencePieceParityTests
             for (int i = 0; i < inputs.Count; i++)
             {
                 ids.Clear();
-                encoder.Encode(Encoding.UTF8.GetBytes(inputs[i]), ids);
+                encoder.Encode(Encoding.UTF8.GetBytes(inputs[i]), ids, null);
                 var ours = string.Join(' ', ids);
                 if (ours != expected[i]) differences.Add($"{inputs[i]}: ours {ours} vs spm {expected[i]}");
             }
@@ -120,6 +120,12 @@ public class SentencePieceParityTests
 
     [SkippableFact]
     public void RepoFixture_EqualsSpmEncode() => Compare(Path.Combine(Fixtures.Dir("tokenizer"), "minlora_unigram.model"), 1);
+
+    /// <summary>SentencePiece BPE (ChatGLM2/3's tokenizer.model type, identity normalization) and a v1-style BPE model.</summary>
+    [SkippableTheory]
+    [InlineData("tiny_v2_bpe.model")]
+    [InlineData("tiny_bpe.model")]
+    public void BpeFixtures_EqualSpmEncode(string name) => Compare(Path.Combine(Fixtures.Dir("tokenizer"), name), 3);
 
     [SkippableFact]
     public void RealIceTextModel_EqualsSpmEncode()

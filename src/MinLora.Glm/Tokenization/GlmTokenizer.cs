@@ -39,13 +39,13 @@ public sealed class GlmTokenizer : Tokenizer
     /// <summary>The longest run of spaces with its own token.</summary>
     public const int MaxBlankLength = 80;
 
-    private readonly UnigramEncoder _encoder;
+    private readonly IPieceEncoder _encoder;
     private readonly SentencePieceModel _model;
     private readonly int _imageTokens;
 
     private GlmTokenizer(SentencePieceModel model, int imageTokens)
     {
-        _encoder = new UnigramEncoder(model);
+        _encoder = model.ModelType == 2 ? new BpeEncoder(model) : new UnigramEncoder(model);
         _model = model;
         _imageTokens = imageTokens;
         int Id(string piece)
@@ -135,7 +135,7 @@ public sealed class GlmTokenizer : Tokenizer
         modelStream.CopyTo(buffer);
         var bytes = buffer.ToArray();
         var model = SentencePieceModel.Parse(bytes);
-        if (model.ModelType != 1) throw new InvalidDataException($"The SentencePiece model is of type {model.ModelType}, not Unigram (1): not a ChatGLM tokenizer model.");
+        if (model.ModelType is not (1 or 2)) throw new InvalidDataException($"The SentencePiece model is of type {model.ModelType}, neither Unigram (1) nor BPE (2): not a ChatGLM tokenizer model.");
         return new GlmTokenizer(model, numImageTokens);
     }
 
@@ -206,7 +206,7 @@ public sealed class GlmTokenizer : Tokenizer
     private List<int> SentencePieceIds(string preprocessed)
     {
         var ids = new List<int>(preprocessed.Length);
-        _encoder.Encode(ToUtf8(preprocessed), ids);
+        _encoder.Encode(ToUtf8(preprocessed), ids, null);
         return ids;
     }
 

@@ -318,7 +318,7 @@ internal sealed class ByteTrie
 /// <c>min_score − 10</c> in float; then byte fallback (or runs of unknowns merged into one <c>&lt;unk&gt;</c>) as its
 /// processor does. Linear in the input length.
 /// </summary>
-internal sealed class UnigramEncoder
+internal sealed class UnigramEncoder : IPieceEncoder
 {
     private readonly SentencePieceModel _model;
     private readonly ByteTrie _pieces = new();
@@ -474,5 +474,175 @@ internal sealed class UnigramEncoder
             }
             previousUnknown = unknown;
         }
+    }
+}
+
+/// <summary>A SentencePiece segmentation algorithm over a model file's pieces (Unigram or BPE).</summary>
+internal interface IPieceEncoder
+{
+    /// <summary>Appends the ids of UTF-8 <paramref name="utf8"/> (normalized here); with <paramref name="spans"/>, each id's source byte range.</summary>
+    void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans);
+}
+
+/// <summary>
+/// SentencePiece's BPE segmentation (bpe_model.cc) exactly: characters (user-defined symbols whole and frozen), then
+/// repeatedly the adjacent pair whose concatenation is a piece with the highest score — ties to the leftmost — is
+/// merged (pairs made stale by an earlier merge are skipped), unused pieces resegmented into their halves; then byte
+/// fallback or unknown merging as for Unigram.
+/// </summary>
+internal sealed class BpeEncoder : IPieceEncoder
+{
+    private readonly SentencePieceModel _model;
+    private readonly ByteTrie _pieces = new();
+    private readonly ByteTrie? _userDefined;
+    private readonly SentencePieceNormalizer _normalizer;
+    private readonly float[] _scores;
+    private readonly PieceType[] _types;
+    private readonly int _unkId = -1;
+    private readonly int[] _byteIds = new int[256];
+
+    public BpeEncoder(SentencePieceModel model)
+    {
+        _model = model;
+        int n = model.Pieces.Count;
+        _scores = new float[n];
+        _types = new PieceType[n];
+        Array.Fill(_byteIds, -1);
+        for (int i = 0; i < n; i++)
+        {
+            var p = model.Pieces[i];
+            _scores[i] = p.Score;
+            _types[i] = p.Type;
+            switch (p.Type)
+            {
+                case PieceType.Normal or PieceType.Unused:
+                    _pieces.Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.UserDefined:
+                    _pieces.Add(model.PieceBytes[i], i);
+                    (_userDefined ??= new ByteTrie()).Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.Unknown:
+                    if (_unkId < 0) _unkId = i;
+                    break;
+                case PieceType.Byte:
+                    if (p.Piece.Length == 6 && byte.TryParse(p.Piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b)) _byteIds[b] = i;
+                    break;
+            }
+        }
+        if (_unkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
+        _pieces.Freeze();
+        _userDefined?.Freeze();
+        _normalizer = new SentencePieceNormalizer(model, _userDefined);
+    }
+
+    private struct Symbol
+    {
+        public int Prev, Next, Start, Length;
+        public bool Freeze;
+    }
+
+    /// <summary>The id of exactly these bytes among normal, user-defined and unused pieces, or −1.</summary>
+    private int Lookup(ReadOnlySpan<byte> piece)
+    {
+        int node = 0;
+        foreach (var b in piece)
+        {
+            node = _pieces.Step(node, b);
+            if (node < 0) return -1;
+        }
+        return _pieces.ValueAt(node);
+    }
+
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
+    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
+    {
+        var normalized = new List<byte>(utf8.Length + 8);
+        var map = spans is null ? null : new List<int>(utf8.Length + 8);
+        _normalizer.Normalize(utf8, normalized, map);
+        if (normalized.Count == 0) return;
+        var text = normalized.ToArray();
+
+        // Characters (a user-defined symbol is one frozen symbol).
+        var symbols = new List<Symbol>(text.Length);
+        for (int pos = 0; pos < text.Length;)
+        {
+            int length = _userDefined?.LongestPrefix(text.AsSpan(pos), out _) ?? 0;
+            bool freeze = length > 0;
+            if (!freeze) length = Math.Min(Utf8.LeadLength(text[pos]), text.Length - pos);
+            int index = symbols.Count;
+            symbols.Add(new Symbol { Prev = index - 1, Next = pos + length < text.Length ? index + 1 : -1, Start = pos, Length = length, Freeze = freeze });
+            pos += length;
+        }
+
+        // Highest score first; equal scores: the leftmost pair.
+        var agenda = new PriorityQueue<(int Left, int Right, int Size), (float Score, int Left)>(Comparer<(float Score, int Left)>.Create(
+            (a, b) => a.Score != b.Score ? b.Score.CompareTo(a.Score) : a.Left.CompareTo(b.Left)));
+        // As the reference's rev_merge: keyed by the merged text (the last split recorded for a text wins), the left half's length.
+        var unusedHalves = new Dictionary<string, int>(StringComparer.Ordinal);
+        void MaybeAdd(int left, int right)
+        {
+            if (left < 0 || right < 0) return;
+            var l = symbols[left];
+            var r = symbols[right];
+            if (l.Freeze || r.Freeze) return;
+            int id = Lookup(text.AsSpan(l.Start, l.Length + r.Length));
+            if (id < 0) return;
+            agenda.Enqueue((left, right, l.Length + r.Length), (_scores[id], left));
+            if (_types[id] == PieceType.Unused) unusedHalves[System.Text.Encoding.Latin1.GetString(text, l.Start, l.Length + r.Length)] = l.Length;
+        }
+        for (int i = 1; i < symbols.Count; i++) MaybeAdd(i - 1, i);
+        while (agenda.TryDequeue(out var top, out _))
+        {
+            var l = symbols[top.Left];
+            var r = symbols[top.Right];
+            if (l.Length == 0 || r.Length == 0 || l.Length + r.Length != top.Size) continue;   // stale
+            l.Length += r.Length;
+            l.Next = r.Next;
+            if (r.Next >= 0)
+            {
+                var after = symbols[r.Next];
+                after.Prev = top.Left;
+                symbols[r.Next] = after;
+            }
+            r.Length = 0;
+            symbols[top.Left] = l;
+            symbols[top.Right] = r;
+            MaybeAdd(l.Prev, top.Left);
+            MaybeAdd(top.Left, l.Next);
+        }
+
+        bool previousUnknown = false;
+        void Emit(int start, int length)
+        {
+            int id = Lookup(text.AsSpan(start, length));
+            if (id >= 0 && _types[id] == PieceType.Unused && unusedHalves.TryGetValue(System.Text.Encoding.Latin1.GetString(text, start, length), out int left))
+            {
+                Emit(start, left);
+                Emit(start + left, length - left);
+                return;
+            }
+            bool unknown = id < 0;
+            int from = map?[start] ?? 0, to = map?[start + length] ?? 0;
+            if (unknown && _model.ByteFallback)
+            {
+                for (int i = start; i < start + length; i++)
+                {
+                    ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
+                    spans?.Add(i == start ? (from, to) : (to, to));
+                }
+            }
+            else if (unknown && previousUnknown)
+            {
+                if (spans is not null) spans[^1] = (spans[^1].Start, to);
+            }
+            else
+            {
+                ids.Add(unknown ? _unkId : id);
+                spans?.Add((from, to));
+            }
+            previousUnknown = unknown;
+        }
+        for (int index = 0; index != -1; index = symbols[index].Next) Emit(symbols[index].Start, symbols[index].Length);
     }
 }

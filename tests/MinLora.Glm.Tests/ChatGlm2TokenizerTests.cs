@@ -1,0 +1,63 @@
+using System.Text.Json;
+using MinLora.Glm.Tokenization;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>
+/// ChatGLM2/3's tokenizer against the reference tokenization_chatglm.py (v2) on the golden ChatGLM2-style BPE model
+/// (identity normalization): ids, the <c>[gMASK] sop</c> model inputs, decoding, the specials after the pieces and the
+/// chat prompts of the padded batch.
+/// </summary>
+public class ChatGlm2TokenizerTests
+{
+    private static readonly JsonElement Golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir("tokenizer"), "tok_golden.json"))).RootElement.GetProperty("v2").GetProperty("tiny_v2_bpe");
+
+    private static ChatGlm2Tokenizer Tokenizer()
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "tiny_v2_bpe.model"));
+        return ChatGlm2Tokenizer.Create(s);
+    }
+
+    private static int[] Ints(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+
+    public static TheoryData<int> Cases => new(Enumerable.Range(0, Golden.GetProperty("cases").GetArrayLength()));
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void MatchesTheReferenceTokenizer(int index)
+    {
+        var tok = Tokenizer();
+        var c = Golden.GetProperty("cases")[index];
+        var text = c.GetProperty("text").GetString()!;
+        Assert.Equal(Ints(c.GetProperty("ids")), tok.EncodeToIds(text));
+        Assert.Equal(Ints(c.GetProperty("model_input")), tok.EncodePrompt(text));
+        Assert.Equal(c.GetProperty("decoded").GetString(), tok.Decode(Ints(c.GetProperty("ids"))));
+        Assert.Equal(c.GetProperty("decoded").GetString(), tok.Decode(Ints(c.GetProperty("model_input"))));
+        var pieces = c.GetProperty("pieces").EnumerateArray().Select(p => p.GetString()).ToList();
+        Microsoft.ML.Tokenizers.Tokenizer t = tok;
+        Assert.Equal(pieces, t.EncodeToTokens(text, out _).Select(x => x.Value));
+    }
+
+    [Fact]
+    public void SpecialIds_VocabularyAndChatPrompts()
+    {
+        var tok = Tokenizer();
+        var specials = Golden.GetProperty("special_ids");
+        Assert.Equal(specials.GetProperty("[MASK]").GetInt32(), tok.MaskId);
+        Assert.Equal(specials.GetProperty("[gMASK]").GetInt32(), tok.GmaskId);
+        Assert.Equal(specials.GetProperty("[sMASK]").GetInt32(), tok.SmaskId);
+        Assert.Equal(specials.GetProperty("sop").GetInt32(), tok.SopId);
+        Assert.Equal(specials.GetProperty("eop").GetInt32(), tok.EopId);
+        Assert.Equal(specials.GetProperty("<eos>").GetInt32(), tok.EosId);
+        Assert.Equal(specials.GetProperty("<pad>").GetInt32(), tok.PadId);
+        Assert.Equal(Golden.GetProperty("vocab_size").GetInt32(), tok.VocabSize - 4);   // ChatGLM2: 5 specials; ChatGLM3 adds 4 role tokens
+        Assert.Equal("[gMASK]sop你好", tok.Decode(tok.EncodePrompt("你好"), skipSpecialTokens: false));
+        var prompts = Golden.GetProperty("prompts").EnumerateArray().Select(p => p.GetString()!).ToList();
+        var batch = Golden.GetProperty("padded_batch");
+        for (int i = 0; i < prompts.Count; i++)
+        {
+            var expected = Ints(batch[i].GetProperty("input_ids")).SkipWhile(x => x == tok.PadId).ToArray();
+            Assert.Equal(expected, tok.EncodePrompt(prompts[i]));
+        }
+    }
+}
