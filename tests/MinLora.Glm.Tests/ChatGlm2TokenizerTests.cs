@@ -61,3 +61,27 @@ public class ChatGlm2TokenizerTests
         }
     }
 }
+
+/// <summary>ChatGLM-6B's tokenizer on a BPE SentencePiece model (the golden tiny_bpe.model): the reference's ids, inputs and decoding.</summary>
+public class GlmTokenizerBpeTests
+{
+    private static readonly JsonElement Golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir("tokenizer"), "tok_golden.json"))).RootElement.GetProperty("v1").GetProperty("tiny_bpe");
+
+    public static TheoryData<int> Cases => new(Enumerable.Range(0, Golden.GetProperty("cases").GetArrayLength()));
+
+    private static int[] Ints(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void TinyBpe_MatchesTheReferenceTokenizer(int index)
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "tiny_bpe.model"));
+        var tok = GlmTokenizer.Create(s);
+        var c = Golden.GetProperty("cases")[index];
+        var text = c.GetProperty("text").GetString()!;
+        Assert.Equal(Ints(c.GetProperty("ids")), tok.EncodeToIds(text));
+        Assert.Equal(Ints(c.GetProperty("ids_no_dummy_prefix")), tok.EncodeToIds(text, addDummyPrefix: false));
+        Assert.Equal(Ints(c.GetProperty("model_input")), tok.EncodePrompt(text));
+        Assert.Equal(c.GetProperty("decoded").GetString(), tok.Decode(Ints(c.GetProperty("ids"))));
+    }
+}
