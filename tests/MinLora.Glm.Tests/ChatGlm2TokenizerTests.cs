@@ -85,3 +85,50 @@ public class GlmTokenizerBpeTests
         Assert.Equal(c.GetProperty("decoded").GetString(), tok.Decode(Ints(c.GetProperty("ids"))));
     }
 }
+
+/// <summary>Chat templates of ChatGLM2 (rounds from 1 with blank lines) and ChatGLM3 (role tokens), and chat on the golden v2 model.</summary>
+public class ChatGlm2ChatTests
+{
+    private static ChatGlm2Tokenizer Tokenizer(GlmChatFormat format)
+    {
+        using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "tiny_v2_bpe.model"));
+        return ChatGlm2Tokenizer.Create(s, format);
+    }
+
+    [Fact]
+    public void ChatGlm2Rounds_AndChatGlm3RoleTokens()
+    {
+        var v2 = Tokenizer(GlmChatFormat.ChatGlm2);
+        var golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir("tokenizer"), "tok_golden.json"))).RootElement.GetProperty("v2").GetProperty("tiny_v2_bpe");
+        var first = golden.GetProperty("padded_batch")[0].GetProperty("input_ids").EnumerateArray().Select(x => x.GetInt32()).SkipWhile(x => x == v2.PadId).ToArray();
+        Assert.Equal(first, v2.BuildChatInput("你好", null));
+        var withHistory = v2.BuildChatInput("再见", new[] { new MinLora.Glm.Generation.ChatTurn("你好", "你好！") });
+        Assert.Equal(v2.EncodePrompt("[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：再见\n\n答："), withHistory);
+        Assert.Equal(new[] { v2.EosId }, v2.ChatStopIds);
+
+        var v3 = Tokenizer(GlmChatFormat.ChatGlm3);
+        var newline = v3.EncodeToIds("\n");
+        var expected = new List<int> { v3.GmaskId, v3.SopId, v3.SystemId };
+        expected.AddRange(newline);
+        expected.AddRange(v3.EncodeToIds("Be brief."));
+        expected.Add(v3.UserId);
+        expected.AddRange(newline);
+        expected.AddRange(v3.EncodeToIds("你好"));
+        expected.Add(v3.AssistantId);
+        Assert.Equal(expected, v3.BuildChatInput("你好", null, "Be brief."));
+        Assert.Equal(new[] { v3.EosId, v3.UserId, v3.ObservationId }, v3.ChatStopIds);
+        Assert.Equal(v3.MaskId + 6, v3.UserId);
+    }
+
+    [Fact]
+    public void Chat_OnTheV2Model_GeneratesWhatGenerateDoes()
+    {
+        using var model = GlmCheckpoint.FromPretrained(Fixtures.Dir("v2")).Model;
+        var tok = Tokenizer(GlmChatFormat.ChatGlm2);
+        var options = new MinLora.Glm.Generation.GenerationOptions { DoSample = false, MaxNewTokens = 6 };
+        var (response, history) = MinLora.Glm.Generation.GlmGeneration.Chat(model, tok, "你好", null, options);
+        var ids = MinLora.Glm.Generation.GlmGeneration.Generate(model, new[] { tok.BuildChatInput("你好", null) }, options with { StopTokenIds = tok.ChatStopIds });
+        Assert.Equal(MinLora.Glm.Generation.GlmGeneration.ProcessResponse(tok.Decode(ids[0].TokenIds)), response);
+        Assert.Single(history);
+    }
+}

@@ -51,10 +51,12 @@ public static partial class GlmGeneration
     /// <param name="options">Generation settings.</param>
     /// <param name="cancellationToken">Stops generation between steps.</param>
     /// <returns>The generated text.</returns>
-    public static string GenerateText(this GlmForCausalLM model, GlmTokenizer tokenizer, string prompt, GenerationOptions? options = null, CancellationToken cancellationToken = default)
+    public static string GenerateText(this GlmForCausalLM model, IGlmTextTokenizer tokenizer, string prompt, GenerationOptions? options = null, CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        ArgumentNullException.ThrowIfNull(prompt);
         var sb = new StringBuilder();
-        foreach (var piece in StreamText(model, tokenizer, prompt, options ?? new GenerationOptions(), cancellationToken)) sb.Append(piece);
+        foreach (var piece in StreamText(model, tokenizer, tokenizer.EncodePrompt(prompt), options ?? new GenerationOptions(), cancellationToken)) sb.Append(piece);
         return sb.ToString();
     }
 
@@ -68,27 +70,42 @@ public static partial class GlmGeneration
     /// <param name="options">Generation settings.</param>
     /// <param name="cancellationToken">Stops generation between steps.</param>
     /// <returns>Text pieces.</returns>
-    public static async IAsyncEnumerable<string> GenerateStreamAsync(this GlmForCausalLM model, GlmTokenizer tokenizer, string prompt, GenerationOptions? options = null, [EnumeratorCancellation] CancellationToken cancellationToken = default)
+    public static IAsyncEnumerable<string> GenerateStreamAsync(this GlmForCausalLM model, IGlmTextTokenizer tokenizer, string prompt, GenerationOptions? options = null, CancellationToken cancellationToken = default)
     {
-        foreach (var piece in StreamText(model, tokenizer, prompt, options ?? new GenerationOptions(), cancellationToken))
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        ArgumentNullException.ThrowIfNull(prompt);
+        return StreamAsync(StreamText(model, tokenizer, tokenizer.EncodePrompt(prompt), options ?? new GenerationOptions(), cancellationToken));
+    }
+
+    private static async IAsyncEnumerable<string> StreamAsync(IEnumerable<string> pieces)
+    {
+        foreach (var piece in pieces)
         {
             yield return piece;
             await Task.Yield();
         }
     }
 
-    /// <summary>Answers <paramref name="query"/> in a conversation, as ChatGLM-6B's <c>chat()</c> does (prompt format, response post-processing).</summary>
+    /// <summary>
+    /// Answers <paramref name="query"/> in a conversation, as the model's own <c>chat()</c> does: the prompt in the
+    /// tokenizer's <see cref="IGlmTextTokenizer.ChatFormat"/> (ChatGLM-6B's or ChatGLM2's rounds, ChatGLM3's role
+    /// tokens), generation stopped by its <see cref="IGlmTextTokenizer.ChatStopIds"/> unless the options give stop ids,
+    /// and ChatGLM's response post-processing.
+    /// </summary>
     /// <param name="model">The model.</param>
-    /// <param name="tokenizer">The tokenizer.</param>
+    /// <param name="tokenizer">The tokenizer (<see cref="GlmTokenizer"/> or <see cref="ChatGlm2Tokenizer"/>).</param>
     /// <param name="query">The user's message.</param>
     /// <param name="history">Earlier turns (oldest first), or null.</param>
     /// <param name="options">Generation settings.</param>
     /// <param name="cancellationToken">Stops generation between steps.</param>
     /// <returns>The response and the history including this turn.</returns>
-    public static (string Response, IReadOnlyList<ChatTurn> History) Chat(this GlmForCausalLM model, GlmTokenizer tokenizer, string query, IReadOnlyList<ChatTurn>? history = null, GenerationOptions? options = null, CancellationToken cancellationToken = default)
+    public static (string Response, IReadOnlyList<ChatTurn> History) Chat(this GlmForCausalLM model, IGlmTextTokenizer tokenizer, string query, IReadOnlyList<ChatTurn>? history = null, GenerationOptions? options = null, CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(tokenizer);
         ArgumentNullException.ThrowIfNull(query);
-        var response = ProcessResponse(GenerateText(model, tokenizer, BuildChatPrompt(query, history), options, cancellationToken));
+        var sb = new StringBuilder();
+        foreach (var piece in StreamText(model, tokenizer, tokenizer.BuildChatInput(query, history), ChatOptions(tokenizer, options), cancellationToken)) sb.Append(piece);
+        var response = ProcessResponse(sb.ToString());
         var turns = (history ?? Array.Empty<ChatTurn>()).Append(new ChatTurn(query, response)).ToList();
         return (response, turns);
     }
@@ -101,10 +118,17 @@ public static partial class GlmGeneration
     /// <param name="options">Generation settings.</param>
     /// <param name="cancellationToken">Stops generation between steps.</param>
     /// <returns>Text pieces.</returns>
-    public static IAsyncEnumerable<string> ChatStreamAsync(this GlmForCausalLM model, GlmTokenizer tokenizer, string query, IReadOnlyList<ChatTurn>? history = null, GenerationOptions? options = null, CancellationToken cancellationToken = default)
+    public static IAsyncEnumerable<string> ChatStreamAsync(this GlmForCausalLM model, IGlmTextTokenizer tokenizer, string query, IReadOnlyList<ChatTurn>? history = null, GenerationOptions? options = null, CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(tokenizer);
         ArgumentNullException.ThrowIfNull(query);
-        return GenerateStreamAsync(model, tokenizer, BuildChatPrompt(query, history), options, cancellationToken);
+        return StreamAsync(StreamText(model, tokenizer, tokenizer.BuildChatInput(query, history), ChatOptions(tokenizer, options), cancellationToken));
+    }
+
+    private static GenerationOptions ChatOptions(IGlmTextTokenizer tokenizer, GenerationOptions? options)
+    {
+        options ??= new GenerationOptions();
+        return options.StopTokenIds is null ? options with { StopTokenIds = tokenizer.ChatStopIds } : options;
     }
 
     /// <summary>ChatGLM-6B's chat prompt: the query alone without history, else <c>[Round i]\n问：{q}\n答：{r}\n</c> per turn (i from 0) and <c>[Round n]\n问：{query}\n答：</c>.</summary>
@@ -137,17 +161,15 @@ public static partial class GlmGeneration
         return r;
     }
 
-    private static IEnumerable<string> StreamText(GlmForCausalLM model, GlmTokenizer tokenizer, string prompt, GenerationOptions options, CancellationToken ct)
+    private static IEnumerable<string> StreamText(GlmForCausalLM model, IGlmTextTokenizer tokenizer, IReadOnlyList<int> input, GenerationOptions options, CancellationToken ct)
     {
-        ArgumentNullException.ThrowIfNull(tokenizer);
-        ArgumentNullException.ThrowIfNull(prompt);
         var tokens = new List<int>();
         string emitted = "";
         string? stopCut = null;
         Func<int, IReadOnlyList<int>, bool>? stopString = options.StopStrings is { Count: > 0 } stops
             ? (_, newTokens) =>
             {
-                var text = tokenizer.Decode(newTokens);
+                var text = tokenizer.Decode(newTokens, true);
                 foreach (var s in stops)
                 {
                     int at = text.IndexOf(s, StringComparison.Ordinal);
@@ -156,7 +178,7 @@ public static partial class GlmGeneration
                 return false;
             }
         : null;
-        foreach (var step in Steps(model, new[] { tokenizer.EncodePrompt(prompt) }, options, stopString, ct))
+        foreach (var step in Steps(model, new[] { input }, options, stopString, ct))
         {
             if (step.Finished[0] is FinishReason.StopString)
             {
@@ -165,7 +187,7 @@ public static partial class GlmGeneration
             }
             if (step.Finished[0] is not null) break;
             tokens.Add(step.Tokens[0]);
-            var text = tokenizer.Decode(tokens);
+            var text = tokenizer.Decode(tokens, true);
             if (text.EndsWith('\uFFFD')) continue;               // an incomplete UTF-8 character: wait for its other bytes
             // Hold back a tail that could be the start of a stop string.
             var safe = text[..SafeLength(text, options.StopStrings)];
@@ -175,7 +197,7 @@ public static partial class GlmGeneration
                 emitted = safe;
             }
         }
-        var final = tokenizer.Decode(tokens);
+        var final = tokenizer.Decode(tokens, true);
         if (final.Length > emitted.Length && final.StartsWith(emitted, StringComparison.Ordinal)) yield return final[emitted.Length..];
     }
 

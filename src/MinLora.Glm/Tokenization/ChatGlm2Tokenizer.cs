@@ -12,16 +12,17 @@ namespace MinLora.Glm.Tokenization;
 /// model inputs that start with <c>[gMASK] sop</c>. No text preprocessing (unlike ChatGLM-6B's). A Microsoft.ML.Tokenizers
 /// <see cref="Tokenizer"/>.
 /// </summary>
-public sealed class ChatGlm2Tokenizer : Tokenizer
+public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
 {
     private static readonly string[] SpecialTokens = { "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>" };
 
     private readonly IPieceEncoder _encoder;
     private readonly SentencePieceModel _model;
 
-    private ChatGlm2Tokenizer(SentencePieceModel model)
+    private ChatGlm2Tokenizer(SentencePieceModel model, GlmChatFormat format)
     {
         _model = model;
+        ChatFormat = format;
         _encoder = model.ModelType == 2 ? new BpeEncoder(model) : new UnigramEncoder(model);
         int n = model.Pieces.Count;
         MaskId = n;
@@ -98,22 +99,77 @@ public sealed class ChatGlm2Tokenizer : Tokenizer
         ArgumentException.ThrowIfNullOrWhiteSpace(directory);
         var path = Path.Combine(directory, "tokenizer.model");
         if (!File.Exists(path)) throw new FileNotFoundException($"No tokenizer.model in '{directory}'.", path);
+        // ChatGLM3's tokenizer_config.json names chatglm3 (its name_or_path / auto_map) or carries a chat template.
+        var format = GlmChatFormat.ChatGlm2;
+        var config = Path.Combine(directory, "tokenizer_config.json");
+        if (File.Exists(config))
+        {
+            var text = File.ReadAllText(config);
+            if (text.Contains("chatglm3", StringComparison.OrdinalIgnoreCase) || text.Contains("\"chat_template\"", StringComparison.Ordinal)) format = GlmChatFormat.ChatGlm3;
+        }
         using var stream = File.OpenRead(path);
-        return Create(stream);
+        return Create(stream, format);
     }
 
     /// <summary>Creates the tokenizer from a SentencePiece model stream.</summary>
     /// <param name="modelStream">The <c>.model</c> content (read to the end; not disposed).</param>
     /// <returns>The tokenizer.</returns>
     /// <exception cref="InvalidDataException">Not a SentencePiece Unigram or BPE model.</exception>
-    public static ChatGlm2Tokenizer Create(Stream modelStream)
+    /// <param name="chatFormat">ChatGLM2's or ChatGLM3's chat prompt format.</param>
+    public static ChatGlm2Tokenizer Create(Stream modelStream, GlmChatFormat chatFormat = GlmChatFormat.ChatGlm2)
     {
+        if (chatFormat == GlmChatFormat.ChatGlm) throw new ArgumentException("ChatGLM-6B's format belongs to GlmTokenizer.", nameof(chatFormat));
         ArgumentNullException.ThrowIfNull(modelStream);
         using var buffer = new MemoryStream();
         modelStream.CopyTo(buffer);
         var model = SentencePieceModel.Parse(buffer.ToArray());
         if (model.ModelType is not (1 or 2)) throw new InvalidDataException($"The SentencePiece model is of type {model.ModelType}, neither Unigram (1) nor BPE (2).");
-        return new ChatGlm2Tokenizer(model);
+        return new ChatGlm2Tokenizer(model, chatFormat);
+    }
+
+    /// <inheritdoc />
+    public GlmChatFormat ChatFormat { get; }
+
+    /// <inheritdoc />
+    public IReadOnlyList<int> ChatStopIds => ChatFormat == GlmChatFormat.ChatGlm3 ? new[] { EosId, UserId, ObservationId } : new[] { EosId };
+
+    /// <summary>
+    /// ChatGLM2: <c>[gMASK] sop</c> + <c>"[Round i]\n\n问：{q}\n\n答：{r}\n\n"</c> per turn from i = 1, then the query's round
+    /// ending in <c>答：</c>. ChatGLM3: <c>[gMASK] sop</c>, then per message its role token, the encoding of "\n" and the
+    /// content, ending with <c>&lt;|assistant|&gt;</c> (the reference's <c>build_chat_input</c>).
+    /// </summary>
+    /// <param name="query">The user's message.</param>
+    /// <param name="history">Earlier turns, or null.</param>
+    /// <param name="system">ChatGLM3's system prompt, or null.</param>
+    /// <returns>The ids.</returns>
+    public IReadOnlyList<int> BuildChatInput(string query, IReadOnlyList<MinLora.Glm.Generation.ChatTurn>? history, string? system = null)
+    {
+        ArgumentNullException.ThrowIfNull(query);
+        if (ChatFormat == GlmChatFormat.ChatGlm2)
+        {
+            var sb = new StringBuilder();
+            int round = 1;
+            foreach (var turn in history ?? Array.Empty<MinLora.Glm.Generation.ChatTurn>())
+                sb.Append($"[Round {round++}]\n\n问：{turn.Query}\n\n答：{turn.Response}\n\n");
+            sb.Append($"[Round {round}]\n\n问：{query}\n\n答：");
+            return EncodePrompt(sb.ToString());
+        }
+        var ids = new List<int> { GmaskId, SopId };
+        void Message(int role, string content)
+        {
+            ids.Add(role);
+            ids.AddRange(EncodeToIds("\n"));
+            ids.AddRange(EncodeToIds(content));
+        }
+        if (!string.IsNullOrEmpty(system)) Message(SystemId, system);
+        foreach (var turn in history ?? Array.Empty<MinLora.Glm.Generation.ChatTurn>())
+        {
+            Message(UserId, turn.Query);
+            Message(AssistantId, turn.Response);
+        }
+        Message(UserId, query);
+        ids.Add(AssistantId);
+        return ids;
     }
 
     /// <summary>The SentencePiece ids of <paramref name="text"/> (no special tokens); invalid UTF-16 code units become U+FFFD.</summary>

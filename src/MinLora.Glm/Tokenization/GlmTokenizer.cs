@@ -34,7 +34,7 @@ public sealed record GlmBatch(Tensor InputIds, Tensor AttentionMask, Tensor Posi
 /// docs/tokenizers-upstream.md). Each invalid UTF-16 code unit (a lone or reversed surrogate) is encoded as one
 /// U+FFFD (its byte-fallback pieces with ice_text.model), never dropped.
 /// </remarks>
-public sealed class GlmTokenizer : Tokenizer
+public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
 {
     /// <summary>The longest run of spaces with its own token.</summary>
     public const int MaxBlankLength = 80;
@@ -411,6 +411,16 @@ public sealed class GlmTokenizer : Tokenizer
         FlushBytes();
         return Postprocess(sb.ToString());
     }
+
+    /// <inheritdoc />
+    public GlmChatFormat ChatFormat => GlmChatFormat.ChatGlm;
+
+    /// <inheritdoc />
+    public IReadOnlyList<int> BuildChatInput(string query, IReadOnlyList<MinLora.Glm.Generation.ChatTurn>? history, string? system = null) =>
+        EncodePrompt(MinLora.Glm.Generation.GlmGeneration.BuildChatPrompt(query, history));
+
+    /// <inheritdoc />
+    public IReadOnlyList<int> ChatStopIds => new[] { EosId };
 
     /// <summary>Reverses <see cref="Preprocess(string)"/>.</summary>
     /// <param name="text">Decoded SentencePiece text.</param>
