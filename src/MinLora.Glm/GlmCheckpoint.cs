@@ -89,6 +89,7 @@ public static partial class GlmCheckpoint
         {
             QuantizationBit = config.QuantizationBit,
             QuantizeEmbeddings = config.QuantizationEmbeddings,
+            QuantizeLmHead = config.QuantizeLmHead == true && config.QuantizationBit > 0,
             QuantizedLayer = options.Quantization?.Layer,
         };
         var model = new GlmForCausalLM(config, build);

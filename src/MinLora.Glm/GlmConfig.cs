@@ -88,6 +88,12 @@ public sealed record GlmConfig
     /// </summary>
     public bool QuantizationEmbeddings { get; init; }
 
+    /// <summary>
+    /// MinLora's own flag (ignored by the reference code): the output head is stored quantized like the projections
+    /// (<see cref="Modeling.GlmBuildOptions.QuantizeLmHead"/>), written by <c>SavePretrained</c>.
+    /// </summary>
+    public bool? QuantizeLmHead { get; init; }
+
     /// <summary>The checkpoint's element type name (e.g. "float16").</summary>
     public string? TorchDtype { get; init; }
 
