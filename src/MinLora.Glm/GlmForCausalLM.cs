@@ -351,8 +351,7 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         {
             mask = V2Mask(ones(b, total, dtype: ScalarType.Int64, device: ids.device), s, pastLength);
         }
-        var pastList = past is null ? null : Enumerable.Range(0, past.Count).Select(i => past[i]).ToList();
-        var (hidden, present, hiddenStates, attentions) = v2.Forward(ids, positions, mask, pastList, input.OutputHiddenStates, input.OutputAttentions);
+        var (hidden, cache, hiddenStates, attentions) = v2.Forward(ids, positions, mask, past, input.UseCache, input.OutputHiddenStates, input.OutputAttentions);
         if (input.LogitsToKeep is { } keep)
         {
             if (keep < 1) throw new ArgumentException($"LogitsToKeep must be at least 1, got {keep}.", nameof(input));
@@ -361,33 +360,6 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         }
         var logits = MinLora.Quantization.CpuLinear.Forward(v2.OutputLayer, hidden).permute(1, 0, 2).contiguous();
         var loss = Loss(logits, input.Labels, b, s);
-        GlmKvCache? cache = null;
-        if (input.UseCache)
-        {
-            // Stored once per key/value group (not repeated to every head), in place after the past when possible.
-            var first = present[0].Key;
-            bool inPlace = past is not null && past.Storage.TryClaim(pastLength, total, b, first.dtype, first.device);
-            var storage = inPlace ? past!.Storage : KvStorage.Allocate(Config.NumLayers, total, b, Config.KvGroups, Config.KvChannelsOrHeadDim, first.dtype, first.device);
-            if (!inPlace) storage.AddRef();
-            try
-            {
-                using (no_grad())
-                {
-                    for (int i = 0; i < present.Length; i++)
-                    {
-                        long from = inPlace ? pastLength : 0;
-                        storage.Keys[i].narrow(2, from, total - from).copy_(present[i].Key.detach().narrow(0, from, total - from).permute(1, 2, 0, 3));
-                        storage.Values[i].narrow(2, from, total - from).copy_(present[i].Value.detach().narrow(0, from, total - from).permute(1, 2, 0, 3));
-                    }
-                }
-                if (!inPlace) storage.MarkUsed(total);
-                cache = new GlmKvCache(storage, total);
-            }
-            finally
-            {
-                if (!inPlace) storage.Release();
-            }
-        }
         return new GlmOutput(
             logits.MoveToOuterDisposeScope(),
             loss,

@@ -31,16 +31,18 @@ internal static unsafe class DecodeAttention
     /// contiguous), positions [0, length).
     /// </summary>
     /// <param name="query">[1, b, heads, hd], any floating type.</param>
-    /// <param name="keys">The key buffer [b, heads, capacity, hd].</param>
+    /// <param name="keys">The key buffer [b, groups, capacity, hd]: one key per group of heads/groups query heads (groups = heads without multi-query attention).</param>
     /// <param name="values">The value buffer, same shape and type.</param>
     /// <param name="length">The number of valid positions (the past plus this step).</param>
     /// <param name="mask">[b, 1, 1, length] bool (true = masked, score −10000 as in the reference) or null.</param>
     /// <param name="norm">The query is divided by this (√hd·(layer+1)).</param>
     /// <param name="coeff">The masked scores are multiplied by this ((layer+1)) before the softmax.</param>
+    /// <param name="maskValue">The score of a masked position (ChatGLM-6B −10000, ChatGLM2 −∞).</param>
     /// <returns>The context [1, b, heads·hd] in the query's type.</returns>
-    internal static Tensor Run(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask, double norm, double coeff)
+    internal static Tensor Run(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask, double norm, double coeff, float maskValue = -10000f)
     {
-        long b = keys.shape[0], heads = keys.shape[1], capacity = keys.shape[2], hd = keys.shape[3];
+        long b = keys.shape[0], groups = keys.shape[1], capacity = keys.shape[2], hd = keys.shape[3];
+        long heads = query.shape[2];
         using var q = query.reshape(b * heads, hd).to(ScalarType.Float32).contiguous();
         using var m = mask?.reshape(b, length).to(ScalarType.Bool).contiguous();
         using var output = empty(new[] { b * heads, hd }, dtype: ScalarType.Float32);
@@ -53,7 +55,9 @@ internal static unsafe class DecodeAttention
             Capacity = capacity,
             Length = (int)length,
             Heads = (int)heads,
+            Groups = (int)groups,
             HeadDim = (int)hd,
+            MaskValue = maskValue,
             Mask = m is null ? null : (byte*)Pointer(m),
             Scale = (float)(1.0 / norm),
             Coeff = (float)coeff,
@@ -70,7 +74,8 @@ internal static unsafe class DecodeAttention
         IsSupported && keys.device_type == DeviceType.CPU && query.device_type == DeviceType.CPU &&
         keys.dtype is ScalarType.BFloat16 or ScalarType.Float32 && values.dtype == keys.dtype &&
         keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && values.shape.SequenceEqual(keys.shape) &&
-        query.shape[0] == 1 && length <= int.MaxValue &&
+        query.dim() == 4 && query.shape[0] == 1 && query.shape[1] == keys.shape[0] && query.shape[3] == keys.shape[3] &&
+        query.shape[2] % keys.shape[1] == 0 && length <= int.MaxValue &&
         (mask is null || (mask.device_type == DeviceType.CPU && mask.numel() == keys.shape[0] * length));
 
     private struct Job
@@ -79,9 +84,9 @@ internal static unsafe class DecodeAttention
         public nint Keys, Values;
         public bool Bf16;
         public long Capacity;
-        public int Length, Heads, HeadDim;
+        public int Length, Heads, Groups, HeadDim;
         public byte* Mask;
-        public float Scale, Coeff;
+        public float Scale, Coeff, MaskValue;
         public float* Output;
     }
 
@@ -94,8 +99,9 @@ internal static unsafe class DecodeAttention
     private static void Head(in Job j, int item)
     {
         int hd = j.HeadDim, n = j.Length;
-        long start = item * j.Capacity * hd;                 // element offset of this (sequence, head) block
-        int sequence = item / j.Heads;
+        int sequence = item / j.Heads, head = item % j.Heads;
+        int group = head / (j.Heads / j.Groups);              // the key/value group serving this head
+        long start = ((long)sequence * j.Groups + group) * j.Capacity * hd;
         float* q = j.Query + (long)item * hd;
         float* output = j.Output + (long)item * hd;
         byte* mask = j.Mask is null ? null : j.Mask + (long)sequence * n;
@@ -113,7 +119,7 @@ internal static unsafe class DecodeAttention
                 for (int t = 0; t < n; t++)
                 {
                     float s = mask is not null && mask[t] != 0
-                        ? -10000f
+                        ? j.MaskValue
                         : j.Bf16 ? DotBf16(qs, (ushort*)j.Keys + start + (long)t * hd, hd) : DotF32(qs, (float*)j.Keys + start + (long)t * hd, hd);
                     s *= j.Coeff;
                     scores[t] = s;

@@ -129,9 +129,11 @@ internal sealed class V2SelfAttention : nn.Module
 
     /// <summary>
     /// x [s, b, h]; angles [s, b, n/2, 2]; mask [b, 1, s, sk] (true = masked) or null for plain causal; past (k, v)
-    /// [sp, b, groups, hd]. Returns the output [s, b, h] and this layer's full (k, v).
+    /// [sp, b, groups, hd]; slot: cache buffers [b, groups, capacity, hd] holding the past, written in place. Returns the
+    /// output [s, b, h], this layer's full (k, v) [sk, b, groups, hd] and the attention probabilities (null when not
+    /// asked for and the one-position kernel ran).
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor x, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor x, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x);
@@ -141,17 +143,43 @@ internal sealed class V2SelfAttention : nn.Module
         var v = mixed.narrow(-1, qSize + kvSize, kvSize).view(s, b, _groups, _headDim);
         q = V2Rotary.Apply(q, angles);
         k = V2Rotary.Apply(k, angles);
-        if (past is { } p)
-        {
-            k = cat(new[] { p.Key, k }, 0);
-            v = cat(new[] { p.Value, v }, 0);
-        }
-        var present = (k, v);
-        long sk = k.shape[0];
         int repeat = _heads / _groups;
-        // Grouped keys and values serve repeat heads each: [sk, b, g, hd] → [b·heads, sk, hd].
-        var ks = k.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
-        var vs = v.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
+        Tensor ks, vs;                                                   // [b·heads, sk, hd]
+        (Tensor Key, Tensor Value) present;
+        long sk;
+        if (slot is { } sl && !(is_grad_enabled() && (k.requires_grad || v.requires_grad)))
+        {
+            // The cache buffers hold the past at [0, offset): this call's positions go after it, in place.
+            sk = sl.Offset + s;
+            sl.Keys.narrow(2, sl.Offset, s).copy_(k.detach().permute(1, 2, 0, 3));
+            sl.Values.narrow(2, sl.Offset, s).copy_(v.detach().permute(1, 2, 0, 3));
+            var keyBuffer = sl.Keys.narrow(2, 0, sk);
+            var valueBuffer = sl.Values.narrow(2, 0, sk);
+            present = (keyBuffer.permute(2, 0, 1, 3), valueBuffer.permute(2, 0, 1, 3));
+            if (s == 1 && !needProbs && DecodeAttention.Applies(q, sl.Keys, sl.Values, sk, mask))
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, sk, mask, _norm, Coeff, float.NegativeInfinity)), present, null);
+            ks = keyBuffer.unsqueeze(2).expand(b, _groups, repeat, sk, _headDim).reshape(b * _heads, sk, _headDim);
+            vs = valueBuffer.unsqueeze(2).expand(b, _groups, repeat, sk, _headDim).reshape(b * _heads, sk, _headDim);
+        }
+        else
+        {
+            if (slot is { } sg)
+            {
+                // Gradients must reach k and v: compute on the concatenation; the cache keeps detached copies.
+                sg.Keys.narrow(2, sg.Offset, s).copy_(k.detach().permute(1, 2, 0, 3));
+                sg.Values.narrow(2, sg.Offset, s).copy_(v.detach().permute(1, 2, 0, 3));
+            }
+            if (past is { } p)
+            {
+                k = cat(new[] { p.Key, k }, 0);
+                v = cat(new[] { p.Value, v }, 0);
+            }
+            present = (k, v);
+            sk = k.shape[0];
+            // Grouped keys and values serve repeat heads each: [sk, b, g, hd] → [b·heads, sk, hd].
+            ks = k.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
+            vs = v.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
+        }
         var qs = q.reshape(s, b * _heads, _headDim).transpose(0, 1);
         var scores = qs.bmm(ks.transpose(1, 2)).div(_norm).view(b, _heads, s, sk).to(ScalarType.Float32);
         if (Coeff != 1) scores = scores.mul(Coeff);
@@ -205,9 +233,9 @@ internal sealed class V2Block : nn.Module
         RegisterComponents();
     }
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor Probs) Forward(Tensor h, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past)
+    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor h, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot, bool needProbs)
     {
-        var (a, present, probs) = self_attention.Forward(input_layernorm.call(h), angles, mask, past);
+        var (a, present, probs) = self_attention.Forward(input_layernorm.call(h), angles, mask, past, slot, needProbs);
         var h1 = h.add(a);
         var outp = h1.add(mlp.call(post_attention_layernorm.call(h1)));
         return (outp, present, probs);
@@ -276,27 +304,73 @@ internal sealed class GlmV2Model : nn.Module
     public nn.Module<Tensor, Tensor> WordEmbeddings => embedding.WordEmbeddings;
 
     /// <summary>
-    /// ids [b, s], positions [b, s], mask [b, 1, s, sk] (true = masked) or null (causal); returns hidden [s, b, h] after the
-    /// final norm, the per-layer (k, v) [sk, b, groups, hd], the hidden states (each block's input and the last block's
-    /// output, before the final norm, as the reference) and attention probabilities when asked.
+    /// ids [b, s], positions [b, s], mask [b, 1, s, sk] (true = masked) or null (causal), an earlier cache; returns the
+    /// hidden states [s, b, h] after the final norm, the cache including this call (grouped keys and values, written in
+    /// place after <paramref name="past"/> when it is the newest cache of its buffers), the hidden states (each block's
+    /// input and the last block's output, before the final norm, as the reference) and attention probabilities when asked.
     /// </summary>
-    public (Tensor Hidden, (Tensor Key, Tensor Value)[] Present, List<Tensor>? HiddenStates, List<Tensor>? Attentions) Forward(
-        Tensor ids, Tensor positions, Tensor? mask, IReadOnlyList<(Tensor Key, Tensor Value)>? past, bool outputHidden, bool outputAttentions)
+    public (Tensor Hidden, GlmKvCache? Present, List<Tensor>? HiddenStates, List<Tensor>? Attentions) Forward(
+        Tensor ids, Tensor positions, Tensor? mask, GlmKvCache? past, bool useCache, bool outputHidden, bool outputAttentions)
     {
+        long b = ids.shape[0], s = ids.shape[1];
         var h = embedding.call(ids);
         var angles = rotary_pos_emb.Angles(positions, h.dtype).transpose(0, 1).contiguous();    // [s, b, n/2, 2]
         var hidden = outputHidden ? new List<Tensor>() : null;
         var attentions = outputAttentions ? new List<Tensor>() : null;
-        var present = new (Tensor, Tensor)[_config.NumLayers];
-        for (int i = 0; i < encoder.Layers.Count; i++)
+        long pastLength = past?.Length ?? 0;
+        KvStorage? storage = null;
+        bool fresh = false;
+        if (useCache)
         {
-            hidden?.Add(h);
-            var (next, kv, probs) = encoder.Layers[i].Forward(h, angles, mask, past?[i]);
-            present[i] = kv;
-            attentions?.Add(probs);
-            h = next;
+            if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, b, h.dtype, h.device))
+            {
+                storage = past.Storage;
+            }
+            else
+            {
+                storage = KvStorage.Allocate(_config.NumLayers, pastLength + s, b, _config.KvGroups, _config.KvChannelsOrHeadDim, h.dtype, h.device);
+                storage.AddRef();
+                fresh = true;
+            }
         }
-        hidden?.Add(h);
-        return (encoder.FinalNorm(h), present, hidden, attentions);
+        try
+        {
+            for (int i = 0; i < encoder.Layers.Count; i++)
+            {
+                hidden?.Add(h);
+                (Tensor Key, Tensor Value)? layerPast = past is null ? null : past[i];
+                KvSlot? slot = null;
+                if (storage is not null)
+                {
+                    if (fresh && layerPast is { } lp)
+                    {
+                        using (no_grad())
+                        {
+                            storage.Keys[i].narrow(2, 0, pastLength).copy_(lp.Key.permute(1, 2, 0, 3));
+                            storage.Values[i].narrow(2, 0, pastLength).copy_(lp.Value.permute(1, 2, 0, 3));
+                        }
+                    }
+                    slot = new KvSlot(storage.Keys[i], storage.Values[i], pastLength);
+                }
+                using var layerScope = NewDisposeScope();
+                var (next, _, probs) = encoder.Layers[i].Forward(h, angles, mask, layerPast, slot, needProbs: attentions is not null);
+                next.MoveToOuterDisposeScope();
+                if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
+                if (hidden is null) h.Dispose();
+                h = next;
+            }
+            hidden?.Add(h);
+            GlmKvCache? present = null;
+            if (storage is not null)
+            {
+                if (fresh) storage.MarkUsed(pastLength + s);
+                present = new GlmKvCache(storage, pastLength + s);
+            }
+            return (encoder.FinalNorm(h), present, hidden, attentions);
+        }
+        finally
+        {
+            if (fresh) storage!.Release();
+        }
     }
 }
