@@ -55,11 +55,23 @@ internal static class ModelSuite
         if (bits is not (0 or 4 or 8)) { Console.Error.WriteLine("--bits must be 0, 4 or 8"); return 2; }
         if (int4 is not ("chatglm" or "g128")) { Console.Error.WriteLine("--int4-format must be chatglm or g128"); return 2; }
         var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
+        string arch = Str(args, "--arch", "chatglm");
+        if (arch is not ("chatglm" or "chatglm3")) { Console.Error.WriteLine("--arch must be chatglm (ChatGLM-6B) or chatglm3 (ChatGLM2/3-6B)"); return 2; }
         // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
-        var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
+        var config = arch == "chatglm3"
+            ? new GlmConfig
+            {
+                // ChatGLM3-6B (= ChatGLM2-6B's architecture; 8k sequence).
+                VocabSize = 65024, PaddedVocabSize = 65024, MultiQueryAttention = true, MultiQueryGroupNum = 2, KvChannels = 128,
+                FfnHiddenSize = 13696, Rmsnorm = true, AddQkvBias = true, AddBiasLinear = false, PostLayerNorm = true, SeqLength = 8192,
+                EosTokenId = 2, PadTokenId = 0,
+                HiddenSize = quick ? 512 : 4096, NumLayers = quick ? 2 : 28, NumAttentionHeads = quick ? 8 : 32,
+            }
+            : quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
+        bool v2 = config.Version == GlmVersion.ChatGlm2;
         string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "") +
             (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "");
-        Console.WriteLine($"ChatGLM-6B shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.VocabSize}; weights {label}, activations bf16; {get_num_threads()} threads");
+        Console.WriteLine($"{(v2 ? "ChatGLM3-6B" : "ChatGLM-6B")} shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.ModelVocabSize}{(v2 ? $", {config.KvGroups} KV groups" : "")}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
         bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
 
@@ -75,7 +87,8 @@ internal static class ModelSuite
         double buildS = sw.Elapsed.TotalSeconds;
         long size = model.GetSizeInBytes();
         // A step reads one embedding row per token, not the table.
-        long embedding = model.Transformer.QuantizedWordEmbeddings?.GetSizeInBytes() ?? model.Transformer.WordEmbeddings.numel() * 2;
+        var embeddingPrefix = v2 ? "transformer.embedding.word_embeddings." : "transformer.word_embeddings.";
+        long embedding = model.state_dict().Where(kv => kv.Key.StartsWith(embeddingPrefix, StringComparison.Ordinal)).Sum(kv => kv.Value.numel() * kv.Value.element_size());
         long weightRead = size - embedding;
         var kernels = model.modules().OfType<QuantizedLinear>().Select(q => q.Kernel.ToString()).Distinct().ToList();
         rows.Add(new("build (random weights)", $"{buildS:F1} s", "", ""));
@@ -91,7 +104,8 @@ internal static class ModelSuite
             model.train();
             using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
             {
-                var cases = TrainCases(Str(args, "--train-cases", quick ? "64:off,64:on" : "256:off,256:on,1024:on"));
+                var cases = TrainCases(Str(args, "--train-cases", v2 ? (quick ? "64:off" : "256:off,1024:off") : quick ? "64:off,64:on" : "256:off,256:on,1024:on"));
+                if (v2 && cases.Any(c => c.Checkpointing)) { Console.Error.WriteLine("gradient checkpointing is not implemented for the v2 architecture yet"); return 2; }
                 foreach (var (s, checkpointing) in cases)
                 {
                     Progress($"training step, {s} tokens, checkpointing {checkpointing}");
@@ -176,9 +190,11 @@ internal static class ModelSuite
     private static (double MsPerToken, long CacheBytes) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read)
     {
         using var noGrad = no_grad();
+        bool v2 = config.Version == GlmVersion.ChatGlm2;
         var ids = Prompt(config, context);
-        var mask = GlmMasks.BuildAttentionMask(ids, config);
-        var positions = GlmMasks.BuildPositionIds(ids, config);
+        // v1: its bidirectional-prefix mask and 2-D positions; v2: causal (no mask) and positions 0….
+        var mask = v2 ? null : GlmMasks.BuildAttentionMask(ids, config);
+        var positions = v2 ? arange(context, dtype: ScalarType.Int64).unsqueeze(0) : GlmMasks.BuildPositionIds(ids, config);
         GlmKvCache? cache;
         Tensor stepIds;
         using (var o = model.call(new GlmInput(ids) { AttentionMask = mask, PositionIds = positions, UseCache = true, LogitsToKeep = 1 }))
@@ -191,17 +207,17 @@ internal static class ModelSuite
         long cacheBytes = 0;
         for (int step = 0; step < steps; step++)
         {
-            var newMask = GlmMasks.AppendTokenToMask(mask);
-            var newPositions = GlmMasks.AppendTokenToPositions(positions);
-            mask.Dispose();
+            var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
+            var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
+            mask?.Dispose();
             positions.Dispose();
             mask = newMask;
             positions = newPositions;
             var sw = Stopwatch.StartNew();
             using (var scope = NewDisposeScope())
             {
-                var stepMask = mask.narrow(2, mask.shape[2] - 1, 1);
-                var stepPositions = positions.narrow(2, positions.shape[2] - 1, 1);
+                var stepMask = v2 ? null : mask!.narrow(2, mask.shape[2] - 1, 1);
+                var stepPositions = v2 ? positions : positions.narrow(2, positions.shape[2] - 1, 1);
                 using var o = model.call(new GlmInput(stepIds) { AttentionMask = stepMask, PositionIds = stepPositions, PastKeyValues = cache, UseCache = true, LogitsToKeep = 1 });
                 cache?.Dispose();
                 cache = o.PresentKeyValues;
@@ -219,7 +235,7 @@ internal static class ModelSuite
         }
         cache?.Dispose();
         stepIds.Dispose();
-        mask.Dispose();
+        mask?.Dispose();
         positions.Dispose();
         return (MedianOf(times.Skip(1).ToList()), cacheBytes);
     }
@@ -229,9 +245,10 @@ internal static class ModelSuite
     {
         var gen = new System.Random(length);
         var ids = new long[length];
-        for (int i = 0; i < length - 2; i++) ids[i] = gen.Next(20, 130000);
-        ids[length - 2] = config.GmaskTokenId;
-        ids[length - 1] = config.BosTokenId;
+        for (int i = 0; i < length - 2; i++) ids[i] = gen.Next(20, Math.Min(130000, config.ModelVocabSize - 10));
+        bool v1 = config.Version == GlmVersion.ChatGlm1;
+        ids[length - 2] = v1 ? config.GmaskTokenId : gen.Next(20, config.ModelVocabSize - 10);
+        ids[length - 1] = v1 ? config.BosTokenId : gen.Next(20, config.ModelVocabSize - 10);
         return tensor(ids, new long[] { 1, length });
     }
 
@@ -245,8 +262,12 @@ internal static class ModelSuite
         public GemmRoofline(GlmConfig c)
         {
             _c = c;
-            long h = c.HiddenSize, f = c.MlpHiddenSize;
-            _weights = new[] { (3 * h, h), (h, h), (f, h), (h, f), (c.VocabSize, h) }
+            long h = c.HiddenSize;
+            // The products of one block and the head: v1 qkv 3h, MLP h→4h→h; v2 qkv h + 2·groups·kv, SwiGLU h→2f, f→h.
+            var shapes = c.Version == GlmVersion.ChatGlm2
+                ? new[] { (h + 2L * c.KvGroups * c.KvChannelsOrHeadDim, h), (h, h), (2L * (c.FfnHiddenSize ?? 4 * c.HiddenSize), h), (h, c.FfnHiddenSize ?? 4L * c.HiddenSize), ((long)c.ModelVocabSize, h) }
+                : new[] { (3 * h, h), (h, h), ((long)c.MlpHiddenSize, h), (h, (long)c.MlpHiddenSize), ((long)c.VocabSize, h) };
+            _weights = shapes
                 .Select(s => randn(new[] { s.Item1, s.Item2 }, dtype: ScalarType.BFloat16).DetachFromDisposeScope()).ToArray();
         }
 
@@ -266,7 +287,7 @@ internal static class ModelSuite
                     if (passes == 2) layer += Median(3, () => Time(() => { using var dx = g.matmul(w); }));
                 }
                 using var hx = randn(new long[] { rows, _c.HiddenSize }, dtype: ScalarType.BFloat16);
-                using var hg = randn(new long[] { rows, _c.VocabSize }, dtype: ScalarType.BFloat16);
+                using var hg = randn(new long[] { rows, _c.ModelVocabSize }, dtype: ScalarType.BFloat16);
                 double head = Median(3, () => Time(() => { using var y = nn.functional.linear(hx, _weights[4]); }));
                 if (passes == 2) head += Median(3, () => Time(() => { using var dx = hg.matmul(_weights[4]); }));
                 ms = layer * _c.NumLayers + head;
