@@ -244,14 +244,13 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     /// when training with gradients and without a KV cache, P-tuning prefix or attention outputs.
     /// </summary>
     /// <value>The default value is false.</value>
-    /// <exception cref="NotSupportedException">Set on a v2 model (not implemented for it yet).</exception>
     public bool GradientCheckpointing
     {
-        get => (transformer as GlmModel)?.GradientCheckpointing ?? false;
+        get => transformer is GlmModel v1 ? v1.GradientCheckpointing : ((GlmV2Model)transformer).GradientCheckpointing;
         set
         {
             if (transformer is GlmModel v1) v1.GradientCheckpointing = value;
-            else if (value) throw new NotSupportedException("Gradient checkpointing is implemented for the v1 architecture (ChatGLM-6B) only so far.");
+            else ((GlmV2Model)transformer).GradientCheckpointing = value;
         }
     }
 

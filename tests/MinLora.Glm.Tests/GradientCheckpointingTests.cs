@@ -16,14 +16,23 @@ public class GradientCheckpointingTests
     [InlineData(0, 0.0)]
     [InlineData(0, 0.3)]
     [InlineData(8, 0.1)]
-    public void CheckpointedBackward_EqualsPlainBackward(int bits, double dropout)
+    [InlineData(0, 0.1, true)]
+    [InlineData(8, 0.0, true)]
+    public void CheckpointedBackward_EqualsPlainBackward(int bits, double dropout, bool v2 = false)
     {
         manual_seed(11);
-        var config = new GlmConfig
-        {
-            VocabSize = 300, HiddenSize = 64, NumLayers = 3, NumAttentionHeads = 4, MaxSequenceLength = 128,
-            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
-        };
+        var config = v2
+            ? new GlmConfig
+            {
+                VocabSize = 300, PaddedVocabSize = 300, HiddenSize = 64, NumLayers = 3, NumAttentionHeads = 4, KvChannels = 16,
+                MultiQueryAttention = true, MultiQueryGroupNum = 2, FfnHiddenSize = 96, Rmsnorm = true, AddQkvBias = true,
+                EosTokenId = 2, PadTokenId = 0, BosTokenId = 290, GmaskTokenId = 293,
+            }
+            : new GlmConfig
+            {
+                VocabSize = 300, HiddenSize = 64, NumLayers = 3, NumAttentionHeads = 4, MaxSequenceLength = 128,
+                BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+            };
         using var model = new GlmForCausalLM(config);
         if (bits > 0) model.Quantize(bits, new QuantizeOptions { GroupSize = 32 });
         model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value", "dense_h_to_4h" }, Rank = 4, Dropout = dropout, Init = LoraInit.Random });

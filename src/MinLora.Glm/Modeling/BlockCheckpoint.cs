@@ -59,3 +59,55 @@ internal sealed class BlockCheckpoint : autograd.SingleTensorFunction<BlockCheck
         return new List<Tensor> { gradInput!, null!, null!, null!, null!, null!, null! };
     }
 }
+
+/// <summary>Gradient checkpointing of one v2 block (as <see cref="BlockCheckpoint"/>: keep the input, run the block again in backward).</summary>
+internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockCheckpoint>
+{
+    private const string BlockKey = "block", MaskKey = "mask";
+
+    /// <inheritdoc />
+    public override string Name => "GlmV2BlockCheckpointBackward";
+
+    /// <summary>vars: hidden, rotary angles, mask or null, the block.</summary>
+    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    {
+        var h = (Tensor)vars[0];
+        var angles = (Tensor)vars[1];
+        var mask = vars[2] as Tensor;
+        var block = (V2Block)vars[3];
+        var rng = random.get_rng_state();
+        ctx.save_for_backward(new List<Tensor> { h, angles, rng });
+        ctx.save_data(BlockKey, block);
+        ctx.save_data(MaskKey, mask!);
+        using var scope = NewDisposeScope();
+        var (output, _, _) = block.Forward(h, angles, mask, null, null, needProbs: false);
+        return output.MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc />
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+    {
+        var saved = ctx.get_saved_variables();
+        var block = (V2Block)ctx.get_data(BlockKey);
+        var mask = ctx.get_data(MaskKey) as Tensor;
+        Tensor? gradInput;
+        using (var scope = NewDisposeScope())
+        {
+            var current = random.get_rng_state();
+            random.set_rng_state(saved[2]);
+            try
+            {
+                using var grad = enable_grad();
+                var h = saved[0].detach().requires_grad_(true);
+                var (output, _, _) = block.Forward(h, saved[1], mask, null, null, needProbs: false);
+                output.backward(new[] { grad_output });
+                gradInput = h.grad?.MoveToOuterDisposeScope();
+            }
+            finally
+            {
+                random.set_rng_state(current);
+            }
+        }
+        return new List<Tensor> { gradInput!, null!, null!, null! };
+    }
+}

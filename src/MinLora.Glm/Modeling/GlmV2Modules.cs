@@ -301,6 +301,9 @@ internal sealed class GlmV2Model : nn.Module
 
     public nn.Module<Tensor, Tensor> OutputLayer => output_layer;
 
+    /// <summary>Recompute each block in backward (training without a cache or attention outputs).</summary>
+    public bool GradientCheckpointing { get; set; }
+
     public nn.Module<Tensor, Tensor> WordEmbeddings => embedding.WordEmbeddings;
 
     /// <summary>
@@ -353,9 +356,20 @@ internal sealed class GlmV2Model : nn.Module
                     slot = new KvSlot(storage.Keys[i], storage.Values[i], pastLength);
                 }
                 using var layerScope = NewDisposeScope();
-                var (next, _, probs) = encoder.Layers[i].Forward(h, angles, mask, layerPast, slot, needProbs: attentions is not null);
+                Tensor next;
+                if (GradientCheckpointing && training && is_grad_enabled() && slot is null && layerPast is null && attentions is null)
+                {
+                    // The recorded node needs an input that wants gradients, or the block's own parameters get none.
+                    if (!h.requires_grad) h = h.detach().requires_grad_(true);
+                    next = V2BlockCheckpoint.apply(h, angles, mask!, encoder.Layers[i]);
+                }
+                else
+                {
+                    var (n, _, probs) = encoder.Layers[i].Forward(h, angles, mask, layerPast, slot, needProbs: attentions is not null);
+                    next = n;
+                    if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
+                }
                 next.MoveToOuterDisposeScope();
-                if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
                 if (hidden is null) h.Dispose();
                 h = next;
             }
