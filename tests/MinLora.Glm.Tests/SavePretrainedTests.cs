@@ -56,6 +56,22 @@ public sealed class SavePretrainedTests : IDisposable
         Assert.False(Directory.Exists(Path.Combine(_dir, "g128")));
     }
 
+    /// <summary>A v2 model quantized to int8 goes out as a pre-quantized ChatGLM2-style checkpoint and comes back the same.</summary>
+    [Fact]
+    public void QuantizedV2Model_RoundTrips()
+    {
+        using var model = GlmCheckpoint.FromPretrained(Fixtures.Dir("v2")).Model;
+        model.Quantize(8);
+        var target = Path.Combine(_dir, "v2q8");
+        model.SavePretrained(target);
+        var config = GlmConfig.FromFile(Path.Combine(target, "config.json"));
+        Assert.Equal(8, config.QuantizationBit);
+        Assert.Equal(GlmVersion.ChatGlm2, config.Version);
+        using var loaded = GlmCheckpoint.FromPretrained(target).Model;
+        Assert.Equal(8, loaded.modules().OfType<QuantizedLinear>().Count());
+        AssertSameLogits(model, loaded, Fixtures.Golden("v2")["A.input_ids"]);
+    }
+
     [Fact]
     public void LoraModel_IsRefused_UntilMerged_AndAPreviousCheckpointSurvivesARefusal()
     {
