@@ -250,7 +250,7 @@ public static partial class GlmCheckpoint
         if (options.PreSeqLen is not null && missing.Count > 0 && missing.All(k => k.StartsWith(PrefixKeys, StringComparison.Ordinal)))
         {
             // A base checkpoint for P-tuning: the prefix encoder starts from a random initialisation.
-            model.Transformer.InitializePrefixEncoder();
+            model.InitializePrefixEncoder();
             missing.Clear();
             freshPrefix = true;
         }

@@ -283,7 +283,7 @@ public sealed record GlmConfig
         {
             if (id < 0 || id >= ModelVocabSize) throw new InvalidDataException($"{source}: {name} {id} is outside the vocabulary (0..{ModelVocabSize - 1}).");
         }
-        if (PreSeqLen is not null) throw new NotSupportedException($"{source}: P-tuning v2 (pre_seq_len) on the v2 architecture is not implemented yet.");
+        if (PreSeqLen is { } pre && pre <= 0) throw new InvalidDataException($"{source}: pre_seq_len must be positive when set, got {pre}.");
         if (QuantizationBit is not (0 or 4 or 8)) throw new InvalidDataException($"{source}: quantization_bit must be 0, 4 or 8, got {QuantizationBit}.");
         if (QuantizationEmbeddings && QuantizationBit == 0) throw new InvalidDataException($"{source}: quantization_embeddings needs quantization_bit 4 or 8.");
     }

@@ -324,7 +324,9 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         if (past is not null && input.PositionIds is null)
             throw new ArgumentException("With PastKeyValues, give PositionIds [batch, new positions] for the new tokens.", nameof(input));
         using var scope = NewDisposeScope();
-        long pastLength = past?.Length ?? 0;
+        // A P-tuning prefix counts as past positions (always visible); masks given by the caller do not include it.
+        long prefix = Config.PreSeqLen ?? 0;
+        long pastLength = past?.Length ?? prefix;
         if (past is not null && past.Count != Config.NumLayers) throw new ArgumentException($"The cache has {past.Count} layers; the model has {Config.NumLayers}.", nameof(input));
         var positions = input.PositionIds ?? arange(s, dtype: ScalarType.Int64, device: ids.device).unsqueeze(0).expand(b, s);
         if (!positions.shape.SequenceEqual(new[] { b, s }))
@@ -335,15 +337,17 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         {
             if (m.dim() == 2)
             {
-                if (m.shape[0] != b || m.shape[1] != total)
-                    throw new ArgumentException($"A padding AttentionMask must be [{b}, {total}], got [{string.Join(", ", m.shape)}].", nameof(input));
+                if (m.shape[0] != b || m.shape[1] != total - prefix)
+                    throw new ArgumentException($"A padding AttentionMask must be [{b}, {total - prefix}], got [{string.Join(", ", m.shape)}].", nameof(input));
+                if (prefix > 0) m = cat(new[] { ones(new[] { b, prefix }, dtype: m.dtype, device: m.device), m }, 1);
                 mask = V2Mask(m, s, pastLength);
             }
             else
             {
-                if (m.dim() != 4 || m.shape[0] != b || m.shape[2] != s || m.shape[3] != total)
-                    throw new ArgumentException($"AttentionMask must be [{b}, {total}] (padding) or [{b}, 1, {s}, {total}] (bool), got [{string.Join(", ", m.shape)}].", nameof(input));
+                if (m.dim() != 4 || m.shape[0] != b || m.shape[2] != s || m.shape[3] != total - prefix)
+                    throw new ArgumentException($"AttentionMask must be [{b}, {total - prefix}] (padding) or [{b}, 1, {s}, {total - prefix}] (bool), got [{string.Join(", ", m.shape)}].", nameof(input));
                 mask = m.dtype == ScalarType.Bool ? m : m.to(ScalarType.Bool);
+                if (prefix > 0) mask = cat(new[] { zeros(new[] { b, 1, s, prefix }, dtype: ScalarType.Bool, device: mask.device), mask }, 3);
             }
         }
         else if (pastLength > 0 && s > 1)
@@ -381,4 +385,11 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
 
     /// <summary>Recomputes derived buffers after loading a checkpoint (the rotary frequencies, which the reference never loads).</summary>
     internal void AfterLoad() => (transformer as GlmModel)?.ResetRotary();
+
+    /// <summary>A fresh random P-tuning prefix encoder (a base checkpoint has none).</summary>
+    internal void InitializePrefixEncoder()
+    {
+        if (transformer is GlmModel v1) v1.InitializePrefixEncoder();
+        else ((GlmV2Model)transformer).InitializePrefixEncoder();
+    }
 }

@@ -196,3 +196,57 @@ public class RealV2ShapeTests
         Assert.Equal(new long[] { qkv, h }, model.state_dict()["transformer.encoder.layers.39.self_attention.query_key_value.weight"].shape);
     }
 }
+
+/// <summary>
+/// P-tuning v2 on the v2 architecture: the prefix keys and values per key/value group (kv size L·kv·groups·2, with and
+/// without the projection MLP), always visible, decoded with the cache exactly as recomputed, and only the prefix
+/// encoder trains.
+/// </summary>
+public class PTuningV2Tests
+{
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Prefix_CachedDecodingEqualsRecompute_AndOnlyThePrefixTrains(bool projection)
+    {
+        manual_seed(12);
+        var config = GlmConfig.FromFile(Path.Combine(Fixtures.Dir("v2"), "config.json")) with { PreSeqLen = 4, PrefixProjection = projection };
+        using var model = new GlmForCausalLM(config);
+        var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).ToList();
+        Assert.NotEmpty(trainable);
+        Assert.All(trainable, n => Assert.StartsWith("transformer.prefix_encoder.", n, StringComparison.Ordinal));
+        long kv = 2L * config.NumLayers * config.KvChannelsOrHeadDim * config.KvGroups;
+        Assert.Equal(kv, model.state_dict()[projection ? "transformer.prefix_encoder.trans.2.weight" : "transformer.prefix_encoder.embedding.weight"].shape[0 + (projection ? 0 : 1)]);
+
+        model.eval();
+        using var noGrad = no_grad();
+        var ids = tensor(new long[] { 901, 903, 431, 488, 514, 13 }, new long[] { 1, 6 });
+        using var first = model.call(new GlmInput(ids) { UseCache = true });
+        var cache = first.PresentKeyValues!;
+        Assert.Equal(4 + 6, cache.Length);
+        var all = ids;
+        var logits = first.Logits.select(1, -1);
+        for (int step = 0; step < 4; step++)
+        {
+            var next = logits.argmax(-1).unsqueeze(1);
+            all = cat(new[] { all, next }, 1);
+            long n = all.shape[1];
+            using var full = model.call(new GlmInput(all));
+            using var output = model.call(new GlmInput(next) { PositionIds = tensor(new[] { n - 1 }, new long[] { 1, 1 }), AttentionMask = ones(1, n, dtype: ScalarType.Int64), PastKeyValues = cache, UseCache = true });
+            Assert.True(Fixtures.MaxDiff(output.Logits.select(1, -1), full.Logits.select(1, -1)) < 1e-5, $"step {step} differs by {Fixtures.MaxDiff(output.Logits.select(1, -1), full.Logits.select(1, -1))}");
+            cache = output.PresentKeyValues!;
+            logits = output.Logits.select(1, -1);
+        }
+
+        // Training: gradients reach the prefix encoder only.
+        using var grad = enable_grad();
+        model.train();
+        using var o = model.call(new GlmInput(all) { Labels = all });
+        o.Loss!.backward();
+        foreach (var (name, p) in model.named_parameters())
+        {
+            if (name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal)) Assert.True(p.grad is not null && p.grad.abs().max().item<float>() > 0, $"{name} got no gradient");
+            else Assert.Null(p.grad);
+        }
+    }
+}

@@ -472,12 +472,15 @@ internal sealed class PrefixEncoder : nn.Module<Tensor, Tensor>
 
     public PrefixEncoder(GlmConfig c, GlmBuildOptions o) : base(nameof(PrefixEncoder))
     {
-        long kv = 2L * c.NumLayers * c.HiddenSize;
+        bool v2 = c.Version == GlmVersion.ChatGlm2;
+        // v1: keys and values of every head (2·L·h); v2: of every key/value group (L·kv_channels·groups·2).
+        long kv = v2 ? 2L * c.NumLayers * c.KvChannelsOrHeadDim * c.KvGroups : 2L * c.NumLayers * c.HiddenSize;
         if (c.PrefixProjection)
         {
-            embedding = new GlmEmbedding(c.PreSeqLen!.Value, c.HiddenSize, o);
+            // v1: Embedding(P, h) → Linear(h, h) → Tanh → Linear(h, kv); v2: Embedding(P, kv) → Linear(kv, h) → Tanh → Linear(h, kv).
+            embedding = new GlmEmbedding(c.PreSeqLen!.Value, v2 ? kv : c.HiddenSize, o);
             trans = nn.Sequential(
-                GlmLayers.Linear(c.HiddenSize, c.HiddenSize, true, o),
+                GlmLayers.Linear(v2 ? kv : c.HiddenSize, c.HiddenSize, true, o),
                 nn.Tanh(),
                 GlmLayers.Linear(c.HiddenSize, kv, true, o));
         }

@@ -288,6 +288,7 @@ internal sealed class GlmV2Model : nn.Module
     private readonly V2Rotary rotary_pos_emb;
     private readonly V2Encoder encoder;
     private readonly nn.Module<Tensor, Tensor> output_layer;
+    private readonly PrefixEncoder? prefix_encoder;
     private readonly GlmConfig _config;
 
     public GlmV2Model(GlmConfig c, GlmBuildOptions o) : base("ChatGLMModel")
@@ -299,7 +300,33 @@ internal sealed class GlmV2Model : nn.Module
         output_layer = o.QuantizeLmHead && o.QuantizationBit > 0
             ? GlmLayers.Projection(c.HiddenSize, c.ModelVocabSize, false, o)
             : GlmLayers.Linear(c.HiddenSize, c.ModelVocabSize, false, o);
+        if (c.PreSeqLen is not null) prefix_encoder = new PrefixEncoder(c, o);
         RegisterComponents();
+    }
+
+    /// <summary>The P-tuning prefix as per-layer keys and values [pre, b, groups, kv] (the reference's get_prompt, dropout 0.1 in training).</summary>
+    private (Tensor Key, Tensor Value)[] PrefixKeyValues(long batch, ScalarType dtype, Device device)
+    {
+        int pre = _config.PreSeqLen!.Value;
+        var tokens = arange(pre, dtype: ScalarType.Int64, device: device).unsqueeze(0).expand(batch, pre);
+        var kv = prefix_encoder!.call(tokens).to(dtype)
+            .view(batch, pre, _config.NumLayers * 2, _config.KvGroups, _config.KvChannelsOrHeadDim);
+        kv = nn.functional.dropout(kv, 0.1, training);
+        kv = kv.permute(2, 1, 0, 3, 4);                                                     // [2L, pre, b, g, kv]
+        var result = new (Tensor, Tensor)[_config.NumLayers];
+        for (int i = 0; i < _config.NumLayers; i++) result[i] = (kv[2 * i], kv[2 * i + 1]);
+        return result;
+    }
+
+    /// <summary>Fills the P-tuning prefix encoder with a fresh random initialisation (a base checkpoint has none).</summary>
+    internal void InitializePrefixEncoder()
+    {
+        if (prefix_encoder is null) return;
+        var first = prefix_encoder.parameters().First();
+        using var fresh = new PrefixEncoder(_config, new GlmBuildOptions(first.dtype, first.device, GlmInit.Random));
+        using var noGrad = no_grad();
+        var target = prefix_encoder.state_dict();
+        foreach (var (k, v) in fresh.state_dict()) target[k].copy_(v);
     }
 
     public nn.Module<Tensor, Tensor> OutputLayer => output_layer;
@@ -324,6 +351,12 @@ internal sealed class GlmV2Model : nn.Module
         var hidden = outputHidden ? new List<Tensor>() : null;
         var attentions = outputAttentions ? new List<Tensor>() : null;
         long pastLength = past?.Length ?? 0;
+        (Tensor Key, Tensor Value)[]? prefix = null;
+        if (past is null && prefix_encoder is not null)
+        {
+            prefix = PrefixKeyValues(b, h.dtype, h.device);
+            pastLength = _config.PreSeqLen!.Value;
+        }
         KvStorage? storage = null;
         bool fresh = false;
         if (useCache)
@@ -344,7 +377,7 @@ internal sealed class GlmV2Model : nn.Module
             for (int i = 0; i < encoder.Layers.Count; i++)
             {
                 hidden?.Add(h);
-                (Tensor Key, Tensor Value)? layerPast = past is null ? null : past[i];
+                (Tensor Key, Tensor Value)? layerPast = past is not null ? past[i] : prefix?[i];
                 KvSlot? slot = null;
                 if (storage is not null)
                 {
