@@ -140,7 +140,8 @@ public static class SpoPipeline
         var log = o.Log;
         var clock = Stopwatch.StartNew();
         manual_seed(o.Seed);
-        var tokenizer = GlmTokenizer.FromPretrained(o.ModelDirectory);
+        // ChatGLM-6B (ice_text.model), ChatGLM2/3 or GLM-4 (tokenizer.model): the directory decides.
+        var tokenizer = GlmTokenizers.FromPretrained(o.ModelDirectory);
         var train = SpoData.ReadJsonLines(o.TrainFile).Take(o.MaxTrainExamples ?? int.MaxValue).ToList();
         var test = SpoData.ReadJsonLines(o.TestFile).Take(o.MaxTestExamples ?? int.MaxValue).ToList();
         // Nothing to train on or to score is an error found before the model loads, and nothing is written.
@@ -238,14 +239,14 @@ public static class SpoPipeline
 
     private sealed record Evaluation(SpoScores Scores, IReadOnlyList<string> Predictions);
 
-    private static Evaluation Evaluate(GlmForCausalLM model, GlmTokenizer tokenizer, SpoDatasetBuilder builder, IReadOnlyList<SpoExample> test, SpoOptions o)
+    private static Evaluation Evaluate(GlmForCausalLM model, IGlmTextTokenizer tokenizer, SpoDatasetBuilder builder, IReadOnlyList<SpoExample> test, SpoOptions o)
     {
         var predictions = new List<string>();
         var options = new GenerationOptions { DoSample = false, MaxNewTokens = o.MaxTargetLength, MaxLength = o.MaxSourceLength + o.MaxTargetLength + 3 };
         foreach (var chunk in test.Chunk(16))
         {
             var inputs = chunk.Select(e => tokenizer.BuildInputs(builder.Source(e.Text).Ids)).ToList();
-            foreach (var generated in model.Generate(inputs, options)) predictions.Add(tokenizer.Decode(generated.TokenIds).Trim());
+            foreach (var generated in model.Generate(inputs, options)) predictions.Add(tokenizer.Decode(generated.TokenIds, true).Trim());
         }
         return new Evaluation(SpoEvaluation.Score(predictions.Zip(test, (p, e) => (p, e.Answer))), predictions);
     }

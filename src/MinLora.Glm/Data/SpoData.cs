@@ -163,22 +163,22 @@ public sealed record GlmTrainingBatch(Tensor InputIds, Tensor AttentionMask, Ten
 /// </remarks>
 public sealed class SpoDatasetBuilder
 {
-    private readonly GlmTokenizer _tokenizer;
+    private readonly IGlmTextTokenizer _tokenizer;
     private readonly SpoTrainingOptions _options;
     private readonly IReadOnlyList<int> _promptIds;
 
     /// <summary>Creates the builder.</summary>
-    /// <param name="tokenizer">The tokenizer.</param>
+    /// <param name="tokenizer">The tokenizer of the model's generation (ChatGLM-6B, ChatGLM2/3 or GLM-4).</param>
     /// <param name="options">Lengths and prompt.</param>
     /// <exception cref="ArgumentException">The prompt alone exceeds MaxSourceLength, or a length is not positive.</exception>
-    public SpoDatasetBuilder(GlmTokenizer tokenizer, SpoTrainingOptions? options = null)
+    public SpoDatasetBuilder(IGlmTextTokenizer tokenizer, SpoTrainingOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizer);
         _tokenizer = tokenizer;
         _options = options ?? new SpoTrainingOptions();
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxSourceLength, nameof(options));
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxTargetLength, nameof(options));
-        _promptIds = tokenizer.EncodeToIds(_options.Prompt);
+        _promptIds = tokenizer.EncodeText(_options.Prompt);
         if (_promptIds.Count >= _options.MaxSourceLength)
             throw new ArgumentException($"The prompt takes {_promptIds.Count} tokens, not less than MaxSourceLength {_options.MaxSourceLength}.", nameof(options));
     }
@@ -189,7 +189,7 @@ public sealed class SpoDatasetBuilder
     public (IReadOnlyList<int> Ids, bool Truncated) Source(string text)
     {
         ArgumentNullException.ThrowIfNull(text);
-        var textIds = _tokenizer.EncodeToIds(text);
+        var textIds = _tokenizer.EncodeText(text);
         int room = _options.MaxSourceLength - _promptIds.Count;
         bool cut = textIds.Count > room;
         return (_promptIds.Concat(textIds.Take(room)).ToList(), cut);
@@ -202,10 +202,10 @@ public sealed class SpoDatasetBuilder
     {
         ArgumentNullException.ThrowIfNull(example);
         var (source, sourceCut) = Source(example.Text);
-        var target = _tokenizer.EncodeToIds(example.Answer);
+        var target = _tokenizer.EncodeText(example.Answer);
         bool targetCut = target.Count > _options.MaxTargetLength;
         var ids = _tokenizer.BuildInputs(source, target.Take(_options.MaxTargetLength).ToList()).ToArray();
-        int context = Array.IndexOf(ids, _tokenizer.BosId);
+        int context = _tokenizer.LabelStart(ids, source.Count);
         var labels = ids.Select((id, i) => i < context ? -100 : id).ToArray();
         return new FineTuningExample(ids, labels, sourceCut, targetCut);
     }
@@ -220,7 +220,10 @@ public sealed class SpoDatasetBuilder
         return (built, built.Count(e => e.SourceTruncated), built.Count(e => e.TargetTruncated));
     }
 
-    /// <summary>Left-pads sequences into a batch (ids with the pad id, labels with −100) with masks and 2-D positions.</summary>
+    /// <summary>
+    /// Left-pads sequences into a batch (ids with the pad id, labels with −100) with the model generation's masks and
+    /// positions (ChatGLM-6B: bool [b, 1, s, s] and 2-D positions; v2: padding mask [b, s] and positions [b, s]).
+    /// </summary>
     /// <param name="batch">The sequences.</param>
     /// <param name="config">The model config.</param>
     /// <param name="device">Where to put the tensors.</param>
@@ -243,8 +246,24 @@ public sealed class SpoDatasetBuilder
             }
         }
         var idsT = tensor(ids, new long[] { batch.Count, length }, device: device);
-        return new GlmTrainingBatch(idsT, GlmMasks.BuildAttentionMask(idsT, config), GlmMasks.BuildPositionIds(idsT, config),
-            tensor(labels, new long[] { batch.Count, length }, device: device));
+        var labelsT = tensor(labels, new long[] { batch.Count, length }, device: device);
+        if (config.Version == GlmVersion.ChatGlm2)
+        {
+            // v2: a padding mask [b, s] (1 = token) and positions 0… after each row's padding (the reference tokenizer's _pad).
+            var padding = new long[batch.Count * length];
+            var positions = new long[batch.Count * length];
+            for (int r = 0; r < batch.Count; r++)
+            {
+                int pad = length - batch[r].InputIds.Length;
+                for (int i = pad; i < length; i++)
+                {
+                    padding[r * length + i] = 1;
+                    positions[r * length + i] = i - pad;
+                }
+            }
+            return new GlmTrainingBatch(idsT, tensor(padding, new long[] { batch.Count, length }, device: device), tensor(positions, new long[] { batch.Count, length }, device: device), labelsT);
+        }
+        return new GlmTrainingBatch(idsT, GlmMasks.BuildAttentionMask(idsT, config), GlmMasks.BuildPositionIds(idsT, config), labelsT);
     }
 }
 

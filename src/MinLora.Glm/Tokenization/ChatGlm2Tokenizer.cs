@@ -131,6 +131,12 @@ public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
     public GlmChatFormat ChatFormat { get; }
 
     /// <inheritdoc />
+    public IReadOnlyList<int> EncodeText(string text) => EncodeToIds(text);
+
+    /// <inheritdoc />
+    public int LabelStart(IReadOnlyList<int> inputs, int sourceLength) => Math.Min(inputs?.Count ?? 0, 2 + sourceLength);
+
+    /// <inheritdoc />
     public IReadOnlyList<int> ChatStopIds => ChatFormat == GlmChatFormat.ChatGlm3 ? new[] { EosId, UserId, ObservationId } : new[] { EosId };
 
     /// <summary>

@@ -114,12 +114,30 @@ public sealed class Glm4Tokenizer : IGlmTextTokenizer
     }
 
     /// <inheritdoc />
-    public IReadOnlyList<int> EncodePrompt(string prompt)
+    public IReadOnlyList<int> EncodePrompt(string prompt) => BuildInputs(EncodeToIds(prompt));
+
+    /// <inheritdoc />
+    public IReadOnlyList<int> EncodeText(string text) => EncodeToIds(text);
+
+    /// <summary>The model input: <c>[gMASK] &lt;sop&gt; source</c> (and, for training, <c>answer &lt;|endoftext|&gt;</c>).</summary>
+    /// <param name="source">Source ids.</param>
+    /// <param name="answer">Answer ids, or null.</param>
+    /// <returns>The ids.</returns>
+    public IReadOnlyList<int> BuildInputs(IReadOnlyList<int> source, IReadOnlyList<int>? answer = null)
     {
+        ArgumentNullException.ThrowIfNull(source);
         var ids = new List<int> { SpecialId("[gMASK]"), SpecialId("<sop>") };
-        ids.AddRange(EncodeToIds(prompt));
+        ids.AddRange(source);
+        if (answer is not null)
+        {
+            ids.AddRange(answer);
+            ids.Add(SpecialId("<|endoftext|>"));
+        }
         return ids;
     }
+
+    /// <inheritdoc />
+    public int LabelStart(IReadOnlyList<int> inputs, int sourceLength) => Math.Min(inputs?.Count ?? 0, 2 + sourceLength);
 
     /// <inheritdoc />
     public string Decode(IEnumerable<int> ids, bool skipSpecialTokens)

@@ -422,6 +422,17 @@ public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
     /// <inheritdoc />
     public IReadOnlyList<int> ChatStopIds => new[] { EosId };
 
+    /// <inheritdoc />
+    public IReadOnlyList<int> EncodeText(string text) => EncodeToIds(text);
+
+    /// <inheritdoc />
+    public int LabelStart(IReadOnlyList<int> inputs, int sourceLength)
+    {
+        ArgumentNullException.ThrowIfNull(inputs);
+        for (int i = 0; i < inputs.Count; i++) if (inputs[i] == BosId) return i;
+        return inputs.Count;
+    }
+
     /// <summary>Reverses <see cref="Preprocess(string)"/>.</summary>
     /// <param name="text">Decoded SentencePiece text.</param>
     /// <returns>The original text.</returns>

@@ -39,4 +39,25 @@ public interface IGlmTextTokenizer
 
     /// <summary>Ids that end a chat answer (the eos, and ChatGLM3's <c>&lt;|user|&gt;</c> and <c>&lt;|observation|&gt;</c>).</summary>
     IReadOnlyList<int> ChatStopIds { get; }
+
+    /// <summary>The ids of plain text (no special tokens), as a fine-tuning source or answer is encoded.</summary>
+    /// <param name="text">The text.</param>
+    /// <returns>The ids.</returns>
+    IReadOnlyList<int> EncodeText(string text);
+
+    /// <summary>The model input for a source (and, for training, an answer) in this generation's layout.</summary>
+    /// <param name="source">Source ids.</param>
+    /// <param name="answer">Answer ids, or null.</param>
+    /// <returns>The ids.</returns>
+    IReadOnlyList<int> BuildInputs(IReadOnlyList<int> source, IReadOnlyList<int>? answer = null);
+
+    /// <summary>
+    /// The first position whose label counts in a training sequence built by <see cref="BuildInputs"/> (earlier
+    /// labels are −100): ChatGLM-6B labels from its <c>&lt;sop&gt;</c> on (the book's and the reference's convention),
+    /// ChatGLM2/3 and GLM-4 from the answer on (their fine-tuning scripts).
+    /// </summary>
+    /// <param name="inputs">The training sequence.</param>
+    /// <param name="sourceLength">The number of source ids in it.</param>
+    /// <returns>The index.</returns>
+    int LabelStart(IReadOnlyList<int> inputs, int sourceLength);
 }
