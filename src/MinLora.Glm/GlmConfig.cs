@@ -267,7 +267,8 @@ public sealed record GlmConfig
         InRange(KvChannelsOrHeadDim, 4_096, "kv_channels");
         InRange(FfnHiddenSize ?? 4 * HiddenSize, 1 << 20, "ffn_hidden_size");
         InRange(SeqLength ?? 32_768, 1 << 20, "seq_length");
-        if (MultiQueryAttention == true)
+        if (MultiQueryAttention != true)
+            throw new NotSupportedException($"{source}: v2 configs without multi_query_attention (per-head interleaved query_key_value) are not supported; ChatGLM2/3 and GLM-4 use multi-query attention.");
         {
             InRange(MultiQueryGroupNum ?? 0, NumAttentionHeads, "multi_query_group_num");
             if (NumAttentionHeads % MultiQueryGroupNum!.Value != 0)

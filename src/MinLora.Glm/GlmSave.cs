@@ -20,6 +20,13 @@ public sealed record GlmSaveOptions
 
 public static partial class GlmCheckpoint
 {
+    private static readonly string[] TokenizerFiles = { "ice_text.model", "tokenizer.model", "tokenizer_config.json" };
+
+    /// <summary>Weights, indexes and configs of an earlier save are never carried beside a new one.</summary>
+    private static bool IsCheckpointFile(string relative) =>
+        relative == "config.json" || relative.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) || relative.EndsWith(".bin", StringComparison.OrdinalIgnoreCase) ||
+        relative.EndsWith(".pth", StringComparison.OrdinalIgnoreCase) || relative.EndsWith(".index.json", StringComparison.OrdinalIgnoreCase);
+
     /// <summary>
     /// Writes <paramref name="model"/> as a checkpoint directory that <see cref="FromPretrained"/>, Hugging Face and
     /// chatglm.cpp's converter read: <c>config.json</c> (with <c>quantization_bit</c> when the projections are
@@ -107,7 +114,7 @@ public static partial class GlmCheckpoint
                     written.Add(file);
                 }
             }
-        });
+        }, carryOver: rel => !IsCheckpointFile(rel) && (options.TokenizerDirectory is null || !TokenizerFiles.Contains(rel)));
         return written;
     }
 }

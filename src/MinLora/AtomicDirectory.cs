@@ -25,9 +25,14 @@ public static class AtomicDirectory
     /// </summary>
     /// <param name="directory">The target directory.</param>
     /// <param name="write">Writes the new version's files into the given (empty, existing) staging directory.</param>
+    /// <param name="carryOver">
+    /// Which entries of the previous version (paths relative to the directory) the new version keeps when it does not
+    /// write them itself; null keeps all. A checkpoint writer excludes its own kinds of files, so a stale index or
+    /// shard of an earlier save can never sit beside the new weights.
+    /// </param>
     /// <exception cref="IOException">The target cannot be written (nothing of it changed).</exception>
     /// <exception cref="UnauthorizedAccessException">No permission to write beside or into the target (nothing changed).</exception>
-    public static void Write(string directory, Action<string> write)
+    public static void Write(string directory, Action<string> write, Func<string, bool>? carryOver = null)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(directory);
         ArgumentNullException.ThrowIfNull(write);
@@ -43,8 +48,9 @@ public static class AtomicDirectory
         try
         {
             write(staging);
-            if (Directory.Exists(target)) CarryOver(target, staging);
-            FlushTree(staging);
+            FlushTree(staging);                                  // the new files only: carried ones are already on disk
+            if (Directory.Exists(target)) CarryOver(target, staging, "", carryOver ?? (_ => true));
+            FlushDirectory(staging);
             if (!Directory.Exists(target))
             {
                 Directory.Move(staging, target);
@@ -153,23 +159,31 @@ public static class AtomicDirectory
         }
     }
 
-    /// <summary>Entries of the old version the new one does not have: hard links (same file system), else copies.</summary>
-    private static void CarryOver(string from, string to)
+    /// <summary>
+    /// Entries of the old version the new one does not have: hard links (same file system), else copies; symbolic links
+    /// are recreated as links (never followed).
+    /// </summary>
+    private static void CarryOver(string from, string to, string relative, Func<string, bool> keep)
     {
-        foreach (var file in Directory.EnumerateFiles(from))
+        foreach (var entry in new DirectoryInfo(from).EnumerateFileSystemInfos())
         {
-            var dest = Path.Combine(to, Path.GetFileName(file));
-            if (File.Exists(dest) || Directory.Exists(dest)) continue;
-            if (!OperatingSystem.IsWindows() && Native.link(file, dest) == 0) continue;
-            File.Copy(file, dest);
-        }
-        foreach (var dir in Directory.EnumerateDirectories(from))
-        {
-            var dest = Path.Combine(to, Path.GetFileName(dir));
-            if (File.Exists(dest)) continue;
-            if (Directory.Exists(dest)) continue; // the new version writes this subdirectory itself
-            Directory.CreateDirectory(dest);
-            CarryOver(dir, dest);
+            var rel = relative.Length == 0 ? entry.Name : Path.Combine(relative, entry.Name);
+            var dest = Path.Combine(to, entry.Name);
+            if (File.Exists(dest) || Directory.Exists(dest) || !keep(rel)) continue;
+            if (entry.LinkTarget is { } link)
+            {
+                if (entry is DirectoryInfo) Directory.CreateSymbolicLink(dest, link);
+                else File.CreateSymbolicLink(dest, link);
+            }
+            else if (entry is DirectoryInfo dir)
+            {
+                Directory.CreateDirectory(dest);
+                CarryOver(dir.FullName, dest, rel, keep);
+            }
+            else if (OperatingSystem.IsWindows() || Native.link(entry.FullName, dest) != 0)
+            {
+                File.Copy(entry.FullName, dest);
+            }
         }
     }
 
@@ -194,8 +208,12 @@ public static class AtomicDirectory
 
     private static void FlushTree(string directory)
     {
-        foreach (var file in Directory.EnumerateFiles(directory, "*", SearchOption.AllDirectories)) FlushFile(file);
-        foreach (var dir in Directory.EnumerateDirectories(directory, "*", SearchOption.AllDirectories)) FlushDirectory(dir);
+        foreach (var entry in new DirectoryInfo(directory).EnumerateFileSystemInfos("*", SearchOption.AllDirectories))
+        {
+            if (entry.LinkTarget is not null) continue;
+            if (entry is DirectoryInfo) FlushDirectory(entry.FullName);
+            else FlushFile(entry.FullName);
+        }
         FlushDirectory(directory);
     }
 

@@ -77,11 +77,14 @@ public static class SafetensorsHeader
                 entries.Add(ReadEntry(path, property, dataLength));
             }
             entries.Sort((a, b) => a.Begin != b.Begin ? a.Begin.CompareTo(b.Begin) : a.End.CompareTo(b.End));
-            for (int i = 1; i < entries.Count; i++)
+            // Against the furthest end so far among non-empty entries (an empty entry in between must not hide an overlap).
+            SafetensorsEntry? furthest = null;
+            foreach (var current in entries)
             {
-                var (previous, current) = (entries[i - 1], entries[i]);
-                if (current.Begin < previous.End && current.End > current.Begin && previous.End > previous.Begin)
-                    throw new InvalidDataException($"{path}: the data of '{current.Name}' [{current.Begin}, {current.End}) overlaps '{previous.Name}' [{previous.Begin}, {previous.End}).");
+                if (current.End == current.Begin) continue;
+                if (furthest is not null && current.Begin < furthest.End)
+                    throw new InvalidDataException($"{path}: the data of '{current.Name}' [{current.Begin}, {current.End}) overlaps '{furthest.Name}' [{furthest.Begin}, {furthest.End}).");
+                if (furthest is null || current.End > furthest.End) furthest = current;
             }
             return entries;
         }
@@ -115,6 +118,7 @@ public static class SafetensorsHeader
             }
         }
         if (!e.TryGetProperty("data_offsets", out var offsets) || offsets.ValueKind != JsonValueKind.Array || offsets.GetArrayLength() != 2 ||
+            offsets[0].ValueKind != JsonValueKind.Number || offsets[1].ValueKind != JsonValueKind.Number ||
             !offsets[0].TryGetInt64(out long begin) || !offsets[1].TryGetInt64(out long end))
             throw new InvalidDataException($"{path}: entry '{name}' has no [begin, end] data_offsets.");
         if (begin < 0 || end < begin || end > dataLength)

@@ -180,6 +180,12 @@ public class RealV2ShapeTests
     }
 
     [Fact]
+    public void V2ConfigWithoutMultiQueryAttention_IsRefused()
+    {
+        Assert.Throws<NotSupportedException>(() => GlmConfig.FromJson("{\"model_type\":\"chatglm\",\"multi_query_attention\":false,\"kv_channels\":16,\"padded_vocab_size\":100,\"eos_token_id\":2,\"pad_token_id\":0}"));
+    }
+
+    [Fact]
     public void Glm4_9B_BuildsOnMeta_WithItsPublishedDimensions()
     {
         var config = GlmConfig.FromJson("""
@@ -238,11 +244,12 @@ public class PTuningV2Tests
             logits = output.Logits.select(1, -1);
         }
 
-        // Training: gradients reach the prefix encoder only.
+        // Training (also with UseCache, whose in-place path must not cut the prefix off): gradients reach the prefix encoder only.
         using var grad = enable_grad();
         model.train();
-        using var o = model.call(new GlmInput(all) { Labels = all });
+        using var o = model.call(new GlmInput(all) { Labels = all, UseCache = true });
         o.Loss!.backward();
+        o.PresentKeyValues!.Dispose();
         foreach (var (name, p) in model.named_parameters())
         {
             if (name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal)) Assert.True(p.grad is not null && p.grad.abs().max().item<float>() > 0, $"{name} got no gradient");

@@ -38,6 +38,22 @@ public sealed class SavePretrainedTests : IDisposable
         AssertSameLogits(model, loaded, Fixtures.Golden(name)["A.input_ids"]);
     }
 
+    /// <summary>A single-file save over an earlier sharded save leaves no stale index or shards to load instead.</summary>
+    [Fact]
+    public void SaveOverAnEarlierCheckpoint_LeavesNoStaleWeights()
+    {
+        using var model = GlmCheckpoint.FromPretrained(Fixtures.Dir("v1")).Model;
+        var target = Path.Combine(_dir, "over");
+        model.SavePretrained(target, new GlmSaveOptions { MaxShardBytes = 300_000 });
+        File.WriteAllText(Path.Combine(target, "notes.txt"), "kept");
+        model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Init = LoraInit.Random });
+        model.MergeLora();
+        model.SavePretrained(target);
+        Assert.Equal(new[] { "config.json", "model.safetensors", "notes.txt" }, Directory.GetFiles(target).Select(Path.GetFileName).OrderBy(f => f, StringComparer.Ordinal));
+        using var loaded = GlmCheckpoint.FromPretrained(target).Model;
+        AssertSameLogits(model, loaded, Fixtures.Golden("v1")["A.input_ids"]);
+    }
+
     [Fact]
     public void QuantizedModel_RoundTrips_AsAPreQuantizedCheckpoint()
     {

@@ -65,6 +65,27 @@ public sealed class RobustFilesTests : IDisposable
     }
 
     [Fact]
+    [System.Runtime.Versioning.UnsupportedOSPlatform("windows")]
+    public void AtomicDirectory_CarriesLinksAsLinks_ReadOnlyFiles_AndHonoursTheFilter()
+    {
+        var target = Path.Combine(_dir, "t");
+        var outside = Path.Combine(_dir, "dataset");
+        Directory.CreateDirectory(outside);
+        File.WriteAllText(Path.Combine(outside, "big.txt"), "data");
+        AtomicDirectory.Write(target, s => File.WriteAllText(Path.Combine(s, "a.txt"), "v1"));
+        Directory.CreateSymbolicLink(Path.Combine(target, "data"), outside);
+        File.WriteAllText(Path.Combine(target, "readme.txt"), "mine");
+        File.SetUnixFileMode(Path.Combine(target, "readme.txt"), UnixFileMode.UserRead);
+        File.WriteAllText(Path.Combine(target, "stale.index.json"), "{}");
+        AtomicDirectory.Write(target, s => File.WriteAllText(Path.Combine(s, "a.txt"), "v2"), rel => !rel.EndsWith(".index.json", StringComparison.Ordinal));
+        Assert.Equal("v2", File.ReadAllText(Path.Combine(target, "a.txt")));
+        Assert.Equal("mine", File.ReadAllText(Path.Combine(target, "readme.txt")));
+        Assert.Equal(outside, new DirectoryInfo(Path.Combine(target, "data")).LinkTarget);
+        Assert.False(File.Exists(Path.Combine(target, "stale.index.json")));
+        File.SetUnixFileMode(Path.Combine(target, "readme.txt"), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+    }
+
+    [Fact]
     public void AtomicDirectory_RefusesAFileAsTarget()
     {
         var file = Path.Combine(_dir, "f");
@@ -107,6 +128,8 @@ public sealed class RobustFilesTests : IDisposable
     [InlineData("{\"a\":{\"dtype\":\"Q7\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, "unknown dtype")]
     [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, "bad dimension")]
     [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4],\"data_offsets\":[0,8]}}", 8, "too large")]
+    [InlineData("{\"a\":{\"dtype\":\"U8\",\"shape\":[100],\"data_offsets\":[0,100]},\"b\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[10,10]},\"c\":{\"dtype\":\"U8\",\"shape\":[10],\"data_offsets\":[50,60]}}", 100, "overlaps")]
+    [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[\"0\",4]}}", 4, "data_offsets")]
     [InlineData("{\"a\":[1,2]}", 0, "not an object")]
     [InlineData("[1,2]", 0, "not a JSON object")]
     [InlineData("{\"a\":", 0, "not valid JSON")]

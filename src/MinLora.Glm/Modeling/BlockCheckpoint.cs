@@ -63,7 +63,7 @@ internal sealed class BlockCheckpoint : autograd.SingleTensorFunction<BlockCheck
 /// <summary>Gradient checkpointing of one v2 block (as <see cref="BlockCheckpoint"/>: keep the input, run the block again in backward).</summary>
 internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockCheckpoint>
 {
-    private const string BlockKey = "block", MaskKey = "mask";
+    private const string BlockKey = "block";
 
     /// <inheritdoc />
     public override string Name => "GlmV2BlockCheckpointBackward";
@@ -76,9 +76,10 @@ internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockC
         var mask = vars[2] as Tensor;
         var block = (V2Block)vars[3];
         var rng = random.get_rng_state();
-        ctx.save_for_backward(new List<Tensor> { h, angles, rng });
+        // The mask is saved as a tensor (kept alive by autograd; the caller's scope may free its own handle); an empty
+        // tensor stands for "no mask" (causal).
+        ctx.save_for_backward(new List<Tensor> { h, angles, rng, mask ?? empty(0) });
         ctx.save_data(BlockKey, block);
-        ctx.save_data(MaskKey, mask!);
         using var scope = NewDisposeScope();
         var (output, _, _) = block.Forward(h, angles, mask, null, null, needProbs: false);
         return output.MoveToOuterDisposeScope();
@@ -89,7 +90,7 @@ internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockC
     {
         var saved = ctx.get_saved_variables();
         var block = (V2Block)ctx.get_data(BlockKey);
-        var mask = ctx.get_data(MaskKey) as Tensor;
+        var mask = saved[3].numel() == 0 ? null : saved[3];
         Tensor? gradInput;
         using (var scope = NewDisposeScope())
         {

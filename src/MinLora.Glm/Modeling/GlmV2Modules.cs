@@ -147,7 +147,10 @@ internal sealed class V2SelfAttention : nn.Module
         Tensor ks, vs;                                                   // [b·heads, sk, hd]
         (Tensor Key, Tensor Value) present;
         long sk;
-        if (slot is { } sl && !(is_grad_enabled() && (k.requires_grad || v.requires_grad)))
+        // The in-place cache path reads detached copies: whenever gradients must flow (to k and v, or to a P-tuning
+        // prefix in the past), compute on the concatenation instead.
+        bool needGrad = is_grad_enabled() && (k.requires_grad || v.requires_grad || (past is { } pg && (pg.Key.requires_grad || pg.Value.requires_grad)));
+        if (slot is { } sl && !needGrad)
         {
             // The cache buffers hold the past at [0, offset): this call's positions go after it, in place.
             sk = sl.Offset + s;
