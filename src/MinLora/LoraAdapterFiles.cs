@@ -19,6 +19,9 @@ public static class LoraAdapterFiles
     /// <summary>PEFT's adapter weights file name (safetensors).</summary>
     public const string WeightsFileName = "adapter_model.safetensors";
 
+    /// <summary>The largest LoRA rank an adapter config may declare.</summary>
+    public const int MaxRank = 65_536;
+
     /// <summary>PEFT's legacy adapter weights file name (PyTorch pickle).</summary>
     public const string LegacyWeightsFileName = "adapter_model.bin";
 
@@ -131,7 +134,8 @@ public static class LoraAdapterFiles
         var bias = ReadString(json, "bias", configPath) ?? "none";
         if (bias != "none") throw new InvalidDataException($"{configPath}: bias '{bias}' is not supported (only 'none').");
         int rank = Read<int>(json, "r", configPath) ?? throw new InvalidDataException($"{configPath}: 'r' is missing.");
-        if (rank < 1) throw new InvalidDataException($"{configPath}: 'r' must be at least 1, got {rank}.");
+        // Bounded before anything is allocated (ranks in use are 4–256; the tensors must match anyway).
+        if (rank < 1 || rank > MaxRank) throw new InvalidDataException($"{configPath}: 'r' must be in [1, {MaxRank}], got {rank}.");
         double alpha = Read<double>(json, "lora_alpha", configPath) ?? rank;
         if (!double.IsFinite(alpha)) throw new InvalidDataException($"{configPath}: 'lora_alpha' must be finite, got {alpha}.");
         double dropout = Read<double>(json, "lora_dropout", configPath) ?? 0;
@@ -145,6 +149,10 @@ public static class LoraAdapterFiles
             _ => throw new InvalidDataException($"{configPath}: target_modules is missing."),
         };
         var rankPattern = ReadPattern(json, "rank_pattern", configPath);
+        foreach (var (k, r) in rankPattern)
+        {
+            if (r != Math.Floor(r) || r < 1 || r > MaxRank) throw new InvalidDataException($"{configPath}: rank_pattern['{k}'] must be an integer in [1, {MaxRank}], got {r}.");
+        }
         var alphaPattern = ReadPattern(json, "alpha_pattern", configPath);
 
         var tensors = ReadWeights(directory);
