@@ -6,7 +6,7 @@ namespace MinLora.Quantization;
 
 /// <summary>
 /// libtorch's weight-only quantized matmul kernels, which TorchSharp does not bind, reached through a TorchScript
-/// compilation unit compiled once (design.md §3): <c>_weight_int8pack_mm</c> (CPU, CUDA),
+/// compilation unit compiled once: <c>_weight_int8pack_mm</c> (CPU, CUDA),
 /// <c>_convert_weight_to_int4pack_for_cpu</c> + <c>_weight_int4pack_mm_for_cpu</c> (CPU) and
 /// <c>_convert_weight_to_int4pack</c> + <c>_weight_int4pack_mm</c> (CUDA, sm80+).
 /// </summary>

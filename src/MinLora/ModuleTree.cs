@@ -16,7 +16,7 @@ public readonly record struct ModuleSite(string Path, nn.Module Parent, string N
 /// <summary>
 /// Walking a TorchSharp module tree and swapping one module for another in its parent. TorchSharp has no
 /// <c>setattr</c>: a parent's <c>forward</c> calls its fields, while state_dict walks its registry, so a swap must
-/// change both (see design.md §3).
+/// change both (see docs/architecture.md, "Seams").
 /// </summary>
 public static class ModuleTree
 {

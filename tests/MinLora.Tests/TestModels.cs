@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 
 namespace MinLora.Tests;
 
-/// <summary>A small model with every supported layer kind, written as design.md asks (swappable fields, call()).</summary>
+/// <summary>A small model with every supported layer kind, written as docs/architecture.md asks (swappable fields, call()).</summary>
 internal sealed class ToyNet : nn.Module<Tensor, Tensor>
 {
     private readonly nn.Module<Tensor, Tensor> emb;

@@ -156,7 +156,7 @@ public sealed record GlmTrainingBatch(Tensor InputIds, Tensor AttentionMask, Ten
 
 /// <summary>Turns SPO examples into ChatGLM training sequences and batches (the ChatGLM way, with the book's prompt).</summary>
 /// <remarks>
-/// Where this differs from the book's code (glm-spec §6): the loss uses the labels (the book's model computes it on
+/// Where this differs from the book's code (docs/architecture.md; the book's pipeline): the loss uses the labels (the book's model computes it on
 /// the input ids), the target budget is a positive length (the book's 32/48 call gives −19 and drops the answer's
 /// tail), there is no "\n原因:" target prefix, and padding is on the left with −100 labels (the book pads labels
 /// with the pad id).
