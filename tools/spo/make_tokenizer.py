@@ -1,16 +1,17 @@
-"""Builds the SPO sample's tokenizer: samples/MinLora.Samples.SpoExtraction/assets/tokenizer/{ice_text.model, tokenizer_config.json}.
+"""Builds the SPO sample's tokenizer: samples/MinLora.Samples.SpoExtraction/assets/base/{ice_text.model, tokenizer_config.json}
+(the base model's directory: one copy of the tokenizer, read by build-base and shipped with the model).
 
 Run with Debian's spm_train on PATH (apt-get install sentencepiece):  /usr/bin/python3 tools/spo/make_tokenizer.py
 A SentencePiece Unigram model with ChatGLM-6B's trainer settings (byte fallback, split digits, pad id 3, <n>/<|tab|>/
 <|blank_N|> user symbols and ChatGLM's eight control symbols), trained on the sample's synthetic training texts, answers
 and prompts after ChatGLM's preprocessing. Then build the base model with
-    dotnet run --project samples/MinLora.Samples.SpoExtraction -- build-base samples/MinLora.Samples.SpoExtraction/assets/base samples/MinLora.Samples.SpoExtraction/assets/tokenizer
+    dotnet run --project samples/MinLora.Samples.SpoExtraction -- build-base samples/MinLora.Samples.SpoExtraction/assets/base samples/MinLora.Samples.SpoExtraction/assets/base
 """
 import json, os, subprocess, tempfile
 
 here = os.path.dirname(os.path.abspath(__file__))
 sample = os.path.join(here, "..", "..", "samples", "MinLora.Samples.SpoExtraction")
-out = os.path.join(sample, "assets", "tokenizer")
+out = os.path.join(sample, "assets", "base")
 
 def preprocess(text):
     text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
