@@ -103,6 +103,7 @@ public static partial class GlmCheckpoint
             }
             model.eval();
             report = report with { Elapsed = clock.Elapsed, PeakWorkingSetBytes = Process.GetCurrentProcess().PeakWorkingSet64 };
+            model.LoadReport = report;
             LogLoaded(logger, report.LoadedKeys, report.Files.Count, report.Elapsed.TotalSeconds, report.PeakWorkingSetBytes / 1e6);
             return (model, report);
         }

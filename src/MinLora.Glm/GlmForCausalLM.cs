@@ -237,6 +237,21 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     /// <summary>The architecture.</summary>
     public GlmConfig Config { get; }
 
+    /// <summary>What loading read, when the model came from <see cref="FromPretrained"/> (null for a model built in code).</summary>
+    public GlmLoadReport? LoadReport { get; internal set; }
+
+    /// <summary>
+    /// Loads a checkpoint directory (see <see cref="GlmCheckpoint.FromPretrained"/>) and returns the model, so that
+    /// <c>using var model = GlmForCausalLM.FromPretrained(dir);</c> works; the load report is <see cref="LoadReport"/>.
+    /// </summary>
+    /// <param name="directory">The checkpoint directory.</param>
+    /// <param name="options">Element type, device, quantization, logging.</param>
+    /// <returns>The model, in eval mode.</returns>
+    /// <exception cref="DirectoryNotFoundException">No such directory.</exception>
+    /// <exception cref="FileNotFoundException">No config, no weights, or a shard named by the index is missing.</exception>
+    /// <exception cref="InvalidDataException">A corrupt file, or missing/unexpected keys or wrong shapes (named in the message).</exception>
+    public static GlmForCausalLM FromPretrained(string directory, GlmLoadOptions? options = null) => GlmCheckpoint.FromPretrained(directory, options).Model;
+
     /// <summary>
     /// Gradient checkpointing per block (Hugging Face's <c>gradient_checkpointing_enable()</c>): in training, each
     /// block keeps only its input and is run again during backward, trading one extra forward for the activations of

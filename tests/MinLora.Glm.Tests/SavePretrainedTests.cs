@@ -34,7 +34,9 @@ public sealed class SavePretrainedTests : IDisposable
         var files = model.SavePretrained(target, new GlmSaveOptions { MaxShardBytes = 300_000, TokenizerDirectory = Fixtures.Dir("tokenizer") });
         Assert.Contains("model.safetensors.index.json", files);
         Assert.True(files.Count(f => f.StartsWith("model-", StringComparison.Ordinal)) >= 2);
-        using var loaded = GlmCheckpoint.FromPretrained(target).Model;
+        using var loaded = GlmForCausalLM.FromPretrained(target);
+        Assert.NotNull(loaded.LoadReport);
+        Assert.True(loaded.LoadReport.Files.Count >= 2);
         AssertSameLogits(model, loaded, Fixtures.Golden(name)["A.input_ids"]);
     }
 
