@@ -274,31 +274,7 @@ public static partial class GlmCheckpoint
     /// <returns>The tensors by key.</returns>
     /// <exception cref="FileNotFoundException">No such file.</exception>
     /// <exception cref="InvalidDataException">The file is not a readable state dict.</exception>
-    public static Dictionary<string, Tensor> ReadFile(string path)
-    {
-        ArgumentException.ThrowIfNullOrWhiteSpace(path);
-        if (!File.Exists(path)) throw new FileNotFoundException($"Weight file '{path}' does not exist.", path);
-        try
-        {
-            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
-            {
-                SafetensorsHeader.Read(path); // ranges inside the file, no overlaps, sizes consistent: before reading data
-                return Safetensors.LoadStateDict(path);
-            }
-            var table = PyTorchUnpickler.UnpickleStateDict(path);
-            var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-            foreach (DictionaryEntry e in table)
-            {
-                if (e.Key is string k && e.Value is Tensor t) dict[k] = t;
-            }
-            if (dict.Count == 0) throw new InvalidDataException("it holds no tensors");
-            return dict;
-        }
-        catch (Exception ex) when (ex is not FileNotFoundException and not OutOfMemoryException)
-        {
-            throw new InvalidDataException($"Cannot read weight file '{path}': {ex.Message}", ex);
-        }
-    }
+    public static Dictionary<string, Tensor> ReadFile(string path) => StateDictFile.Read(path);
 
     private static List<string> ShardsFromIndex(string directory, string indexPath)
     {

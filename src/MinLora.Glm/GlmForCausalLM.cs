@@ -65,7 +65,7 @@ public sealed class GlmModel : nn.Module
         }
         else if (prefix_encoder is not null)
         {
-            var prompt = PrefixKeyValues(b, h.dtype, h.device);
+            var prompt = prefix_encoder.KeyValues(b, h.dtype, h.device, training);
             for (int i = 0; i < pasts.Length; i++) pasts[i] = prompt[i];
             pastLength = _config.PreSeqLen!.Value;
         }
@@ -78,21 +78,10 @@ public sealed class GlmModel : nn.Module
 
         // The cache: continue the past's buffers in place when this call extends the newest cache of them, else
         // new buffers with the past copied in (first call, a P-tuning prefix, or a branch from an older cache).
-        KvStorage? storage = null;
         bool fresh = false;
-        if (useCache)
-        {
-            if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, b, h.dtype, h.device))
-            {
-                storage = past.Storage;
-            }
-            else
-            {
-                storage = KvStorage.Allocate(_config.NumLayers, pastLength + s, b, _config.NumAttentionHeads, _config.HeadDim, h.dtype, h.device);
-                storage.AddRef(); // held by this call until the returned cache holds it
-                fresh = true;
-            }
-        }
+        var storage = useCache
+            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.NumAttentionHeads, _config.HeadDim, h.dtype, h.device, out fresh)
+            : null;
         if (past is not null)
         {
             for (int i = 0; i < pasts.Length; i++) pasts[i] = past[i];
@@ -108,20 +97,7 @@ public sealed class GlmModel : nn.Module
             foreach (var layer in layers)
             {
                 hidden?.Add(h);
-                KvSlot? slot = null;
-                if (storage is not null)
-                {
-                    if (fresh && pastLength > 0)
-                    {
-                        var (pk, pv) = pasts[index]!.Value;
-                        using (no_grad())
-                        {
-                            storage.Keys[index].narrow(2, 0, pastLength).copy_(pk.permute(1, 2, 0, 3));
-                            storage.Values[index].narrow(2, 0, pastLength).copy_(pv.permute(1, 2, 0, 3));
-                        }
-                    }
-                    slot = new KvSlot(storage.Keys[index], storage.Values[index], pastLength);
-                }
+                KvSlot? slot = storage?.Slot(index, pastLength, fresh, pasts[index]);
                 Tensor next;
                 using (var layerScope = NewDisposeScope())
                 {
@@ -159,30 +135,8 @@ public sealed class GlmModel : nn.Module
         }
     }
 
-    /// <summary>The P-tuning prefix as per-layer keys and values [pre, b, heads, hd].</summary>
-    private (Tensor Key, Tensor Value)[] PrefixKeyValues(long batch, ScalarType dtype, Device device)
-    {
-        int pre = _config.PreSeqLen!.Value;
-        var tokens = arange(pre, dtype: ScalarType.Int64, device: device).unsqueeze(0).expand(batch, pre);
-        var kv = prefix_encoder!.call(tokens).to(dtype)
-            .view(batch, pre, _config.NumLayers * 2, _config.NumAttentionHeads, _config.HeadDim);
-        kv = nn.functional.dropout(kv, 0.1, training);
-        kv = kv.permute(2, 1, 0, 3, 4);                                                     // [2L, pre, b, np, hn]
-        var result = new (Tensor, Tensor)[_config.NumLayers];
-        for (int i = 0; i < _config.NumLayers; i++) result[i] = (kv[2 * i], kv[2 * i + 1]);
-        return result;
-    }
-
     /// <summary>Fills the P-tuning prefix encoder with a fresh random initialisation (a base checkpoint has none).</summary>
-    internal void InitializePrefixEncoder()
-    {
-        if (prefix_encoder is null) return;
-        var first = prefix_encoder.parameters().First();
-        using var fresh = new PrefixEncoder(_config, new GlmBuildOptions(first.dtype, first.device, GlmInit.Random));
-        using var noGrad = no_grad();
-        var target = prefix_encoder.state_dict();
-        foreach (var (k, v) in fresh.state_dict()) target[k].copy_(v);
-    }
+    internal void InitializePrefixEncoder() => prefix_encoder?.Reinitialize();
 
     /// <summary>Recomputes the rotary buffers (after a checkpoint wrote into them: the reference ignores their saved values).</summary>
     internal void ResetRotary()

@@ -185,6 +185,36 @@ internal sealed class KvStorage
         return new KvStorage(keys, values, capacity);
     }
 
+    /// <summary>
+    /// The buffers a forward of <paramref name="s"/> new positions writes into: the past's own buffers when the call
+    /// extends the newest cache of them (in place), else new buffers (<paramref name="fresh"/>: held by the caller
+    /// until the returned cache holds them; each layer's past is copied in by <see cref="Slot"/>).
+    /// </summary>
+    internal static KvStorage Acquire(GlmKvCache? past, long pastLength, long s, long batch, int layers, long heads, long headDim, ScalarType dtype, Device device, out bool fresh)
+    {
+        if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, batch, dtype, device))
+        {
+            fresh = false;
+            return past.Storage;
+        }
+        var storage = Allocate(layers, pastLength + s, batch, heads, headDim, dtype, device);
+        storage.AddRef();
+        fresh = true;
+        return storage;
+    }
+
+    /// <summary>Layer <paramref name="layer"/>'s slot; in fresh buffers its past ([sp, b, heads, hd]) is copied in first.</summary>
+    internal MinLora.Glm.Modeling.KvSlot Slot(int layer, long pastLength, bool fresh, (Tensor Key, Tensor Value)? past)
+    {
+        if (fresh && pastLength > 0 && past is { } p)
+        {
+            using var noGrad = no_grad();
+            Keys[layer].narrow(2, 0, pastLength).copy_(p.Key.permute(1, 2, 0, 3));
+            Values[layer].narrow(2, 0, pastLength).copy_(p.Value.permute(1, 2, 0, 3));
+        }
+        return new MinLora.Glm.Modeling.KvSlot(Keys[layer], Values[layer], pastLength);
+    }
+
     /// <summary>Claims positions [<paramref name="from"/>, <paramref name="to"/>) for writing when nobody wrote past <paramref name="from"/>.</summary>
     internal bool TryClaim(long from, long to, long batch, ScalarType dtype, Device device)
     {

@@ -209,7 +209,7 @@ public static class LoraAdapterFiles
         if (!File.Exists(path)) throw new FileNotFoundException($"No LoRA file '{path}'.", path);
         if (model.GetLoraAdapterNames().Contains(adapterName))
             throw new InvalidOperationException($"The model already has an adapter named '{adapterName}'; load under another name or delete it first.");
-        var tensors = ReadTensorFile(path);
+        var tensors = StateDictFile.Read(path);
         try
         {
             if (!allowNonFinite) RequireFinite(tensors, path);
@@ -303,34 +303,9 @@ public static class LoraAdapterFiles
     {
         var st = Path.Combine(directory, WeightsFileName);
         var bin = Path.Combine(directory, LegacyWeightsFileName);
-        if (File.Exists(st)) return ReadTensorFile(st);
-        if (File.Exists(bin)) return ReadTensorFile(bin);
+        if (File.Exists(st)) return StateDictFile.Read(st);
+        if (File.Exists(bin)) return StateDictFile.Read(bin);
         throw new FileNotFoundException($"No {WeightsFileName} or {LegacyWeightsFileName} in '{directory}'.", st);
-    }
-
-    /// <summary>A safetensors file (header checked first) or a PyTorch pickle of a flat name → tensor dictionary.</summary>
-    private static Dictionary<string, Tensor> ReadTensorFile(string path)
-    {
-        try
-        {
-            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
-            {
-                SafetensorsHeader.Read(path);
-                return Safetensors.LoadStateDict(path);
-            }
-            var table = PyTorchUnpickler.UnpickleStateDict(path);
-            var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-            foreach (System.Collections.DictionaryEntry e in table)
-            {
-                if (e.Key is not string k || e.Value is not Tensor t) throw new InvalidDataException("an entry is not a name → tensor pair");
-                dict[k] = t;
-            }
-            return dict;
-        }
-        catch (Exception ex) when (ex is not FileNotFoundException and not OutOfMemoryException)
-        {
-            throw new InvalidDataException($"Cannot read the LoRA weights '{path}': {ex.Message}", ex);
-        }
     }
 
     private static Dictionary<string, double> ReadPattern(JsonObject json, string key, string path)

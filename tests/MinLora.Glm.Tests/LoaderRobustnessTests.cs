@@ -49,14 +49,12 @@ public sealed class LoaderRobustnessTests : IDisposable
     public void ConfigDisagreeingWithTheWeightFiles_IsRefusedBeforeAllocating()
     {
         var layers = Checkpoint("layers", c => c["num_layers"] = 500);
-        var before = GC.GetTotalMemory(false);
         var ex = Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(layers));
         Assert.Contains("num_layers 500, the weight files hold 2 layers", ex.Message, StringComparison.Ordinal);
         var vocab = Checkpoint("vocab", c => c["vocab_size"] = 4000);
         ex = Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(vocab));
         Assert.Contains("word_embeddings", ex.Message, StringComparison.Ordinal);
         Assert.Contains("model.safetensors", ex.Message, StringComparison.Ordinal);
-        Assert.True(before > 0);
     }
 
     [Theory]

@@ -470,8 +470,11 @@ internal sealed class PrefixEncoder : nn.Module<Tensor, Tensor>
     private readonly GlmEmbedding embedding;
     private readonly nn.Module<Tensor, Tensor>? trans;
 
+    private readonly GlmConfig _config;
+
     public PrefixEncoder(GlmConfig c, GlmBuildOptions o) : base(nameof(PrefixEncoder))
     {
+        _config = c;
         bool v2 = c.Version == GlmVersion.ChatGlm2;
         // v1: keys and values of every head (2·L·h); v2: of every key/value group (L·kv_channels·groups·2).
         long kv = v2 ? 2L * c.NumLayers * c.KvChannelsOrHeadDim * c.KvGroups : 2L * c.NumLayers * c.HiddenSize;
@@ -496,5 +499,33 @@ internal sealed class PrefixEncoder : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var e = embedding.call(prefix);
         return (trans is null ? e : trans.call(e)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The prefix as per-layer keys and values [pre, b, heads, hd] (v1) or [pre, b, groups, kv] (v2), as the reference's
+    /// <c>get_prompt</c> makes them (dropout 0.1 in training).
+    /// </summary>
+    public (Tensor Key, Tensor Value)[] KeyValues(long batch, ScalarType dtype, Device device, bool training)
+    {
+        int pre = _config.PreSeqLen!.Value;
+        bool v2 = _config.Version == GlmVersion.ChatGlm2;
+        var tokens = arange(pre, dtype: ScalarType.Int64, device: device).unsqueeze(0).expand(batch, pre);
+        var kv = call(tokens).to(dtype).view(batch, pre, _config.NumLayers * 2,
+            v2 ? _config.KvGroups : _config.NumAttentionHeads, v2 ? _config.KvChannelsOrHeadDim : _config.HeadDim);
+        kv = nn.functional.dropout(kv, 0.1, training);
+        kv = kv.permute(2, 1, 0, 3, 4);                                                     // [2L, pre, b, heads, hd]
+        var result = new (Tensor, Tensor)[_config.NumLayers];
+        for (int i = 0; i < _config.NumLayers; i++) result[i] = (kv[2 * i], kv[2 * i + 1]);
+        return result;
+    }
+
+    /// <summary>Overwrites the parameters with a fresh random initialisation (a base checkpoint has no prefix encoder).</summary>
+    public void Reinitialize()
+    {
+        var first = parameters().First();
+        using var fresh = new PrefixEncoder(_config, new GlmBuildOptions(first.dtype, first.device, GlmInit.Random));
+        using var noGrad = no_grad();
+        var target = state_dict();
+        foreach (var (k, v) in fresh.state_dict()) target[k].copy_(v);
     }
 }

@@ -46,6 +46,7 @@ internal sealed class V2Rotary : nn.Module
     private readonly int _elements;
     private readonly double _base;
     private Tensor? _cache;
+    private Tensor? _typed;
 
     /// <param name="elements">n: the number of rotated dimensions (half the head size, as the reference's <c>RotaryEmbedding(rotary_dim // 2)</c>).</param>
     /// <param name="ropeRatio">Base multiplier (base = 10,000·ratio).</param>
@@ -75,7 +76,17 @@ internal sealed class V2Rotary : nn.Module
             _cache = stack(new[] { angles.cos(), angles.sin() }, -1).MoveToOuterDisposeScope();
             _cache = _cache.DetachFromDisposeScope();
         }
-        var table = dtype is ScalarType.Float16 or ScalarType.BFloat16 ? _cache.to(dtype) : _cache;
+        // The table in the model's half type (as the reference's cache), converted once per table, not per step.
+        var table = _cache;
+        if (dtype is ScalarType.Float16 or ScalarType.BFloat16)
+        {
+            if (_typed is null || _typed.dtype != dtype || _typed.shape[0] != _cache.shape[0] || _typed.device_type != _cache.device_type)
+            {
+                _typed?.Dispose();
+                _typed = _cache.to(dtype).DetachFromDisposeScope();
+            }
+            table = _typed;
+        }
         return table.index_select(0, positions.reshape(-1)).view(positions.shape[0], positions.shape[1], -1, 2);
     }
 
@@ -96,7 +107,11 @@ internal sealed class V2Rotary : nn.Module
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _cache?.Dispose();
+        if (disposing)
+        {
+            _cache?.Dispose();
+            _typed?.Dispose();
+        }
         base.Dispose(disposing);
     }
 }
@@ -307,30 +322,8 @@ internal sealed class GlmV2Model : nn.Module
         RegisterComponents();
     }
 
-    /// <summary>The P-tuning prefix as per-layer keys and values [pre, b, groups, kv] (the reference's get_prompt, dropout 0.1 in training).</summary>
-    private (Tensor Key, Tensor Value)[] PrefixKeyValues(long batch, ScalarType dtype, Device device)
-    {
-        int pre = _config.PreSeqLen!.Value;
-        var tokens = arange(pre, dtype: ScalarType.Int64, device: device).unsqueeze(0).expand(batch, pre);
-        var kv = prefix_encoder!.call(tokens).to(dtype)
-            .view(batch, pre, _config.NumLayers * 2, _config.KvGroups, _config.KvChannelsOrHeadDim);
-        kv = nn.functional.dropout(kv, 0.1, training);
-        kv = kv.permute(2, 1, 0, 3, 4);                                                     // [2L, pre, b, g, kv]
-        var result = new (Tensor, Tensor)[_config.NumLayers];
-        for (int i = 0; i < _config.NumLayers; i++) result[i] = (kv[2 * i], kv[2 * i + 1]);
-        return result;
-    }
-
     /// <summary>Fills the P-tuning prefix encoder with a fresh random initialisation (a base checkpoint has none).</summary>
-    internal void InitializePrefixEncoder()
-    {
-        if (prefix_encoder is null) return;
-        var first = prefix_encoder.parameters().First();
-        using var fresh = new PrefixEncoder(_config, new GlmBuildOptions(first.dtype, first.device, GlmInit.Random));
-        using var noGrad = no_grad();
-        var target = prefix_encoder.state_dict();
-        foreach (var (k, v) in fresh.state_dict()) target[k].copy_(v);
-    }
+    internal void InitializePrefixEncoder() => prefix_encoder?.Reinitialize();
 
     public nn.Module<Tensor, Tensor> OutputLayer => output_layer;
 
@@ -357,43 +350,20 @@ internal sealed class GlmV2Model : nn.Module
         (Tensor Key, Tensor Value)[]? prefix = null;
         if (past is null && prefix_encoder is not null)
         {
-            prefix = PrefixKeyValues(b, h.dtype, h.device);
+            prefix = prefix_encoder.KeyValues(b, h.dtype, h.device, training);
             pastLength = _config.PreSeqLen!.Value;
         }
-        KvStorage? storage = null;
         bool fresh = false;
-        if (useCache)
-        {
-            if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, b, h.dtype, h.device))
-            {
-                storage = past.Storage;
-            }
-            else
-            {
-                storage = KvStorage.Allocate(_config.NumLayers, pastLength + s, b, _config.KvGroups, _config.KvChannelsOrHeadDim, h.dtype, h.device);
-                storage.AddRef();
-                fresh = true;
-            }
-        }
+        var storage = useCache
+            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.KvGroups, _config.KvChannelsOrHeadDim, h.dtype, h.device, out fresh)
+            : null;
         try
         {
             for (int i = 0; i < encoder.Layers.Count; i++)
             {
                 hidden?.Add(h);
                 (Tensor Key, Tensor Value)? layerPast = past is not null ? past[i] : prefix?[i];
-                KvSlot? slot = null;
-                if (storage is not null)
-                {
-                    if (fresh && layerPast is { } lp)
-                    {
-                        using (no_grad())
-                        {
-                            storage.Keys[i].narrow(2, 0, pastLength).copy_(lp.Key.permute(1, 2, 0, 3));
-                            storage.Values[i].narrow(2, 0, pastLength).copy_(lp.Value.permute(1, 2, 0, 3));
-                        }
-                    }
-                    slot = new KvSlot(storage.Keys[i], storage.Values[i], pastLength);
-                }
+                KvSlot? slot = storage?.Slot(i, pastLength, fresh, layerPast);
                 using var layerScope = NewDisposeScope();
                 Tensor next;
                 if (GradientCheckpointing && training && is_grad_enabled() && slot is null && layerPast is null && attentions is null)

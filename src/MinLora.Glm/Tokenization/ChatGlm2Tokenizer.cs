@@ -178,14 +178,14 @@ public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
         return ids;
     }
 
-    /// <summary>The SentencePiece ids of <paramref name="text"/> (no special tokens); invalid UTF-16 code units become U+FFFD.</summary>
+    /// <summary>The SentencePiece ids of <paramref name="text"/> (no special tokens); each invalid UTF-16 code unit becomes one U+FFFD.</summary>
     /// <param name="text">The text.</param>
     /// <returns>The ids.</returns>
     public IReadOnlyList<int> EncodeToIds(string text)
     {
         ArgumentNullException.ThrowIfNull(text);
         var ids = new List<int>(text.Length);
-        _encoder.Encode(Encoding.UTF8.GetBytes(text), ids, null);
+        _encoder.Encode(Utf8.Encode(text), ids, null);
         return ids;
     }
 
@@ -275,24 +275,11 @@ public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
     protected override EncodeResults<EncodedToken> EncodeToTokens(string? text, ReadOnlySpan<char> textSpan, EncodeSettings settings)
     {
         var source = text ?? textSpan.ToString();
-        var charOfByte = new List<int>(source.Length * 2);
-        var utf8 = new List<byte>(source.Length * 2);
-        Span<byte> buffer = stackalloc byte[4];
-        for (int i = 0; i < source.Length;)
-        {
-            var rune = Rune.TryGetRuneAt(source, i, out var r) ? r : Rune.ReplacementChar;
-            int n = rune.EncodeToUtf8(buffer);
-            for (int k = 0; k < n; k++)
-            {
-                utf8.Add(buffer[k]);
-                charOfByte.Add(i);
-            }
-            i += Rune.TryGetRuneAt(source, i, out _) ? rune.Utf16SequenceLength : 1;
-        }
-        charOfByte.Add(source.Length);
+        var charOfByte = new List<int>(source.Length * 2 + 1);
+        var utf8 = Utf8.Encode(source, charOfByte);
         var ids = new List<int>();
         var spans = new List<(int Start, int End)>();
-        _encoder.Encode(utf8.ToArray(), ids, spans);
+        _encoder.Encode(utf8, ids, spans);
         var tokens = new List<EncodedToken>(ids.Count);
         for (int i = 0; i < ids.Count; i++)
         {
@@ -309,23 +296,6 @@ public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
     }
 
     /// <inheritdoc />
-    public override OperationStatus Decode(IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten)
-    {
-        ArgumentNullException.ThrowIfNull(ids);
-        var list = ids as IReadOnlyList<int> ?? ids.ToList();
-        for (int count = list.Count; count >= 0; count--)
-        {
-            var text = Decode(list.Take(count));
-            if (text.Length <= destination.Length)
-            {
-                text.AsSpan().CopyTo(destination);
-                idsConsumed = count;
-                charsWritten = text.Length;
-                return count == list.Count ? OperationStatus.Done : OperationStatus.DestinationTooSmall;
-            }
-        }
-        idsConsumed = 0;
-        charsWritten = 0;
-        return OperationStatus.DestinationTooSmall;
-    }
+    public override OperationStatus Decode(IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten) =>
+        Utf8.DecodeInto(Decode, ids, destination, out idsConsumed, out charsWritten);
 }

@@ -206,40 +206,8 @@ public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
     private List<int> SentencePieceIds(string preprocessed)
     {
         var ids = new List<int>(preprocessed.Length);
-        _encoder.Encode(ToUtf8(preprocessed), ids, null);
+        _encoder.Encode(Utf8.Encode(preprocessed), ids, null);
         return ids;
-    }
-
-    /// <summary>
-    /// UTF-8 of <paramref name="text"/>, with each invalid UTF-16 code unit (a lone or reversed surrogate) written as
-    /// the byte 0xFF, which SentencePiece's normalizer turns into one U+FFFD that no normalization rule touches (a
-    /// literal U+FFFD in the text becomes a space under NFKC, as in SentencePiece): bad text is never dropped silently.
-    /// </summary>
-    private static byte[] ToUtf8(string text, List<int>? map = null)
-    {
-        var output = new List<byte>(text.Length * 3);
-        Span<byte> buffer = stackalloc byte[4];
-        for (int i = 0; i < text.Length;)
-        {
-            if (System.Text.Rune.TryGetRuneAt(text, i, out var rune))
-            {
-                int n = rune.EncodeToUtf8(buffer);
-                for (int k = 0; k < n; k++)
-                {
-                    output.Add(buffer[k]);
-                    map?.Add(i);
-                }
-                i += rune.Utf16SequenceLength;
-            }
-            else
-            {
-                output.Add(0xFF);
-                map?.Add(i);
-                i++;
-            }
-        }
-        map?.Add(text.Length);
-        return output.ToArray();
     }
 
     /// <summary>
@@ -254,7 +222,7 @@ public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
         var charMap = new List<int>(text.Length + 1);
         var pre = Preprocess(text, charMap);
         var byteMap = new List<int>(pre.Length * 2);
-        var utf8 = ToUtf8(pre, byteMap);
+        var utf8 = Utf8.Encode(pre, byteMap);
         var ids = new List<int>(pre.Length);
         var spans = new List<(int Start, int End)>(pre.Length);
         _encoder.Encode(utf8, ids, spans);
@@ -282,26 +250,8 @@ public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
     }
 
     /// <inheritdoc />
-    public override OperationStatus Decode(IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten)
-    {
-        ArgumentNullException.ThrowIfNull(ids);
-        var list = ids as IReadOnlyList<int> ?? ids.ToList();
-        // The longest prefix of ids whose text fits (decoding is not prefix-additive: byte pieces join, ▁ is trimmed).
-        for (int count = list.Count; count >= 0; count--)
-        {
-            var text = Decode(list.Take(count));
-            if (text.Length <= destination.Length)
-            {
-                text.AsSpan().CopyTo(destination);
-                idsConsumed = count;
-                charsWritten = text.Length;
-                return count == list.Count ? OperationStatus.Done : OperationStatus.DestinationTooSmall;
-            }
-        }
-        idsConsumed = 0;
-        charsWritten = 0;
-        return OperationStatus.DestinationTooSmall;
-    }
+    public override OperationStatus Decode(IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten) =>
+        Utf8.DecodeInto(Decode, ids, destination, out idsConsumed, out charsWritten);
 
     /// <inheritdoc />
     public override string Decode(IEnumerable<int> ids) => Decode(ids, skipSpecialTokens: true);

@@ -194,9 +194,66 @@ internal sealed class SentencePieceNormalizer
     private static uint Offset(uint unit) => (unit >> 10) << (int)((unit & (1u << 9)) >> 6);
 }
 
-/// <summary>UTF-8 helpers with SentencePiece's rules.</summary>
+/// <summary>UTF-8 helpers with SentencePiece's rules, shared by the GLM tokenizers.</summary>
 internal static class Utf8
 {
+    /// <summary>
+    /// UTF-8 of <paramref name="text"/>, each invalid UTF-16 code unit (a lone or reversed surrogate) written as the
+    /// byte 0xFF, which SentencePiece's normalizer turns into one U+FFFD that no normalization rule touches (a literal
+    /// U+FFFD becomes a space under NFKC): bad text is never dropped silently. With <paramref name="charOfByte"/>, the
+    /// index of the character each byte came from, plus a final entry.
+    /// </summary>
+    public static byte[] Encode(string text, List<int>? charOfByte = null)
+    {
+        var output = new List<byte>(text.Length * 3);
+        Span<byte> buffer = stackalloc byte[4];
+        for (int i = 0; i < text.Length;)
+        {
+            if (System.Text.Rune.TryGetRuneAt(text, i, out var rune))
+            {
+                int n = rune.EncodeToUtf8(buffer);
+                for (int k = 0; k < n; k++)
+                {
+                    output.Add(buffer[k]);
+                    charOfByte?.Add(i);
+                }
+                i += rune.Utf16SequenceLength;
+            }
+            else
+            {
+                output.Add(0xFF);
+                charOfByte?.Add(i);
+                i++;
+            }
+        }
+        charOfByte?.Add(text.Length);
+        return output.ToArray();
+    }
+
+    /// <summary>
+    /// Span decoding for the Microsoft.ML.Tokenizers API: the text of the longest prefix of <paramref name="ids"/> that
+    /// fits (decoding is not prefix-additive: byte pieces join, the dummy-prefix space is trimmed).
+    /// </summary>
+    public static System.Buffers.OperationStatus DecodeInto(Func<IEnumerable<int>, string> decode, IEnumerable<int> ids, Span<char> destination, out int idsConsumed, out int charsWritten)
+    {
+        ArgumentNullException.ThrowIfNull(ids);
+        var list = ids as IReadOnlyList<int> ?? ids.ToList();
+        for (int count = list.Count; count >= 0; count--)
+        {
+            var text = decode(list.Take(count));
+            if (text.Length <= destination.Length)
+            {
+                text.AsSpan().CopyTo(destination);
+                idsConsumed = count;
+                charsWritten = text.Length;
+                return count == list.Count ? System.Buffers.OperationStatus.Done : System.Buffers.OperationStatus.DestinationTooSmall;
+            }
+        }
+        idsConsumed = 0;
+        charsWritten = 0;
+        return System.Buffers.OperationStatus.DestinationTooSmall;
+    }
+
     /// <summary>SentencePiece's OneCharLen: the length a lead byte announces (1 for continuation bytes).</summary>
     public static int LeadLength(byte b) => (b >> 4) switch { < 0xC => 1, 0xC or 0xD => 2, 0xE => 3, _ => 4 };
 
@@ -311,6 +368,117 @@ internal sealed class ByteTrie
 }
 
 /// <summary>
+/// What SentencePiece's Unigram and BPE encoders share: the piece table (normal, user-defined and unused pieces in a
+/// trie, scores, types, the unknown and byte pieces), the model's normalizer, and the processor's output step (an
+/// unknown piece becomes its UTF-8 byte pieces with byte fallback; without it a run of unknowns is one <c>&lt;unk&gt;</c>).
+/// </summary>
+internal abstract class PieceEncoderBase : IPieceEncoder
+{
+    protected PieceEncoderBase(SentencePieceModel model)
+    {
+        Model = model;
+        int n = model.Pieces.Count;
+        Scores = new float[n];
+        Types = new PieceType[n];
+        Array.Fill(ByteIds, -1);
+        ByteTrie? userDefined = null;
+        for (int i = 0; i < n; i++)
+        {
+            var p = model.Pieces[i];
+            Scores[i] = p.Score;
+            Types[i] = p.Type;
+            switch (p.Type)
+            {
+                case PieceType.Normal:
+                    // As SentencePiece: min/max over normal pieces only, from FLT_MAX and FLT_MIN (the smallest normal float).
+                    MinScore = Math.Min(MinScore, p.Score);
+                    MaxScore = Math.Max(MaxScore, p.Score);
+                    Pieces.Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.UserDefined:
+                    Pieces.Add(model.PieceBytes[i], i);
+                    (userDefined ??= new ByteTrie()).Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.Unused:
+                    Pieces.Add(model.PieceBytes[i], i);
+                    break;
+                case PieceType.Unknown:
+                    if (UnkId < 0) UnkId = i;
+                    break;
+                case PieceType.Byte:
+                    if (p.Piece.Length == 6 && p.Piece.StartsWith("<0x", StringComparison.Ordinal) && p.Piece.EndsWith('>') &&
+                        byte.TryParse(p.Piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b))
+                        ByteIds[b] = i;
+                    break;
+            }
+        }
+        if (UnkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
+        Pieces.Freeze();
+        UserDefined = userDefined?.Freeze();
+        Normalizer = new SentencePieceNormalizer(model, UserDefined);
+    }
+
+    protected SentencePieceModel Model { get; }
+
+    protected ByteTrie Pieces { get; } = new();
+
+    protected ByteTrie? UserDefined { get; }
+
+    protected SentencePieceNormalizer Normalizer { get; }
+
+    protected float[] Scores { get; }
+
+    protected PieceType[] Types { get; }
+
+    protected float MinScore { get; } = float.MaxValue;
+
+    protected float MaxScore { get; } = 1.17549435E-38f;
+
+    protected int UnkId { get; } = -1;
+
+    protected int[] ByteIds { get; } = new int[256];
+
+    public abstract void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans);
+
+    /// <summary>Normalizes <paramref name="utf8"/>; with spans wanted, also the source byte of each normalized byte.</summary>
+    protected byte[] Normalize(ReadOnlySpan<byte> utf8, bool wantMap, out List<int>? map)
+    {
+        var normalized = new List<byte>(utf8.Length + 8);
+        map = wantMap ? new List<int>(utf8.Length + 8) : null;
+        Normalizer.Normalize(utf8, normalized, map);
+        return normalized.ToArray();
+    }
+
+    /// <summary>
+    /// Appends the piece <paramref name="id"/> (−1 or the unknown id: unknown) covering normalized bytes [start, end) as
+    /// the processor does: byte fallback or unknown merging; spans map back through <paramref name="map"/>.
+    /// </summary>
+    protected void Append(int id, int start, int end, byte[] text, List<int>? map, List<int> ids, List<(int Start, int End)>? spans, ref bool previousUnknown)
+    {
+        bool unknown = id < 0 || id == UnkId;
+        int from = map?[start] ?? 0, to = map?[end] ?? 0;
+        if (unknown && Model.ByteFallback)
+        {
+            for (int i = start; i < end; i++)
+            {
+                ids.Add(ByteIds[text[i]] >= 0 ? ByteIds[text[i]] : UnkId);
+                spans?.Add(i == start ? (from, to) : (to, to));
+            }
+        }
+        else if (unknown && previousUnknown)
+        {
+            if (spans is not null) spans[^1] = (spans[^1].Start, to);      // the merged <unk> covers the run
+        }
+        else
+        {
+            ids.Add(unknown ? UnkId : id);
+            spans?.Add((from, to));
+        }
+        previousUnknown = unknown;
+    }
+}
+
+/// <summary>
 /// SentencePiece's Unigram segmentation, computed exactly as its optimized encoder (unigram_model.cc,
 /// <c>EncodeOptimized</c>, the default since 0.1.96) computes it: one pass over UTF-8 positions keeping the best path
 /// that ends at each position, candidate scores in double compared against the stored float, the first of equal
@@ -318,58 +486,10 @@ internal sealed class ByteTrie
 /// <c>min_score − 10</c> in float; then byte fallback (or runs of unknowns merged into one <c>&lt;unk&gt;</c>) as its
 /// processor does. Linear in the input length.
 /// </summary>
-internal sealed class UnigramEncoder : IPieceEncoder
+internal sealed class UnigramEncoder : PieceEncoderBase
 {
-    private readonly SentencePieceModel _model;
-    private readonly ByteTrie _pieces = new();
-    private readonly SentencePieceNormalizer _normalizer;
-    private readonly float[] _scores;
-    private readonly PieceType[] _types;
-    // As SentencePiece: FLT_MAX and FLT_MIN (the smallest normal float, not zero), over normal pieces only.
-    private readonly float _minScore = float.MaxValue, _maxScore = 1.17549435E-38f;
-    private readonly int _unkId = -1;
-    private readonly int[] _byteIds = new int[256];
-
-    public UnigramEncoder(SentencePieceModel model)
+    public UnigramEncoder(SentencePieceModel model) : base(model)
     {
-        _model = model;
-        int n = model.Pieces.Count;
-        _scores = new float[n];
-        _types = new PieceType[n];
-        ByteTrie? userDefined = null;
-        Array.Fill(_byteIds, -1);
-        for (int i = 0; i < n; i++)
-        {
-            var p = model.Pieces[i];
-            _scores[i] = p.Score;
-            _types[i] = p.Type;
-            switch (p.Type)
-            {
-                case PieceType.Normal:
-                    _minScore = Math.Min(_minScore, p.Score);
-                    _maxScore = Math.Max(_maxScore, p.Score);
-                    _pieces.Add(model.PieceBytes[i], i);
-                    break;
-                case PieceType.UserDefined:
-                    _pieces.Add(model.PieceBytes[i], i);
-                    (userDefined ??= new ByteTrie()).Add(model.PieceBytes[i], i);
-                    break;
-                case PieceType.Unused:
-                    _pieces.Add(model.PieceBytes[i], i);
-                    break;
-                case PieceType.Unknown:
-                    if (_unkId < 0) _unkId = i;
-                    break;
-                case PieceType.Byte:
-                    if (p.Piece.Length == 6 && p.Piece.StartsWith("<0x", StringComparison.Ordinal) && p.Piece.EndsWith('>') &&
-                        byte.TryParse(p.Piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b))
-                        _byteIds[b] = i;
-                    break;
-            }
-        }
-        if (_unkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
-        _pieces.Freeze();
-        _normalizer = new SentencePieceNormalizer(model, userDefined?.Freeze());
     }
 
     private struct Best
@@ -388,17 +508,14 @@ internal sealed class UnigramEncoder : IPieceEncoder
     /// an empty range at its end).
     /// </summary>
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
-    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
+    public override void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
     {
-        var normalized = new List<byte>(utf8.Length + 8);
-        var map = spans is null ? null : new List<int>(utf8.Length + 8);
-        _normalizer.Normalize(utf8, normalized, map);
-        if (normalized.Count == 0) return;
-        var text = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(normalized);
+        var text = Normalize(utf8, spans is not null, out var map);
+        if (text.Length == 0) return;
         int size = text.Length;
         var best = new Best[size + 1];
         for (int i = 1; i <= size; i++) best[i].StartsAt = -1;
-        float unkScore = _minScore - 10.0f;
+        float unkScore = MinScore - 10.0f;
         int start = 0;
         while (start < size)
         {
@@ -408,15 +525,15 @@ internal sealed class UnigramEncoder : IPieceEncoder
             int node = 0;
             for (int pos = start; pos < size;)
             {
-                node = _pieces.Step(node, text[pos]);
+                node = Pieces.Step(node, text[pos]);
                 pos++;
                 if (node < 0) break;
-                int id = _pieces.ValueAt(node);
-                if (id < 0 || _types[id] == PieceType.Unused) continue;
+                int id = Pieces.ValueAt(node);
+                if (id < 0 || Types[id] == PieceType.Unused) continue;
                 int length = pos - start;
                 // As SentencePiece: the user-defined bonus in double ((float)bytes·max − 0.1), the sum in double,
                 // compared with the stored float, stored as float; the first of equal scores stays.
-                double score = _types[id] == PieceType.UserDefined ? (double)((float)length * _maxScore) - 0.1 : _scores[id];
+                double score = Types[id] == PieceType.UserDefined ? (double)((float)length * MaxScore) - 0.1 : Scores[id];
                 double candidate = score + tillHere;
                 ref var target = ref best[pos];
                 if (target.StartsAt == -1 || candidate > target.Score)
@@ -435,7 +552,7 @@ internal sealed class UnigramEncoder : IPieceEncoder
                 {
                     target.Score = candidate;
                     target.StartsAt = start;
-                    target.Id = _unkId;
+                    target.Id = UnkId;
                 }
             }
             start += charLength;
@@ -450,30 +567,7 @@ internal sealed class UnigramEncoder : IPieceEncoder
             end = b.StartsAt;
         }
         bool previousUnknown = false;
-        for (int k = path.Count - 1; k >= 0; k--)
-        {
-            var (s, e, id) = path[k];
-            bool unknown = id == _unkId;
-            int from = map?[s] ?? 0, to = map?[e] ?? 0;
-            if (unknown && _model.ByteFallback)
-            {
-                for (int i = s; i < e; i++)
-                {
-                    ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
-                    spans?.Add(i == s ? (from, to) : (to, to));
-                }
-            }
-            else if (unknown && previousUnknown)
-            {
-                if (spans is not null) spans[^1] = (spans[^1].Start, to);      // the merged <unk> covers the run
-            }
-            else
-            {
-                ids.Add(id);
-                spans?.Add((from, to));
-            }
-            previousUnknown = unknown;
-        }
+        for (int k = path.Count - 1; k >= 0; k--) Append(path[k].Id, path[k].Start, path[k].End, text, map, ids, spans, ref previousUnknown);
     }
 }
 
@@ -490,50 +584,10 @@ internal interface IPieceEncoder
 /// merged (pairs made stale by an earlier merge are skipped), unused pieces resegmented into their halves; then byte
 /// fallback or unknown merging as for Unigram.
 /// </summary>
-internal sealed class BpeEncoder : IPieceEncoder
+internal sealed class BpeEncoder : PieceEncoderBase
 {
-    private readonly SentencePieceModel _model;
-    private readonly ByteTrie _pieces = new();
-    private readonly ByteTrie? _userDefined;
-    private readonly SentencePieceNormalizer _normalizer;
-    private readonly float[] _scores;
-    private readonly PieceType[] _types;
-    private readonly int _unkId = -1;
-    private readonly int[] _byteIds = new int[256];
-
-    public BpeEncoder(SentencePieceModel model)
+    public BpeEncoder(SentencePieceModel model) : base(model)
     {
-        _model = model;
-        int n = model.Pieces.Count;
-        _scores = new float[n];
-        _types = new PieceType[n];
-        Array.Fill(_byteIds, -1);
-        for (int i = 0; i < n; i++)
-        {
-            var p = model.Pieces[i];
-            _scores[i] = p.Score;
-            _types[i] = p.Type;
-            switch (p.Type)
-            {
-                case PieceType.Normal or PieceType.Unused:
-                    _pieces.Add(model.PieceBytes[i], i);
-                    break;
-                case PieceType.UserDefined:
-                    _pieces.Add(model.PieceBytes[i], i);
-                    (_userDefined ??= new ByteTrie()).Add(model.PieceBytes[i], i);
-                    break;
-                case PieceType.Unknown:
-                    if (_unkId < 0) _unkId = i;
-                    break;
-                case PieceType.Byte:
-                    if (p.Piece.Length == 6 && byte.TryParse(p.Piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b)) _byteIds[b] = i;
-                    break;
-            }
-        }
-        if (_unkId < 0) throw new InvalidDataException("The SentencePiece model has no <unk> piece.");
-        _pieces.Freeze();
-        _userDefined?.Freeze();
-        _normalizer = new SentencePieceNormalizer(model, _userDefined);
     }
 
     private struct Symbol
@@ -548,26 +602,23 @@ internal sealed class BpeEncoder : IPieceEncoder
         int node = 0;
         foreach (var b in piece)
         {
-            node = _pieces.Step(node, b);
+            node = Pieces.Step(node, b);
             if (node < 0) return -1;
         }
-        return _pieces.ValueAt(node);
+        return Pieces.ValueAt(node);
     }
 
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
-    public void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
+    public override void Encode(ReadOnlySpan<byte> utf8, List<int> ids, List<(int Start, int End)>? spans)
     {
-        var normalized = new List<byte>(utf8.Length + 8);
-        var map = spans is null ? null : new List<int>(utf8.Length + 8);
-        _normalizer.Normalize(utf8, normalized, map);
-        if (normalized.Count == 0) return;
-        var text = normalized.ToArray();
+        var text = Normalize(utf8, spans is not null, out var map);
+        if (text.Length == 0) return;
 
         // Characters (a user-defined symbol is one frozen symbol).
         var symbols = new List<Symbol>(text.Length);
         for (int pos = 0; pos < text.Length;)
         {
-            int length = _userDefined?.LongestPrefix(text.AsSpan(pos), out _) ?? 0;
+            int length = UserDefined?.LongestPrefix(text.AsSpan(pos), out _) ?? 0;
             bool freeze = length > 0;
             if (!freeze) length = Math.Min(Utf8.LeadLength(text[pos]), text.Length - pos);
             int index = symbols.Count;
@@ -588,8 +639,8 @@ internal sealed class BpeEncoder : IPieceEncoder
             if (l.Freeze || r.Freeze) return;
             int id = Lookup(text.AsSpan(l.Start, l.Length + r.Length));
             if (id < 0) return;
-            agenda.Enqueue((left, right, l.Length + r.Length), (_scores[id], left));
-            if (_types[id] == PieceType.Unused) unusedHalves[System.Text.Encoding.Latin1.GetString(text, l.Start, l.Length + r.Length)] = l.Length;
+            agenda.Enqueue((left, right, l.Length + r.Length), (Scores[id], left));
+            if (Types[id] == PieceType.Unused) unusedHalves[System.Text.Encoding.Latin1.GetString(text, l.Start, l.Length + r.Length)] = l.Length;
         }
         for (int i = 1; i < symbols.Count; i++) MaybeAdd(i - 1, i);
         while (agenda.TryDequeue(out var top, out _))
@@ -616,32 +667,13 @@ internal sealed class BpeEncoder : IPieceEncoder
         void Emit(int start, int length)
         {
             int id = Lookup(text.AsSpan(start, length));
-            if (id >= 0 && _types[id] == PieceType.Unused && unusedHalves.TryGetValue(System.Text.Encoding.Latin1.GetString(text, start, length), out int left))
+            if (id >= 0 && Types[id] == PieceType.Unused && unusedHalves.TryGetValue(System.Text.Encoding.Latin1.GetString(text, start, length), out int left))
             {
                 Emit(start, left);
                 Emit(start + left, length - left);
                 return;
             }
-            bool unknown = id < 0;
-            int from = map?[start] ?? 0, to = map?[start + length] ?? 0;
-            if (unknown && _model.ByteFallback)
-            {
-                for (int i = start; i < start + length; i++)
-                {
-                    ids.Add(_byteIds[text[i]] >= 0 ? _byteIds[text[i]] : _unkId);
-                    spans?.Add(i == start ? (from, to) : (to, to));
-                }
-            }
-            else if (unknown && previousUnknown)
-            {
-                if (spans is not null) spans[^1] = (spans[^1].Start, to);
-            }
-            else
-            {
-                ids.Add(unknown ? _unkId : id);
-                spans?.Add((from, to));
-            }
-            previousUnknown = unknown;
+            Append(id, start, start + length, text, map, ids, spans, ref previousUnknown);
         }
         for (int index = 0; index != -1; index = symbols[index].Next) Emit(symbols[index].Start, symbols[index].Length);
     }
