@@ -1,0 +1,156 @@
+using System.Diagnostics;
+using TorchSharp;
+using TorchSharp.PyBridge;
+using static TorchSharp.torch;
+
+namespace MinLora.Distributed.Tests;
+
+/// <summary>
+/// The worker (tests/MinLora.DataParallelWorker: LoRA steps on a small GLM) run alone and under
+/// <c>mpirun -np 2</c> on this machine (shared memory and loopback only). CI installs Open MPI; without mpirun these skip.
+/// </summary>
+public sealed class MpiTests : IDisposable
+{
+    private readonly string _dir = Path.Combine(Path.GetTempPath(), $"minlora-mpi-{Guid.NewGuid():N}");
+
+    public MpiTests() => Directory.CreateDirectory(_dir);
+
+    public void Dispose()
+    {
+        try { Directory.Delete(_dir, recursive: true); } catch (IOException) { }
+    }
+
+    private static readonly string? Mpirun = Environment.GetEnvironmentVariable("PATH")?.Split(':')
+        .Select(d => Path.Combine(d, "mpirun")).FirstOrDefault(File.Exists);
+
+    private static string Worker => Path.Combine(AppContext.BaseDirectory, "MinLora.DataParallelWorker.dll");
+
+    /// <summary>Runs the worker (under mpirun with <paramref name="ranks"/> &gt; 0); a run past <paramref name="limit"/> is killed and fails the test as a hang.</summary>
+    private static (int Code, string Output) Run(int ranks, TimeSpan limit, params string[] args)
+    {
+        var psi = new ProcessStartInfo(ranks > 0 ? Mpirun! : "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        if (ranks > 0)
+        {
+            foreach (var a in new[] { "-np", ranks.ToString(System.Globalization.CultureInfo.InvariantCulture), "--oversubscribe", "--bind-to", "none",
+                "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "oob_tcp_if_include", "lo", "dotnet" })
+                psi.ArgumentList.Add(a);
+            // CI runs as root; Open MPI refuses root unless told twice.
+            psi.Environment["OMPI_ALLOW_RUN_AS_ROOT"] = "1";
+            psi.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1";
+        }
+        else
+        {
+            foreach (var k in new[] { "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK" }) psi.Environment.Remove(k);
+        }
+        psi.ArgumentList.Add(Worker);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(limit))
+        {
+            p.Kill(entireProcessTree: true);
+            p.WaitForExit();
+            Assert.Fail($"the job did not end within {limit.TotalSeconds} s (hang):\n{stdout.Result}\n{stderr.Result}");
+        }
+        return (p.ExitCode, stdout.Result + stderr.Result);
+    }
+
+    private static readonly TimeSpan Limit = TimeSpan.FromMinutes(3);
+
+    /// <summary>A state dict with PEFT's "base_model.model." prefix removed (adapter files and dumps then share keys).</summary>
+    private static Dictionary<string, Tensor> Load(string path) =>
+        Safetensors.LoadStateDict(path).ToDictionary(kv => kv.Key.StartsWith("base_model.model.", StringComparison.Ordinal) ? kv.Key["base_model.model.".Length..] : kv.Key, kv => kv.Value);
+
+    private static double MaxDifference(Dictionary<string, Tensor> a, Dictionary<string, Tensor> b)
+    {
+        Assert.Equal(a.Keys.Order(), b.Keys.Order());
+        return a.Keys.Max(k => (a[k].to(ScalarType.Float64) - b[k].to(ScalarType.Float64)).abs().max().ToDouble());
+    }
+
+    [SkippableFact]
+    public void TwoRanks_SameGlobalBatch_GiveTheSingleProcessAdapter()
+    {
+        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        var (code1, out1) = Run(0, Limit, "--out", Path.Combine(_dir, "one"), "--dump");
+        Assert.True(code1 == 0, out1);
+        Assert.Contains("done world 1 mpi False", out1, StringComparison.Ordinal);
+        // Global batch 5 over 2 ranks: shares of 3 and 2 sequences with different label-token counts.
+        var (code2, out2) = Run(2, Limit, "--out", Path.Combine(_dir, "two"), "--dump");
+        Assert.True(code2 == 0, out2);
+        Assert.Contains("done world 2 mpi True", out2, StringComparison.Ordinal);
+        // Both ranks hold bit-identical parameters (same averaged gradients, same AdamW).
+        var rank0 = Load(Path.Combine(_dir, "two-rank0.safetensors"));
+        var rank1 = Load(Path.Combine(_dir, "two-rank1.safetensors"));
+        Assert.Equal(0.0, MaxDifference(rank0, rank1));
+
+        var single = Load(Path.Combine(_dir, "one", "adapter_model.safetensors"));
+        var two = Load(Path.Combine(_dir, "two", "adapter_model.safetensors"));
+        var singleDump = Load(Path.Combine(_dir, "one-rank0.safetensors"));
+        double diff = MaxDifference(single, two);
+        // Tolerance: the two runs differ only in the order of float32 sums (per-rank partial means recombined by
+        // Σ wᵣgᵣ/Σ wᵣ, a different padding length per share): relative gradient differences ~1e-6, and AdamW's
+        // normalized steps of lr = 1e-2 move each value by at most ~1e-2 per step, so 4 steps agree to ~1e-6 of the
+        // 4e-2 the values can move. 1e-5 leaves room for reduction order; a wrong average (below) is 100× further off.
+        Console.WriteLine($"2 ranks vs 1 process: max |Δ| = {diff:E3}");
+        Assert.True(diff < 1e-5, $"2 ranks vs 1 process: max |Δ| = {diff:E3}");
+        Assert.True(MaxDifference(two, rank0) == 0, "rank 0 saved the parameters it holds");
+        Assert.True(MaxDifference(single, singleDump) == 0, "the saved adapter is the one the process holds");
+
+        // The test can fail: a plain mean over ranks (wrong for shares with different token counts) is visibly off.
+        var (code3, out3) = Run(2, Limit, "--out", Path.Combine(_dir, "unweighted"), "--unweighted");
+        Assert.True(code3 == 0, out3);
+        double wrong = MaxDifference(single, Load(Path.Combine(_dir, "unweighted", "adapter_model.safetensors")));
+        Console.WriteLine($"unweighted: max |Δ| = {wrong:E3}");
+        Assert.True(wrong > 100 * Math.Max(diff, 1e-7), $"unweighted average: max |Δ| = {wrong:E3} vs {diff:E3}");
+    }
+
+    [SkippableFact]
+    public void GradientAccumulation_UnderMpi_GivesTheSingleProcessAdapter()
+    {
+        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        var (code1, out1) = Run(0, Limit, "--out", Path.Combine(_dir, "one"), "--global-batch", "7");
+        Assert.True(code1 == 0, out1);
+        // 7 sequences → shares of 4 and 3, each in 2 micro-batches (2+2 and 2+1).
+        var (code2, out2) = Run(2, Limit, "--out", Path.Combine(_dir, "acc"), "--global-batch", "7", "--accumulate", "2");
+        Assert.True(code2 == 0, out2);
+        double diff = MaxDifference(Load(Path.Combine(_dir, "one", "adapter_model.safetensors")), Load(Path.Combine(_dir, "acc", "adapter_model.safetensors")));
+        Assert.True(diff < 1e-5, $"accumulated 2 ranks vs 1 process: max |Δ| = {diff:E3}");
+    }
+
+    [SkippableFact]
+    public void DifferentAdapters_AreRefusedAtStartUp_NamingTheTensor()
+    {
+        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        var (code, output) = Run(2, Limit, "--lora-rank-on", "1:8");
+        Assert.NotEqual(0, code);
+        Assert.Contains("The ranks hold different parameters: rank 1 has '", output, StringComparison.Ordinal);
+        Assert.Contains("lora_A", output, StringComparison.Ordinal);
+        Assert.Contains("[8, 64] where rank 0 has", output, StringComparison.Ordinal);
+        Assert.DoesNotContain("step 1", output, StringComparison.Ordinal);
+    }
+
+    [SkippableFact]
+    public void HangingRank_MakesTheOthersStopWithATimeout_AndKeepsThePreviousResult()
+    {
+        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        var target = Path.Combine(_dir, "adapter");
+        var (code0, out0) = Run(0, Limit, "--out", target, "--steps", "1");
+        Assert.True(code0 == 0, out0);
+        var previous = Load(Path.Combine(target, "adapter_model.safetensors"));
+        // Rank 1 sleeps forever at step 2; rank 0 waits 5 s in the allreduce, then aborts the job.
+        var (code, output) = Run(2, Limit, "--out", target, "--hang-on", "1:2", "--timeout", "5");
+        Assert.NotEqual(0, code);
+        Assert.Contains("did not complete within 5 s", output, StringComparison.Ordinal);
+        Assert.Equal(0.0, MaxDifference(previous, Load(Path.Combine(target, "adapter_model.safetensors"))));
+    }
+
+    [SkippableFact]
+    public void DyingRank_EndsTheJob_InsteadOfHanging()
+    {
+        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        var (code, output) = Run(2, Limit, "--die-on", "1:2");
+        Assert.NotEqual(0, code);
+        Assert.DoesNotContain("done world", output, StringComparison.Ordinal);
+    }
+}
