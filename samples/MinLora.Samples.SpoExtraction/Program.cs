@@ -1,11 +1,13 @@
 using System.Globalization;
 using MinLora;
+using MinLora.Distributed;
 using MinLora.Glm.Data;
 using MinLora.Samples.SpoExtraction;
 
 // The book's job: INT8 base + LoRA on query_key_value, fine-tuned for subject_predicate_object extraction.
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction                        (built-in small model and data)
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction -- --model /models/chatglm-6b --data spo_0.json --test spo_1.json
+//   mpirun -np 2 dotnet samples/MinLora.Samples.SpoExtraction/bin/Release/net10.0/MinLora.Samples.SpoExtraction.dll   (data parallel)
 // Maintenance commands (the repo ships their output): generate-data DIR, build-base OUT TOKENIZER_DIR.
 NativeAllocator.RetainFreedMemory();
 var o = new SpoOptions();
@@ -79,10 +81,15 @@ catch (Exception ex) when (ex is ArgumentException or FormatException or Overflo
     return 2;
 }
 
-Console.WriteLine("MinLora: LoRA fine-tuning of a GLM for subject-predicate-object extraction (CPU)");
+// Under mpirun every rank runs this program with the same options; without a launcher no MPI is loaded.
+using var dp = DataParallel.Initialize();
+// Several ranks on one machine share its cores.
+if (dp.LocalWorldSize > 1) TorchSharp.torch.set_num_threads(Math.Max(1, Environment.ProcessorCount / dp.LocalWorldSize));
+if (dp.IsMainProcess) Console.WriteLine("MinLora: LoRA fine-tuning of a GLM for subject-predicate-object extraction (CPU)");
 try
 {
-    var r = SpoPipeline.Run(o);
+    var r = SpoPipeline.Run(o, dp);
+    if (!dp.IsMainProcess) return r.ReloadMatches ? 0 : 1;
     Console.WriteLine();
     Console.WriteLine("| measure | value |");
     Console.WriteLine("|---|---|");
@@ -91,12 +98,15 @@ try
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| training loss, first → last 10 % of steps | {r.FirstLoss:F4} → {r.FinalLoss:F4} |"));
     Console.WriteLine($"| parameters | {r.Count} |");
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| time (training / total) | {r.TrainSeconds:F0} s / {r.TotalSeconds:F0} s |"));
-    Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| peak memory | {r.PeakWorkingSetBytes / 1e6:F0} MB |"));
+    if (r.Ranks > 1) Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| data-parallel ranks (rank 0's time in collectives) | {r.Ranks} ({r.CommunicationSeconds:F1} s) |"));
+    Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"| peak memory{(r.Ranks > 1 ? " (rank 0)" : "")} | {r.PeakWorkingSetBytes / 1e6:F0} MB |"));
     Console.WriteLine($"| reloaded LoRA reproduces the trained model | {(r.ReloadMatches ? "yes" : "NO")} |");
     return r.ReloadMatches ? 0 : 1;
 }
-catch (Exception ex) when (ex is IOException or InvalidDataException or UnauthorizedAccessException or ArgumentException or InvalidOperationException or NotSupportedException)
+catch (Exception ex) when (ex is IOException or InvalidDataException or UnauthorizedAccessException or ArgumentException or InvalidOperationException or NotSupportedException or DistributedException)
 {
-    Console.Error.WriteLine($"error: {ex.Message}");
+    Console.Error.WriteLine(dp.WorldSize > 1 ? $"error (rank {dp.Rank}): {ex.Message}" : $"error: {ex.Message}");
+    // The other ranks may be waiting for this one in a collective: end the whole job rather than let them time out.
+    if (dp.WorldSize > 1) dp.Abort(1);
     return 1;
 }

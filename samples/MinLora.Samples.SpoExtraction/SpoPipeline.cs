@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using MinLora.Distributed;
 using MinLora.Glm;
 using MinLora.Glm.Data;
 using MinLora.Glm.Generation;
@@ -126,18 +127,28 @@ public sealed record SpoOptions
 /// <param name="ReloadMatches">Whether the reloaded LoRA-only model produced the same predictions as the trained one.</param>
 /// <param name="FinalLoss">Mean loss of the last 10 % of steps.</param>
 /// <param name="FirstLoss">Mean loss of the first 10 % of steps.</param>
-public sealed record SpoResult(double F1Before, double F1After, SpoScores ScoresAfter, ParameterCount Count, double TrainSeconds, double TotalSeconds, long PeakWorkingSetBytes, bool ReloadMatches, double FirstLoss, double FinalLoss);
+/// <param name="Ranks">Processes that trained (1 without MPI).</param>
+/// <param name="CommunicationSeconds">Time this rank spent in collective operations (0 without MPI).</param>
+public sealed record SpoResult(double F1Before, double F1After, SpoScores ScoresAfter, ParameterCount Count, double TrainSeconds, double TotalSeconds, long PeakWorkingSetBytes, bool ReloadMatches, double FirstLoss, double FinalLoss, int Ranks = 1, double CommunicationSeconds = 0);
 
 /// <summary>The book's job: quantize a GLM, add LoRA to query_key_value, fine-tune on SPO extraction, save, reload, evaluate.</summary>
 public static class SpoPipeline
 {
-    /// <summary>Runs the job.</summary>
+    /// <summary>Runs the job, alone or as one rank of a data-parallel job (<c>mpirun -np N</c>).</summary>
     /// <param name="o">Settings.</param>
-    /// <returns>The measurements.</returns>
-    public static SpoResult Run(SpoOptions o)
+    /// <param name="dp">
+    /// The data-parallel job (null: one process). Every global batch of <see cref="SpoOptions.BatchSize"/> sequences is
+    /// split across the ranks and their gradients averaged weighted by label tokens, so N ranks train the adapter one
+    /// process would; evaluation is split too. Rank 0 alone logs and writes; <see cref="SpoOptions.OutputDirectory"/>
+    /// must be visible to every rank (all reload the saved adapter).
+    /// </param>
+    /// <returns>The measurements (the same on every rank, except times and memory).</returns>
+    public static SpoResult Run(SpoOptions o, DataParallel? dp = null)
     {
         ArgumentNullException.ThrowIfNull(o);
-        var log = o.Log;
+        using var single = dp is null ? DataParallel.Initialize(new DataParallelOptions { Mode = DataParallelMode.SingleProcess }) : null;
+        dp ??= single!;
+        var log = dp.IsMainProcess ? o.Log : TextWriter.Null;
         var clock = Stopwatch.StartNew();
         manual_seed(o.Seed);
         // ChatGLM-6B (ice_text.model), ChatGLM2/3 or GLM-4 (tokenizer.model): the directory decides.
@@ -151,44 +162,55 @@ public static class SpoPipeline
         var (examples, cutSources, cutTargets) = builder.BuildAll(train);
         log.WriteLine($"data: {train.Count} training examples ({cutSources} texts and {cutTargets} answers truncated), {test.Count} held out");
 
+        if (dp.WorldSize > 1) log.WriteLine($"data parallel: {dp.WorldSize} ranks, each global batch of {o.BatchSize} split across them");
         var model = LoadBase(o, log);
         log.WriteLine("evaluating the base model (before fine-tuning) …");
-        var before = Evaluate(model, tokenizer, builder, test, o);
+        var before = Evaluate(model, tokenizer, builder, test, o, dp);
         log.WriteLine($"   F1 before: {before.Scores.F1:F4}");
 
         var adapted = model.AddLora(new LoraConfig { Rank = o.Rank, Alpha = o.Alpha, Dropout = o.Dropout, TargetModules = new[] { "query_key_value" } });
+        // Every rank starts from rank 0's adapter (and this checks they all built the same one); dropout then draws
+        // different masks on each rank, as it would for different sequences of one process.
+        dp.BroadcastParameters(model);
+        if (dp.WorldSize > 1) manual_seed(o.Seed + 1000 * dp.Rank);
         var count = model.CountParameters();
         log.WriteLine($"LoRA r={o.Rank} alpha={o.Alpha} on {adapted.Count} query_key_value layers: {count}");
 
         var trainClock = Stopwatch.StartNew();
-        var losses = Train(model, examples, o, log);
+        var losses = Train(model, examples, o, log, dp);
         double trainSeconds = trainClock.Elapsed.TotalSeconds;
 
         // The adapter and the full state dict replace a previous run's output together, only now that there is a result.
         var loraDir = Path.Combine(o.OutputDirectory, "lora");
         var fullPath = Path.Combine(o.OutputDirectory, "model_with_lora.safetensors");
-        var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous());
-        AtomicDirectory.Write(o.OutputDirectory, staging =>
+        dp.RunOnMainProcess(() =>
         {
-            model.SaveLoraAdapter(Path.Combine(staging, "lora"), baseModelNameOrPath: o.ModelDirectory);
-            Safetensors.SaveStateDict(Path.Combine(staging, "model_with_lora.safetensors"), state);
-        });
+            var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().contiguous());
+            AtomicDirectory.Write(o.OutputDirectory, staging =>
+            {
+                model.SaveLoraAdapter(Path.Combine(staging, "lora"), baseModelNameOrPath: o.ModelDirectory);
+                Safetensors.SaveStateDict(Path.Combine(staging, "model_with_lora.safetensors"), state);
+            });
+        }, "saving the adapter");
         log.WriteLine($"saved: {loraDir} (LoRA only, PEFT layout) and {fullPath} (full state dict)");
 
-        var trained = Evaluate(model, tokenizer, builder, test, o);
+        var trained = Evaluate(model, tokenizer, builder, test, o, dp);
         model.Dispose();
 
         log.WriteLine("reloading the LoRA-only file into a fresh base …");
         using var fresh = LoadBase(o, log);
         fresh.LoadLoraAdapter(loraDir);
-        var after = Evaluate(fresh, tokenizer, builder, test, o);
-        bool same = trained.Predictions.SequenceEqual(after.Predictions);
+        var after = Evaluate(fresh, tokenizer, builder, test, o, dp);
+        Span<double> differing = [trained.Predictions.SequenceEqual(after.Predictions) ? 0 : 1];
+        dp.AllreduceSum(differing);
+        bool same = differing[0] == 0;
         log.WriteLine($"   F1 after: {after.Scores.F1:F4} (reloaded predictions {(same ? "identical" : "DIFFERENT")})");
         if (after.Predictions.Count > 0) log.WriteLine($"   e.g. \"{test[0].Text}\" → {after.Predictions[0].Replace("\n", " | ", StringComparison.Ordinal)}");
 
         int n = losses.Count, k = Math.Max(1, n / 10);
         return new SpoResult(before.Scores.F1, after.Scores.F1, after.Scores, count, trainSeconds, clock.Elapsed.TotalSeconds,
-            Process.GetCurrentProcess().PeakWorkingSet64, same, losses.Take(k).Average(), losses.Skip(n - k).Average());
+            Process.GetCurrentProcess().PeakWorkingSet64, same, losses.Take(k).Average(), losses.Skip(n - k).Average(),
+            dp.WorldSize, dp.CommunicationTime.TotalSeconds);
     }
 
     private static GlmForCausalLM LoadBase(SpoOptions o, TextWriter log)
@@ -202,13 +224,14 @@ public static class SpoPipeline
         return model;
     }
 
-    private static List<double> Train(GlmForCausalLM model, IReadOnlyList<FineTuningExample> examples, SpoOptions o, TextWriter log)
+    private static List<double> Train(GlmForCausalLM model, IReadOnlyList<FineTuningExample> examples, SpoOptions o, TextWriter log, DataParallel dp)
     {
         var parameters = model.GetLoraParameters();
         using var optimizer = optim.AdamW(parameters, lr: o.LearningRate, weight_decay: 0.01);
         int stepsPerEpoch = (examples.Count + o.BatchSize - 1) / o.BatchSize;
         int total = stepsPerEpoch * o.Epochs, step = 0;
         var losses = new List<double>(total);
+        // The same seed on every rank: every rank sees the same global batches and takes its share of each.
         var rng = new Random(o.Seed);
         model.train();
         using var progress = new ProgressBar(log, total);
@@ -221,14 +244,26 @@ public static class SpoPipeline
                 double lr = o.LearningRate * (0.1 + 0.9 * 0.5 * (1 + Math.Cos(Math.PI * step / Math.Max(1, total - 1))));
                 foreach (var g in optimizer.ParamGroups) g.LearningRate = lr;
                 using var scope = NewDisposeScope();
-                var batch = order.Skip(b * o.BatchSize).Take(o.BatchSize).Select(i => examples[i]).ToList();
-                using var t = SpoDatasetBuilder.Collate(batch, model.Config);
+                var global = order.Skip(b * o.BatchSize).Take(o.BatchSize).Select(i => examples[i]).ToList();
+                var batch = dp.ShardBatch(global);
                 optimizer.zero_grad();
-                using var output = model.call(new GlmInput(t.InputIds) { AttentionMask = t.AttentionMask, PositionIds = t.PositionIds, Labels = t.Labels });
-                output.Loss!.backward();
+                // The loss is the mean over label tokens: weighting each rank's mean by its token count makes the
+                // averaged gradient the one of the whole global batch (one process: no change at all).
+                int tokens = batch.Sum(e => e.Labels.Skip(1).Count(l => l != -100));
+                double lossSum = 0;
+                if (batch.Count > 0)
+                {
+                    using var t = SpoDatasetBuilder.Collate(batch, model.Config);
+                    using var output = model.call(new GlmInput(t.InputIds) { AttentionMask = t.AttentionMask, PositionIds = t.PositionIds, Labels = t.Labels });
+                    output.Loss!.backward();
+                    lossSum = output.Loss.item<float>() * (double)tokens;
+                }
+                dp.AverageGradients(parameters, tokens);
                 nn.utils.clip_grad_norm_(parameters, 1.0);
                 optimizer.step();
-                double loss = output.Loss.item<float>();
+                Span<double> sums = [lossSum, tokens];
+                dp.AllreduceSum(sums);
+                double loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
                 losses.Add(loss);
                 progress.Report(++step, $"epoch {epoch + 1}/{o.Epochs} loss {loss:F4} lr {lr:E2}");
             }
@@ -239,16 +274,20 @@ public static class SpoPipeline
 
     private sealed record Evaluation(SpoScores Scores, IReadOnlyList<string> Predictions);
 
-    private static Evaluation Evaluate(GlmForCausalLM model, IGlmTextTokenizer tokenizer, SpoDatasetBuilder builder, IReadOnlyList<SpoExample> test, SpoOptions o)
+    /// <summary>Greedy answers for this rank's share of the held-out set, scored over all ranks' counts.</summary>
+    private static Evaluation Evaluate(GlmForCausalLM model, IGlmTextTokenizer tokenizer, SpoDatasetBuilder builder, IReadOnlyList<SpoExample> test, SpoOptions o, DataParallel dp)
     {
+        var mine = dp.ShardDataset(test);
         var predictions = new List<string>();
         var options = new GenerationOptions { DoSample = false, MaxNewTokens = o.MaxTargetLength, MaxLength = o.MaxSourceLength + o.MaxTargetLength + 3 };
-        foreach (var chunk in test.Chunk(16))
+        foreach (var chunk in mine.Chunk(16))
         {
             var inputs = chunk.Select(e => tokenizer.BuildInputs(builder.Source(e.Text).Ids)).ToList();
             foreach (var generated in model.Generate(inputs, options)) predictions.Add(tokenizer.Decode(generated.TokenIds, true).Trim());
         }
-        return new Evaluation(SpoEvaluation.Score(predictions.Zip(test, (p, e) => (p, e.Answer))), predictions);
+        var counts = SpoEvaluation.Count(predictions.Zip(mine, (p, e) => (p, e.Answer))).ToArray();
+        dp.AllreduceSum(counts);
+        return new Evaluation(SpoCounts.FromArray(counts).ToScores(), predictions);
     }
 
     /// <summary>

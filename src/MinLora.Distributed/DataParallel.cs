@@ -93,6 +93,12 @@ public sealed class DataParallel : IDisposable
     /// <summary>Number of processes in the job (1 without MPI).</summary>
     public int WorldSize { get; }
 
+    /// <summary>This process's rank among the ranks on the same machine (Open MPI's <c>OMPI_COMM_WORLD_LOCAL_RANK</c>; 0 without MPI): the GPU to use, for instance.</summary>
+    public int LocalRank { get; private init; }
+
+    /// <summary>Ranks on this machine (<c>OMPI_COMM_WORLD_LOCAL_SIZE</c>; 1 without MPI): divide the CPU threads by it.</summary>
+    public int LocalWorldSize { get; private init; } = 1;
+
     /// <summary>Whether this is rank 0, the process that writes files and prints progress.</summary>
     public bool IsMainProcess => Rank == 0;
 
@@ -140,7 +146,11 @@ public sealed class DataParallel : IDisposable
             throw new InvalidOperationException("DataParallel with MPI was already initialized in this process; MPI can be initialized only once per process, so keep one instance for the whole job.");
         var mpi = OpenMpi.Load(LibraryCandidates(options.MpiLibraryPath));
         mpi.Initialize();
-        var dp = new DataParallel(mpi, mpi.Rank(), mpi.Size(), options.Timeout, logger);
+        var dp = new DataParallel(mpi, mpi.Rank(), mpi.Size(), options.Timeout, logger)
+        {
+            LocalRank = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_RANK") ?? 0,
+            LocalWorldSize = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_SIZE") ?? 1,
+        };
         logger.LogInformation("Data parallel: rank {Rank} of {WorldSize} (Open MPI, {Library}, timeout {Timeout:0} s)", dp.Rank, dp.WorldSize, mpi.LibraryPath, options.Timeout.TotalSeconds);
         return dp;
     }
@@ -150,6 +160,9 @@ public sealed class DataParallel : IDisposable
         !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_SIZE"))
         || !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("PMIX_RANK"))
         || !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("PMI_RANK"));
+
+    private static int? EnvironmentInt(string name) =>
+        int.TryParse(Environment.GetEnvironmentVariable(name), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var v) ? v : null;
 
     private static List<string> LibraryCandidates(string? explicitPath)
     {

@@ -102,4 +102,26 @@ public sealed class SpoDataTests : IDisposable
         Assert.Equal((0.5 + 0) / 2, s.SampleAveragedF1, 10);
         Assert.Equal(2, s.Samples);
     }
+
+    [Fact]
+    public void EvaluationCounts_OfParts_AddUpToTheWhole()
+    {
+        var pairs = new[]
+        {
+            ("a_p_b\nc_p_d\nbroken line", "a_p_b\ne_p_f"),
+            ("", "g_p_h"),
+            ("x_r_y\nx_r_y", "x_r_y"),
+            ("u_v_w", "u_v_w\nq_q_q"),
+        };
+        var whole = SpoEvaluation.Count(pairs);
+        // Per sample (correct/predicted/gold, F1): 1/2/2 0.5; 0/0/1 0; 1/1/1 (duplicates count once) 1; 1/1/2 2/3.
+        Assert.Equal((3L, 4L, 6L, 4), (whole.Correct, whole.Predicted, whole.Gold, whole.Samples));
+        Assert.Equal(0.5 + 0 + 1 + 2.0 / 3, whole.SampleF1Sum, 12);
+        // Two "ranks" with strided halves: the summed counts give the same scores as the whole set.
+        var parts = new[] { SpoEvaluation.Count(pairs.Where((_, i) => i % 2 == 0)), SpoEvaluation.Count(pairs.Where((_, i) => i % 2 == 1)) };
+        var sum = new double[5];
+        foreach (var part in parts) for (int k = 0; k < 5; k++) sum[k] += part.ToArray()[k];
+        Assert.Equal(SpoEvaluation.Score(pairs), SpoCounts.FromArray(sum).ToScores());
+        Assert.Throws<ArgumentException>(() => SpoCounts.FromArray(new double[4]));
+    }
 }

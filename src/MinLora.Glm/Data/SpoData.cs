@@ -275,13 +275,54 @@ public sealed class SpoDatasetBuilder
 /// <param name="Samples">Number of samples.</param>
 public sealed record SpoScores(double Precision, double Recall, double F1, double SampleAveragedF1, int Samples);
 
+/// <summary>
+/// The sums behind <see cref="SpoScores"/>: counts add over parts of a dataset (data-parallel evaluation on
+/// several ranks), ratios do not.
+/// </summary>
+/// <param name="Correct">Predicted triples that are gold triples.</param>
+/// <param name="Predicted">Predicted triples (distinct per sample).</param>
+/// <param name="Gold">Gold triples (distinct per sample).</param>
+/// <param name="SampleF1Sum">Sum of the per-sample F1.</param>
+/// <param name="Samples">Number of samples.</param>
+public sealed record SpoCounts(long Correct, long Predicted, long Gold, double SampleF1Sum, int Samples)
+{
+    /// <summary>Precision, recall and F1 from the counts.</summary>
+    /// <returns>The scores.</returns>
+    public SpoScores ToScores()
+    {
+        double precision = Predicted == 0 ? 0 : (double)Correct / Predicted;
+        double recall = Gold == 0 ? 0 : (double)Correct / Gold;
+        double f1 = precision + recall == 0 ? 0 : 2 * precision * recall / (precision + recall);
+        return new SpoScores(precision, recall, f1, Samples == 0 ? 0 : SampleF1Sum / Samples, Samples);
+    }
+
+    /// <summary>The counts as five numbers (for a sum over ranks), in the order of the constructor.</summary>
+    /// <returns>The numbers.</returns>
+    public double[] ToArray() => [Correct, Predicted, Gold, SampleF1Sum, Samples];
+
+    /// <summary>Counts from five numbers (see <see cref="ToArray"/>).</summary>
+    /// <param name="values">Correct, predicted, gold, per-sample F1 sum, samples.</param>
+    /// <returns>The counts.</returns>
+    /// <exception cref="ArgumentException">Not five numbers.</exception>
+    public static SpoCounts FromArray(ReadOnlySpan<double> values)
+    {
+        if (values.Length != 5) throw new ArgumentException($"Expected 5 numbers, got {values.Length}.", nameof(values));
+        return new SpoCounts((long)values[0], (long)values[1], (long)values[2], values[3], (int)values[4]);
+    }
+}
+
 /// <summary>Scoring extracted triples against gold answers.</summary>
 public static class SpoEvaluation
 {
     /// <summary>Scores predictions (answer-format text) against references.</summary>
     /// <param name="pairs">(predicted answer, gold answer) per sample.</param>
     /// <returns>The scores.</returns>
-    public static SpoScores Score(IEnumerable<(string Prediction, string Reference)> pairs)
+    public static SpoScores Score(IEnumerable<(string Prediction, string Reference)> pairs) => Count(pairs).ToScores();
+
+    /// <summary>Counts correct, predicted and gold triples of predictions (answer-format text) against references.</summary>
+    /// <param name="pairs">(predicted answer, gold answer) per sample.</param>
+    /// <returns>The counts (add them over parts of a dataset, then <see cref="SpoCounts.ToScores"/>).</returns>
+    public static SpoCounts Count(IEnumerable<(string Prediction, string Reference)> pairs)
     {
         ArgumentNullException.ThrowIfNull(pairs);
         long correct = 0, predicted = 0, gold = 0;
@@ -299,9 +340,6 @@ public static class SpoEvaluation
             f1Sum += sp + sr == 0 ? 0 : 2 * sp * sr / (sp + sr);
             n++;
         }
-        double precision = predicted == 0 ? 0 : (double)correct / predicted;
-        double recall = gold == 0 ? 0 : (double)correct / gold;
-        double f1 = precision + recall == 0 ? 0 : 2 * precision * recall / (precision + recall);
-        return new SpoScores(precision, recall, f1, n == 0 ? 0 : f1Sum / n, n);
+        return new SpoCounts(correct, predicted, gold, f1Sum, n);
     }
 }
