@@ -241,7 +241,7 @@ internal static class ModelSuite
     }
 
     /// <summary>Random ids ending in ChatGLM's <c>[gMASK] &lt;sop&gt;</c> (the layout generation starts from).</summary>
-    private static Tensor Prompt(GlmConfig config, int length)
+    internal static Tensor Prompt(GlmConfig config, int length)
     {
         var gen = new System.Random(length);
         var ids = new long[length];
@@ -361,7 +361,7 @@ internal static class ModelSuite
     }
 
     /// <summary>Resident-set figures of this process from /proc (peak reset via clear_refs).</summary>
-    private static class Rss
+    internal static class Rss
     {
         public static long Peak() => Read("VmHWM:");
 

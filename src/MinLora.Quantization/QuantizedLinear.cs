@@ -296,7 +296,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         using var noGrad = no_grad();
         var dt = Options.ComputeDtype;
         using var w = Dequantize(dt);
-        var g = gradOutput.to(dt).matmul(w);
+        // An explicit 2-D product: matmul of a non-contiguous [s, b, N] gradient (what a permute after the layer gives
+        // back, e.g. ChatGLM's head) takes libtorch's batched path, which expands W to [s, N, K] and materializes it —
+        // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
+        var shape = gradOutput.shape.ToArray();
+        shape[^1] = InFeatures;
+        var g = gradOutput.to(dt).reshape(-1, OutFeatures).mm(w).reshape(shape);
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
     }
 

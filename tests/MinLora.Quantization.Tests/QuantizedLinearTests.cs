@@ -78,6 +78,27 @@ public class QuantizedLinearTests
     }
 
     [Theory]
+    [InlineData(QuantizationFormat.Int8PerRow)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    public void InputGradient_OfAPermutedOutput_IsGradientTimesW(QuantizationFormat format)
+    {
+        // ChatGLM's head: [s, b, K] → [s, b, N], then permute(1, 0, 2): the gradient that comes back is a
+        // non-contiguous [s, b, N] (the case that made libtorch's matmul expand W per position).
+        manual_seed(45);
+        using var linear = nn.Linear(48, 80, hasBias: false);
+        using var q = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { ComputeDtype = ScalarType.Float32 });
+        using var x = randn(7, 3, 48).requires_grad_();
+        using var r = randn(3, 7, 80);
+        (q.call(x).permute(1, 0, 2).contiguous() * r).sum().backward();
+        // d/dx Σ r·(x Wᵀ) = r (back in [s, b, N]) · W, in float64.
+        using var expected = r.permute(1, 0, 2).to(ScalarType.Float64).matmul(q.Dequantize(ScalarType.Float64));
+        Assert.Equal(new long[] { 7, 3, 48 }, x.grad!.shape);
+        double err = (x.grad!.to(ScalarType.Float64) - expected).abs().max().item<double>();
+        // float32 products of 80 terms of size ~3: ~1e-5.
+        Assert.True(err < 1e-4, $"input gradient off by {err}");
+    }
+
+    [Theory]
     [InlineData(8, 0.03)]
     [InlineData(4, 0.2)]
     public void Quantize_SwapsChatGlmProjections_AndOutputsStayClose(int bits, double bound)
