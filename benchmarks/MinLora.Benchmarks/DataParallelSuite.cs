@@ -14,7 +14,7 @@ using static TorchSharp.torch;
 /// itself (<see cref="DataParallel.AverageGradients"/>: copy into the fused buffer, allreduce, copy back) and the
 /// optimizer step, all measured in the same run; then the allreduce alone for the 6B LoRA gradient sizes.
 /// <code>
-/// mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4|8|0] [--tokens 256] [--steps 2] [--layers N]
+/// mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4|8|0] [--tokens 256] [--steps 3] [--layers N]
 /// </code>
 /// </summary>
 internal static class DataParallelSuite
@@ -24,7 +24,7 @@ internal static class DataParallelSuite
         using var dp = DataParallel.Initialize();
         int threads = Math.Max(1, Environment.ProcessorCount / dp.LocalWorldSize);
         set_num_threads(threads);
-        int bits = Int(args, "--bits", 4), tokens = Int(args, "--tokens", 256), steps = Int(args, "--steps", 2);
+        int bits = Int(args, "--bits", 4), tokens = Int(args, "--tokens", 256), steps = Int(args, "--steps", 3);
         bool quick = args.Contains("--quick");
         if (bits is not (0 or 4 or 8)) { Console.Error.WriteLine("--bits must be 0, 4 or 8"); return 2; }
         var full = new GlmConfig();

@@ -23,6 +23,28 @@ public sealed class MpiTests : IDisposable
     private static readonly string? Mpirun = Environment.GetEnvironmentVariable("PATH")?.Split(':')
         .Select(d => Path.Combine(d, "mpirun")).FirstOrDefault(File.Exists);
 
+    private static readonly string[] MpirunOptions = ["--oversubscribe", "--bind-to", "none", "--mca", "btl", "self,vader",
+        "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "oob_tcp_if_include", "lo"];
+
+    /// <summary>Null when <c>mpirun -np 2</c> can start a trivial job here with the tests' options, else why not.</summary>
+    private static readonly Lazy<string?> MpiUnavailable = new(() =>
+    {
+        if (Mpirun is null) return "mpirun is not installed (CI installs openmpi-bin)";
+        var psi = new ProcessStartInfo(Mpirun) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { "-np", "2" }.Concat(MpirunOptions).Append("true")) psi.ArgumentList.Add(a);
+        psi.Environment["OMPI_ALLOW_RUN_AS_ROOT"] = "1";
+        psi.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1";
+        using var p = Process.Start(psi)!;
+        var output = p.StandardOutput.ReadToEndAsync();
+        var error = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(TimeSpan.FromSeconds(60)))
+        {
+            p.Kill(entireProcessTree: true);
+            return "mpirun -np 2 true did not finish within 60 s on this machine";
+        }
+        return p.ExitCode == 0 ? null : $"mpirun -np 2 true fails on this machine (exit {p.ExitCode}): {output.Result}{error.Result}";
+    });
+
     private static string Worker => Path.Combine(AppContext.BaseDirectory, "MinLora.DataParallelWorker.dll");
 
     /// <summary>Runs the worker (under mpirun with <paramref name="ranks"/> &gt; 0); a run past <paramref name="limit"/> is killed and fails the test as a hang.</summary>
@@ -33,8 +55,7 @@ public sealed class MpiTests : IDisposable
         var psi = new ProcessStartInfo(ranks > 0 ? Mpirun! : "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         if (ranks > 0)
         {
-            foreach (var a in new[] { "-np", ranks.ToString(System.Globalization.CultureInfo.InvariantCulture), "--oversubscribe", "--bind-to", "none",
-                "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "oob_tcp_if_include", "lo", "dotnet" })
+            foreach (var a in new[] { "-np", ranks.ToString(System.Globalization.CultureInfo.InvariantCulture) }.Concat(MpirunOptions).Append("dotnet"))
                 psi.ArgumentList.Add(a);
             // CI runs as root; Open MPI refuses root unless told twice.
             psi.Environment["OMPI_ALLOW_RUN_AS_ROOT"] = "1";
@@ -73,7 +94,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void TwoRanks_SameGlobalBatch_GiveTheSingleProcessAdapter()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var (code1, out1) = Run(0, Limit, "--out", Path.Combine(_dir, "one"), "--dump");
         Assert.True(code1 == 0, out1);
         Assert.Contains("done world 1 mpi False", out1, StringComparison.Ordinal);
@@ -110,7 +131,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void GradientAccumulation_UnderMpi_GivesTheSingleProcessAdapter()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var (code1, out1) = Run(0, Limit, "--out", Path.Combine(_dir, "one"), "--global-batch", "7");
         Assert.True(code1 == 0, out1);
         // 7 sequences → shares of 4 and 3, each in 2 micro-batches (2+2 and 2+1).
@@ -123,7 +144,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void DifferentAdapters_AreRefusedAtStartUp_NamingTheTensor()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var (code, output) = Run(2, Limit, "--lora-rank-on", "1:8");
         Assert.NotEqual(0, code);
         Assert.Contains("The ranks hold different parameters: rank 1 has '", output, StringComparison.Ordinal);
@@ -135,7 +156,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void HangingRank_MakesTheOthersStopWithATimeout_AndKeepsThePreviousResult()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var target = Path.Combine(_dir, "adapter");
         var (code0, out0) = Run(0, Limit, "--out", target, "--steps", "1");
         Assert.True(code0 == 0, out0);
@@ -150,7 +171,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void DyingRank_EndsTheJob_InsteadOfHanging()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var (code, output) = Run(2, Limit, "--die-on", "1:2");
         Assert.NotEqual(0, code);
         Assert.DoesNotContain("done world", output, StringComparison.Ordinal);
@@ -159,7 +180,7 @@ public sealed class MpiTests : IDisposable
     [SkippableFact]
     public void SpoSample_UnderMpirun_TrainsTheAdapterOneProcessTrains()
     {
-        Skip.If(Mpirun is null, "mpirun is not installed (CI installs openmpi-bin)");
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
         var sample = Path.Combine(AppContext.BaseDirectory, "MinLora.Samples.SpoExtraction.dll");
         // Dropout 0: with dropout each rank draws its own masks, a different (equally valid) trajectory. A float base:
         // with the INT8 base the product's rounding depends on the batch shape enough that ~1 % of lora_B values take
