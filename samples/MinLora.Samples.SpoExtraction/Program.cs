@@ -110,3 +110,10 @@ catch (Exception ex) when (ex is IOException or InvalidDataException or Unauthor
     if (dp.WorldSize > 1) dp.Abort(1);
     return 1;
 }
+catch (Exception ex) when (dp.WorldSize > 1)
+{
+    // Anything else (native errors, out of memory) on one rank: report it and end the job too.
+    Console.Error.WriteLine($"error (rank {dp.Rank}): {ex}");
+    dp.Abort(1);
+    return 1;
+}

@@ -191,7 +191,7 @@ public static class SpoPipeline
                 model.SaveLoraAdapter(Path.Combine(staging, "lora"), baseModelNameOrPath: o.ModelDirectory);
                 Safetensors.SaveStateDict(Path.Combine(staging, "model_with_lora.safetensors"), state);
             });
-        }, "saving the adapter");
+        }, "saving the adapter", timeout: TimeSpan.FromHours(2)); // a 6B full state dict on a slow disk takes a while
         log.WriteLine($"saved: {loraDir} (LoRA only, PEFT layout) and {fullPath} (full state dict)");
 
         var trained = Evaluate(model, tokenizer, builder, test, o, dp);
@@ -247,16 +247,21 @@ public static class SpoPipeline
                 var global = order.Skip(b * o.BatchSize).Take(o.BatchSize).Select(i => examples[i]).ToList();
                 var batch = dp.ShardBatch(global);
                 optimizer.zero_grad();
-                // The loss is the mean over label tokens: weighting each rank's mean by its token count makes the
-                // averaged gradient the one of the whole global batch (one process: no change at all).
-                int tokens = batch.Sum(e => e.Labels.Skip(1).Count(l => l != -100));
+                // The loss is the mean over the label tokens of the collated (shifted) batch: weighting each rank's
+                // mean by its count makes the averaged gradient the one of the whole global batch (one process: no
+                // change at all). A share without label tokens contributes nothing (its loss would be NaN).
+                int tokens = 0;
                 double lossSum = 0;
                 if (batch.Count > 0)
                 {
                     using var t = SpoDatasetBuilder.Collate(batch, model.Config);
-                    using var output = model.call(new GlmInput(t.InputIds) { AttentionMask = t.AttentionMask, PositionIds = t.PositionIds, Labels = t.Labels });
-                    output.Loss!.backward();
-                    lossSum = output.Loss.item<float>() * (double)tokens;
+                    tokens = (int)t.Labels.narrow(1, 1, t.Labels.shape[1] - 1).ne(-100).sum().item<long>();
+                    if (tokens > 0)
+                    {
+                        using var output = model.call(new GlmInput(t.InputIds) { AttentionMask = t.AttentionMask, PositionIds = t.PositionIds, Labels = t.Labels });
+                        output.Loss!.backward();
+                        lossSum = output.Loss.item<float>() * (double)tokens;
+                    }
                 }
                 dp.AverageGradients(parameters, tokens);
                 nn.utils.clip_grad_norm_(parameters, 1.0);

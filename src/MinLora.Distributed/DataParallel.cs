@@ -69,14 +69,14 @@ public sealed record DataParallelOptions
 /// </remarks>
 public sealed class DataParallel : IDisposable
 {
-    private static int s_created;
+    private static readonly object s_initGate = new();
+    private static bool s_created;
     private readonly OpenMpi? _mpi;
     private readonly ILogger _logger;
     private readonly object _gate = new();
     private readonly Stopwatch _communication = new();
     private Tensor? _gradientBuffer;
-    private string? _verifiedGradientLayout;
-    private bool _faulted, _disposed;
+    private bool _faulted, _disposed, _inMainProcessAction;
 
     private DataParallel(OpenMpi? mpi, int rank, int size, TimeSpan timeout, ILogger logger)
     {
@@ -142,17 +142,31 @@ public sealed class DataParallel : IDisposable
             logger.LogInformation("Data parallel: single process (no MPI launcher detected)");
             return new DataParallel(null, 0, 1, options.Timeout, logger);
         }
-        if (Interlocked.Exchange(ref s_created, 1) != 0)
-            throw new InvalidOperationException("DataParallel with MPI was already initialized in this process; MPI can be initialized only once per process, so keep one instance for the whole job.");
-        var mpi = OpenMpi.Load(LibraryCandidates(options.MpiLibraryPath));
-        mpi.Initialize();
-        var dp = new DataParallel(mpi, mpi.Rank(), mpi.Size(), options.Timeout, logger)
+        lock (s_initGate)
         {
-            LocalRank = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_RANK") ?? 0,
-            LocalWorldSize = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_SIZE") ?? 1,
-        };
-        logger.LogInformation("Data parallel: rank {Rank} of {WorldSize} (Open MPI, {Library}, timeout {Timeout:0} s)", dp.Rank, dp.WorldSize, mpi.LibraryPath, options.Timeout.TotalSeconds);
-        return dp;
+            if (s_created)
+                throw new InvalidOperationException("DataParallel with MPI was already initialized in this process; MPI can be initialized only once per process, so keep one instance for the whole job.");
+            var mpi = OpenMpi.Load(LibraryCandidates(options.MpiLibraryPath));
+            mpi.Initialize();
+            s_created = true;
+            int rank = mpi.Rank(), size = mpi.Size();
+            // A launcher of another MPI (MPICH's hydra sets PMI_SIZE) would start N separate one-rank Open MPI jobs, all
+            // believing they are rank 0 and all writing the output: refuse instead.
+            var launched = EnvironmentInt("OMPI_COMM_WORLD_SIZE") ?? EnvironmentInt("PMIX_SIZE") ?? EnvironmentInt("PMI_SIZE");
+            if (launched is { } expected && expected != size)
+            {
+                mpi.Abort(1);
+                throw new DistributedException($"The launcher started {expected} processes but Open MPI sees a world of {size}: the job was started by another MPI's launcher. Use Open MPI's mpirun.");
+            }
+            var dp = new DataParallel(mpi, rank, size, options.Timeout, logger)
+            {
+                // The launcher's own variables: Open MPI's mpirun, PMIx launchers, MPICH's hydra, Slurm.
+                LocalRank = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_RANK") ?? EnvironmentInt("PMIX_LOCAL_RANK") ?? EnvironmentInt("MPI_LOCALRANKID") ?? EnvironmentInt("SLURM_LOCALID") ?? 0,
+                LocalWorldSize = EnvironmentInt("OMPI_COMM_WORLD_LOCAL_SIZE") ?? EnvironmentInt("PMIX_LOCAL_SIZE") ?? EnvironmentInt("MPI_LOCALNRANKS") ?? EnvironmentInt("SLURM_NTASKS_PER_NODE") ?? 1,
+            };
+            logger.LogInformation("Data parallel: rank {Rank} of {WorldSize} (Open MPI, {Library}, timeout {Timeout:0} s)", dp.Rank, dp.WorldSize, mpi.LibraryPath, options.Timeout.TotalSeconds);
+            return dp;
+        }
     }
 
     /// <summary>Whether an MPI launcher started this process (Open MPI's mpirun, or a PMI/PMIx launcher such as srun).</summary>
@@ -184,12 +198,12 @@ public sealed class DataParallel : IDisposable
     {
         ArgumentNullException.ThrowIfNull(tensors);
         var list = tensors.ToList();
-        ArgumentOutOfRangeException.ThrowIfNegative(root);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(root, WorldSize);
+        if (root < 0 || root >= WorldSize)
+            throw Refuse(new ArgumentOutOfRangeException(nameof(root), root, $"The root must be a rank in [0, {WorldSize})."));
         foreach (var (name, t) in list)
         {
-            ArgumentNullException.ThrowIfNull(t, name);
-            if (t.IsInvalid) throw new ObjectDisposedException(name, $"Tensor '{name}' was disposed.");
+            if (t is null) throw Refuse(new ArgumentNullException(nameof(tensors), $"Tensor '{name}' is null."));
+            if (t.IsInvalid) throw Refuse(new ObjectDisposedException(name, $"Tensor '{name}' was disposed."));
         }
         if (_mpi is null || WorldSize == 1) return;
         Collective("broadcast of the parameters", () =>
@@ -202,24 +216,39 @@ public sealed class DataParallel : IDisposable
             {
                 long count = group.Sum(p => p.Tensor.numel());
                 if (count == 0) continue;
-                var buffer = empty(count, group.Key, CPU);
-                long offset = 0;
+                // Segments of at most 1 GiB (a raw span of a tensor is limited to 2 GiB), tensors split across them.
+                int elementSize = (int)group.First().Tensor.element_size();
+                long segment = Math.Min(count, (1L << 30) / elementSize);
+                var buffer = empty(segment, group.Key, CPU);
+                var pending = new List<(Tensor Destination, long Offset, long Count)>();
+                var copies = new List<(Tensor Original, Tensor Contiguous)>();
+                long used = 0;
+                void Flush()
+                {
+                    if (used == 0) return;
+                    unsafe { _mpi.Broadcast(Address(buffer), used * elementSize, root, Timeout, "broadcast of the parameters"); }
+                    foreach (var (destination, offset, n) in pending) destination.copy_(buffer.narrow(0, offset, n));
+                    total += used * elementSize;
+                    pending.Clear();
+                    used = 0;
+                }
                 foreach (var (_, t) in group)
                 {
-                    long n = t.numel();
-                    buffer.narrow(0, offset, n).copy_(t.reshape(-1));
-                    offset += n;
+                    var flat = t.is_contiguous() ? t.view(-1) : t.contiguous().view(-1);
+                    if (!t.is_contiguous()) copies.Add((t, flat));
+                    for (long start = 0; start < flat.numel();)
+                    {
+                        long n = Math.Min(segment - used, flat.numel() - start);
+                        var piece = flat.narrow(0, start, n);
+                        buffer.narrow(0, used, n).copy_(piece);
+                        pending.Add((piece, used, n));
+                        used += n;
+                        start += n;
+                        if (used == segment) Flush();
+                    }
                 }
-                long bytes = count * buffer.ElementSize;
-                unsafe { _mpi.Broadcast(Address(buffer), bytes, root, Timeout, "broadcast of the parameters"); }
-                offset = 0;
-                foreach (var (_, t) in group)
-                {
-                    long n = t.numel();
-                    t.copy_(buffer.narrow(0, offset, n).view(t.shape));
-                    offset += n;
-                }
-                total += bytes;
+                Flush();
+                foreach (var (original, contiguous) in copies) original.copy_(contiguous.view(original.shape));
             }
             _logger.LogInformation("Rank {Rank}: {Count} tensors ({Bytes:N0} bytes) broadcast from rank {Root}", Rank, list.Count, total, root);
         });
@@ -260,69 +289,83 @@ public sealed class DataParallel : IDisposable
     {
         ArgumentNullException.ThrowIfNull(parameters);
         if (!double.IsFinite(localWeight) || localWeight < 0)
-            throw new ArgumentOutOfRangeException(nameof(localWeight), localWeight, "The local weight must be a finite number ≥ 0.");
+            throw Refuse(new ArgumentOutOfRangeException(nameof(localWeight), localWeight, "The local weight must be a finite number ≥ 0."));
         var list = parameters.ToList();
         for (int i = 0; i < list.Count; i++)
         {
-            if (list[i] is null) throw new ArgumentNullException(nameof(parameters), $"Parameter {i} is null.");
-            if (list[i].IsInvalid) throw new ObjectDisposedException(nameof(parameters), $"Parameter {i} was disposed.");
+            if (list[i] is null) throw Refuse(new ArgumentNullException(nameof(parameters), $"Parameter {i} is null."));
+            if (list[i].IsInvalid) throw Refuse(new ObjectDisposedException(nameof(parameters), $"Parameter {i} was disposed."));
         }
         if (_mpi is null || WorldSize == 1) return localWeight;
         double totalWeight = 0;
         Collective("gradient allreduce", () =>
         {
-            var layout = Layout(list.Select((p, i) => ($"#{i}", p)));
-            if (layout != _verifiedGradientLayout)
-            {
-                VerifySameLayout(layout, "trainable parameters", 0);
-                _verifiedGradientLayout = layout;
-            }
-            long total = list.Sum(p => p.numel());
+            // Every call compares the layouts (one 16-byte allreduce): a rank whose list changed must not meet the
+            // others' gradient allreduce with a collective of another size.
+            VerifySameLayout(Layout(list.Select((p, i) => ($"#{i}", p))), "trainable parameters", 0);
             var type = list.Any(p => p.dtype == ScalarType.Float64) ? ScalarType.Float64 : ScalarType.Float32;
-            if (_gradientBuffer is null || _gradientBuffer.numel() != total + 1 || _gradientBuffer.dtype != type)
+            long total = list.Sum(p => p.numel());
+            // Layout: the weighted gradients, one "had a gradient" count per parameter, the weight.
+            long length = total + list.Count + 1;
+            long limit = int.MaxValue / (type == ScalarType.Float64 ? 8 : 4);
+            if (length > limit)
+                throw new ArgumentException($"AverageGradients fuses at most {limit:N0} values per call ({length:N0} given): call it once per group of parameters.", nameof(parameters));
+            if (_gradientBuffer is null || _gradientBuffer.numel() != length || _gradientBuffer.dtype != type)
             {
                 _gradientBuffer?.Dispose();
-                _gradientBuffer = empty(total + 1, type, CPU).DetachFromDisposeScope();
+                _gradientBuffer = empty(length, type, CPU).DetachFromDisposeScope();
             }
             var buffer = _gradientBuffer;
             using var scope = NewDisposeScope();
             using var _ = no_grad();
+            var values = buffer.narrow(0, 0, total);
+            var flags = buffer.narrow(0, total, list.Count);
+            bool contributes = localWeight > 0;
             long offset = 0;
-            foreach (var p in list)
+            for (int i = 0; i < list.Count; i++)
             {
-                long n = p.numel();
+                long n = list[i].numel();
                 var slice = buffer.narrow(0, offset, n);
-                var g = p.grad;
-                if (g is null) slice.zero_();
+                var g = list[i].grad;
+                // A rank with weight 0 sends zeros, not its gradient: a loss over no tokens is NaN, and NaN·0 is NaN.
+                if (g is null || !contributes) slice.zero_();
                 else slice.copy_(g.reshape(-1));
+                flags[i] = tensor(g is not null && contributes ? 1.0 : 0.0, type);
                 offset += n;
             }
-            var values = buffer.narrow(0, 0, total);
-            if (localWeight != 1) values.mul_(localWeight);
-            buffer[total] = tensor(localWeight, type);
+            if (contributes && localWeight != 1) values.mul_(localWeight);
+            buffer[length - 1] = tensor(localWeight, type);
             unsafe
             {
-                _mpi.AllreduceInPlace(Address(buffer), total + 1, (int)buffer.ElementSize,
+                _mpi.AllreduceInPlace(Address(buffer), length, (int)buffer.ElementSize,
                     type == ScalarType.Float64 ? _mpi.Double : _mpi.Float, _mpi.Sum, Timeout, "gradient allreduce");
             }
-            totalWeight = buffer[total].ToDouble();
+            totalWeight = buffer[length - 1].ToDouble();
             if (!(totalWeight > 0))
                 throw new InvalidOperationException($"Every rank passed localWeight 0 to AverageGradients (total {totalWeight}): there is nothing to average.");
             values.div_(totalWeight);
+            var had = flags.to(ScalarType.Float64).data<double>().ToArray();
             offset = 0;
-            foreach (var p in list)
+            for (int i = 0; i < list.Count; i++)
             {
+                var p = list[i];
                 long n = p.numel();
                 var averaged = buffer.narrow(0, offset, n).view(p.shape);
-                var g = p.grad;
-                if (g is null) p.grad = averaged.to(p.dtype, p.device).clone().DetachFromDisposeScope();
-                else g.copy_(averaged);
                 offset += n;
+                if (had[i] == 0)
+                {
+                    // No rank had a gradient: leave none anywhere, as one process would (optimizers skip such
+                    // parameters; a zero gradient would still apply weight decay and momentum).
+                    if (p.grad is not null) p.grad = null;
+                    continue;
+                }
+                var g = p.grad;
+                if (g is null) p.grad = averaged.to(p.dtype, p.device).clone();
+                else g.copy_(averaged);
             }
         });
         return totalWeight;
     }
-
     /// <summary>Sums <paramref name="values"/> element-wise over the ranks, in place (metrics: loss sums, counts).</summary>
     /// <param name="values">This rank's values; on return the sums over all ranks.</param>
     /// <exception cref="DistributedTimeoutException">A rank did not take part in time.</exception>
@@ -351,16 +394,26 @@ public sealed class DataParallel : IDisposable
     private void Reduce(Span<double> values, ReduceOp op)
     {
         if (_mpi is null || WorldSize == 1 || values.IsEmpty) return;
-        var copy = values.ToArray();
-        Collective("metric allreduce", () =>
+        // Pinned: a request that times out may still complete into it later (it is then kept alive, see s_orphans).
+        var copy = GC.AllocateUninitializedArray<double>(values.Length, pinned: true);
+        values.CopyTo(copy);
+        try
         {
-            unsafe
+            Collective("metric allreduce", () =>
             {
-                fixed (double* p = copy)
-                    _mpi.AllreduceInPlace(p, copy.Length, sizeof(double), _mpi.Double,
-                        op switch { ReduceOp.Sum => _mpi.Sum, ReduceOp.Max => _mpi.Max, _ => _mpi.Min }, Timeout, "metric allreduce");
-            }
-        });
+                unsafe
+                {
+                    fixed (double* p = copy)
+                        _mpi.AllreduceInPlace(p, copy.Length, sizeof(double), _mpi.Double,
+                            op switch { ReduceOp.Sum => _mpi.Sum, ReduceOp.Max => _mpi.Max, _ => _mpi.Min }, Timeout, "metric allreduce");
+                }
+            });
+        }
+        catch
+        {
+            lock (s_orphans) s_orphans.Add(copy);
+            throw;
+        }
         copy.CopyTo(values);
     }
 
@@ -387,8 +440,10 @@ public sealed class DataParallel : IDisposable
         Exception? failure = null;
         if (IsMainProcess)
         {
+            _inMainProcessAction = true;
             try { action(); }
             catch (Exception ex) { failure = ex; }
+            finally { _inMainProcessAction = false; }
         }
         if (_mpi is not null && WorldSize > 1)
         {
@@ -477,25 +532,55 @@ public sealed class DataParallel : IDisposable
     /// </summary>
     public void Dispose()
     {
-        if (_disposed) return;
-        _disposed = true;
-        _gradientBuffer?.Dispose();
-        if (_mpi is null) return;
-        if (_faulted)
+        lock (_gate)
         {
-            _logger.LogCritical("Rank {Rank}: a collective operation failed; aborting the job so no rank waits forever", Rank);
-            Console.Error.Flush();
-            _mpi.Abort(1);
-            return;
+            if (_disposed) return;
+            _disposed = true;
+            if (_faulted)
+            {
+                // A timed-out request may still write into the buffer: keep it; the job ends now anyway.
+                if (_gradientBuffer is not null) lock (s_orphans) s_orphans.Add(_gradientBuffer);
+            }
+            else
+            {
+                _gradientBuffer?.Dispose();
+            }
+            if (_mpi is null) return;
+            if (_faulted)
+            {
+                _logger.LogCritical("Rank {Rank}: a collective operation failed; aborting the job so no rank waits forever", Rank);
+                Console.Error.Flush();
+                _mpi.Abort(1);
+                return;
+            }
+            if (!_mpi.IsFinalized) _mpi.Shutdown();
         }
-        if (!_mpi.IsFinalized) _mpi.Shutdown();
     }
+
+    /// <summary>
+    /// A bad argument found on this rank before a collective: the other ranks are entering it, so under MPI the instance
+    /// is faulted (Dispose then ends the job at once instead of letting the others wait for the timeout).
+    /// </summary>
+    private TException Refuse<TException>(TException ex) where TException : Exception
+    {
+        if (_mpi is not null && WorldSize > 1)
+        {
+            _faulted = true;
+            _logger.LogError(ex, "Rank {Rank}: refused the arguments of a collective operation; the other ranks cannot continue", Rank);
+        }
+        return ex;
+    }
+
+    /// <summary>Buffers of collectives that failed: a timed-out request may still write into them, so they stay alive.</summary>
+    private static readonly List<object> s_orphans = [];
 
     /// <summary>Runs one collective under the lock; any failure inside marks the instance faulted (see <see cref="Dispose"/>).</summary>
     private void Collective(string what, Action action)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (_faulted) throw new DistributedException($"Rank {Rank}: an earlier collective operation failed; the job cannot continue ({what}).");
+        if (_inMainProcessAction)
+            throw Refuse(new InvalidOperationException($"A collective operation ({what}) was called inside RunOnMainProcess: only rank 0 runs that action, so the other ranks would never join it."));
         lock (_gate)
         {
             _communication.Start();
@@ -568,7 +653,7 @@ public sealed class DataParallel : IDisposable
         fixed (double* p = first) mpi.AllreduceInPlace(p, 1, sizeof(double), mpi.Double, mpi.Min, Timeout, $"check of the {what}");
         throw new DistributedMismatchException(difference is not null
             ? $"The ranks hold different {what}: {difference}. Every rank must build the same model and adapter."
-            : $"The ranks hold different {what}: rank {(int)first[0]} differs from rank {root} (see its error). Every rank must build the same model and adapter.");
+            : $"The ranks hold different {what}: {(first[0] < WorldSize ? $"rank {(int)first[0]}" : "a rank")} differs from rank {root} (see its error). Every rank must build the same model and adapter.");
     }
 
     private static string Describe(string line)

@@ -91,11 +91,37 @@ internal sealed unsafe class OpenMpi
 
     private nint ErrorsReturn { get; }
 
-    [DllImport("libc", EntryPoint = "dlopen")]
-    private static extern nint DlOpen(string file, int mode);
+    // dlopen lives in libc from glibc 2.34 on and in libdl.so.2 before (RHEL 8, Debian 11, Ubuntu 20.04); libdl.so.2
+    // still exists as a stub on newer systems, and macOS has it in libSystem (reached as "libc").
+    private static class LibDl
+    {
+        [DllImport("libdl.so.2", EntryPoint = "dlopen")]
+        internal static extern nint Open(string file, int mode);
 
-    [DllImport("libc", EntryPoint = "dlerror")]
-    private static extern nint DlError();
+        [DllImport("libdl.so.2", EntryPoint = "dlerror")]
+        internal static extern nint Error();
+    }
+
+    private static class LibC
+    {
+        [DllImport("libc", EntryPoint = "dlopen")]
+        internal static extern nint Open(string file, int mode);
+
+        [DllImport("libc", EntryPoint = "dlerror")]
+        internal static extern nint Error();
+    }
+
+    private static nint DlOpen(string file, int mode)
+    {
+        try { return LibDl.Open(file, mode); }
+        catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException) { return LibC.Open(file, mode); }
+    }
+
+    private static nint DlError()
+    {
+        try { return LibDl.Error(); }
+        catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException) { return LibC.Error(); }
+    }
 
     /// <summary>Opens the first loadable library of <paramref name="candidates"/> with RTLD_GLOBAL.</summary>
     /// <exception cref="DistributedException">None loads, or the one that loads is not Open MPI.</exception>

@@ -17,17 +17,19 @@ namespace MinLora.DataParallelWorker;
 /// --out DIR (rank 0 saves the adapter there), --dump (every rank also writes DIR-rank{r}.safetensors),
 /// --steps K, --global-batch B, --accumulate M (micro-batches per rank and step), --unweighted (plain mean over
 /// ranks instead of the token-weighted one: wrong when shares differ), --timeout S,
-/// --lora-rank-on R:N (rank R builds a rank-N adapter), --hang-on R:STEP, --die-on R:STEP.
+/// --lora-rank-on R:N (rank R builds a rank-N adapter), --hang-on R:STEP, --die-on R:STEP, --drop-param-on R:STEP
+/// (rank R passes one parameter fewer to AverageGradients from STEP on), --extra-param (an optimized parameter that never
+/// gets a gradient: it must stay untouched), --fail-save (rank 0's save throws).
 /// </summary>
 internal static class Program
 {
     private static int Main(string[] args)
     {
         string? outDir = null;
-        bool dump = false, unweighted = false;
+        bool dump = false, unweighted = false, extraParam = false, failSave = false;
         int steps = 4, globalBatch = 5, accumulate = 1;
         double timeout = 600;
-        (int Rank, int Value)? loraRankOn = null, hangOn = null, dieOn = null;
+        (int Rank, int Value)? loraRankOn = null, hangOn = null, dieOn = null, dropParamOn = null;
         for (int i = 0; i < args.Length; i++)
         {
             string Next() => args[++i];
@@ -48,6 +50,9 @@ internal static class Program
                 case "--lora-rank-on": loraRankOn = Pair(); break;
                 case "--hang-on": hangOn = Pair(); break;
                 case "--die-on": dieOn = Pair(); break;
+                case "--drop-param-on": dropParamOn = Pair(); break;
+                case "--extra-param": extraParam = true; break;
+                case "--fail-save": failSave = true; break;
                 default: Console.Error.WriteLine($"unknown option {args[i]}"); return 2;
             }
         }
@@ -72,7 +77,9 @@ internal static class Program
             dp.BroadcastParameters(model);
 
             var examples = Examples(config, 40);
-            var parameters = model.GetLoraParameters();
+            var parameters = model.GetLoraParameters().ToList();
+            using var extra = nn.Parameter(ones(3));
+            if (extraParam) parameters.Add(extra);
             using var optimizer = optim.AdamW(parameters, lr: 1e-2, weight_decay: 0.01);
             model.train();
             for (int step = 0; step < steps; step++)
@@ -97,7 +104,8 @@ internal static class Program
                     (output.Loss! * ((double)microTokens / localTokens)).backward();
                     lossSum += output.Loss!.item<float>() * microTokens;
                 }
-                dp.AverageGradients(parameters, unweighted ? 1 : localTokens);
+                bool drop = dropParamOn is { } dr && dr.Rank == dp.Rank && step >= dr.Value;
+                dp.AverageGradients(drop ? parameters.Take(parameters.Count - 1) : parameters, unweighted ? 1 : localTokens);
                 nn.utils.clip_grad_norm_(parameters, 1.0);
                 optimizer.step();
                 Span<double> metrics = [lossSum, localTokens];
@@ -106,17 +114,22 @@ internal static class Program
             }
             if (outDir is not null)
             {
-                dp.RunOnMainProcess(() => model.SaveLoraAdapter(outDir), "saving the adapter");
+                dp.RunOnMainProcess(() =>
+                {
+                    if (failSave) throw new IOException("disk full (simulated)");
+                    model.SaveLoraAdapter(outDir);
+                }, "saving the adapter");
                 if (dump)
                 {
                     var state = model.GetLoraStateDict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous());
+                    if (extraParam) state["extra"] = extra.detach().clone();
                     Safetensors.SaveStateDict($"{Path.TrimEndingDirectorySeparator(outDir)}-rank{dp.Rank}.safetensors", state);
                 }
             }
             if (dp.IsMainProcess) Console.WriteLine($"done world {dp.WorldSize} mpi {dp.UsesMpi}");
             return 0;
         }
-        catch (DistributedException ex)
+        catch (Exception ex) when (ex is DistributedException or IOException or InvalidOperationException)
         {
             Console.Error.WriteLine($"rank {dp.Rank}: error: {ex.Message}");
             return 3;

@@ -142,6 +142,50 @@ public sealed class MpiTests : IDisposable
     }
 
     [SkippableFact]
+    public void EmptyShareAndParameterWithoutGradient_MatchTheSingleProcess()
+    {
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
+        // Global batch 1: rank 1's share is empty every step (weight 0, no gradients). The extra parameter is in the
+        // optimizer but never gets a gradient: AdamW skips it alone, so it must stay exactly 1 under MPI too (a zero
+        // gradient would apply weight decay to it).
+        string[] Options(string dir) => ["--out", Path.Combine(_dir, dir), "--dump", "--global-batch", "1", "--extra-param"];
+        var (code1, out1) = Run(0, Limit, Options("one"));
+        Assert.True(code1 == 0, out1);
+        var (code2, out2) = Run(2, Limit, Options("two"));
+        Assert.True(code2 == 0, out2);
+        var one = Load(Path.Combine(_dir, "one-rank0.safetensors"));
+        var two0 = Load(Path.Combine(_dir, "two-rank0.safetensors"));
+        var two1 = Load(Path.Combine(_dir, "two-rank1.safetensors"));
+        Assert.Equal(0.0, MaxDifference(two0, two1));
+        double diff = MaxDifference(one, two0);
+        Assert.True(diff < 1e-5, $"empty share: 2 ranks vs 1 process: max |Δ| = {diff:E3}");
+        foreach (var d in new[] { one, two0, two1 }) Assert.True(d["extra"].eq(1).all().item<bool>(), "a parameter without gradient was changed");
+    }
+
+    [SkippableFact]
+    public void ParameterListChangingOnOneRank_StopsEveryRankWithAMismatch()
+    {
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
+        var (code, output) = Run(2, Limit, "--drop-param-on", "1:2", "--timeout", "60");
+        Assert.NotEqual(0, code);
+        Assert.Contains("The ranks hold different trainable parameters", output, StringComparison.Ordinal);
+        Assert.Contains("step 2", output, StringComparison.Ordinal);
+        Assert.DoesNotContain("step 3", output, StringComparison.Ordinal);
+        Assert.DoesNotContain("did not complete within", output, StringComparison.Ordinal);
+    }
+
+    [SkippableFact]
+    public void FailedSaveOnRankZero_FailsEveryRank()
+    {
+        Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
+        var (code, output) = Run(2, Limit, "--out", Path.Combine(_dir, "never"), "--fail-save", "--timeout", "60");
+        Assert.NotEqual(0, code);
+        Assert.Contains("rank 0: error: disk full (simulated)", output, StringComparison.Ordinal);
+        Assert.Contains("rank 1: error: Rank 0 failed at saving the adapter", output, StringComparison.Ordinal);
+        Assert.False(Directory.Exists(Path.Combine(_dir, "never")));
+    }
+
+    [SkippableFact]
     public void DifferentAdapters_AreRefusedAtStartUp_NamingTheTensor()
     {
         Skip.If(MpiUnavailable.Value is not null, MpiUnavailable.Value);
