@@ -24,3 +24,30 @@ public enum QuantizationFormat
     /// </summary>
     Int4PerRowChatGlm,
 }
+
+/// <summary>The one rule from a bit width to a <see cref="QuantizationFormat"/>.</summary>
+public static class QuantizationFormats
+{
+    /// <summary>
+    /// 8 bits → <see cref="QuantizationFormat.Int8PerRow"/>; 4 bits → <paramref name="int4Format"/> (the caller's
+    /// default: <see cref="QuantizationFormat.Int4Grouped"/> for <see cref="QuantizeExtensions.Quantize(TorchSharp.torch.nn.Module, int, QuantizeOptions?)"/>,
+    /// ChatGLM's layout for ChatGLM checkpoints).
+    /// </summary>
+    /// <param name="bits">4 or 8.</param>
+    /// <param name="int4Format">The 4-bit layout to use for 4 bits.</param>
+    /// <returns>The format.</returns>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="bits"/> is not 4 or 8.</exception>
+    /// <exception cref="ArgumentException"><paramref name="int4Format"/> is not a 4-bit format.</exception>
+    public static QuantizationFormat FromBits(int bits, QuantizationFormat int4Format)
+    {
+        if (bits is not (4 or 8)) throw new ArgumentOutOfRangeException(nameof(bits), bits, "Only 8-bit and 4-bit quantization are supported.");
+        if (bits == 8) return QuantizationFormat.Int8PerRow;
+        if (int4Format == QuantizationFormat.Int8PerRow) throw new ArgumentException("The 4-bit format must be a 4-bit format (Int4Grouped or Int4PerRowChatGlm).", nameof(int4Format));
+        return int4Format;
+    }
+
+    /// <summary>Bits per weight of a format (8 or 4).</summary>
+    /// <param name="format">The format.</param>
+    /// <returns>8 or 4.</returns>
+    public static int Bits(this QuantizationFormat format) => format == QuantizationFormat.Int8PerRow ? 8 : 4;
+}

@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 
 namespace MinLora.Quantization;
 
-/// <summary>Which Linear layers <see cref="QuantizeExtensions.Quantize"/> swaps, and how.</summary>
+/// <summary>Which Linear layers <see cref="QuantizeExtensions.Quantize(nn.Module, int, QuantizeOptions?)"/> swaps, and how.</summary>
 public sealed record QuantizeOptions
 {
     /// <summary>The four projections ChatGLM quantizes in every block.</summary>
@@ -44,9 +44,9 @@ public sealed record QuantizeOptions
 
     internal bool Selects(string path, nn.Module module)
     {
-        bool named = TargetModules?.Any(t => path == t || path.EndsWith("." + t, StringComparison.Ordinal)) ?? false;
-        if (named || (TargetPredicate?.Invoke(path, module) ?? false)) return true;
-        if (TargetModules is not null || TargetPredicate is not null) return false;
+        var selector = new ModuleSelector(TargetModules, TargetPredicate);
+        if (selector.Matches(path, module)) return true;
+        if (selector.IsExplicit) return false;
         var last = path[(path.LastIndexOf('.') + 1)..];
         return !OutputHeadNames.Contains(last);
     }
@@ -77,13 +77,32 @@ public static class QuantizeExtensions
         options ??= new QuantizeOptions();
         if (bits == 4 && options.Int4Format == QuantizationFormat.Int8PerRow)
             throw new ArgumentException("Int4Format must be a 4-bit format.", nameof(options));
-        var format = bits == 8 ? QuantizationFormat.Int8PerRow : options.Int4Format;
+        return model.Quantize(QuantizationFormats.FromBits(bits, options.Int4Format), options);
+    }
+
+    /// <summary>
+    /// Replaces every selected <c>Linear</c> of <paramref name="model"/> by a <see cref="QuantizedLinear"/> in
+    /// <paramref name="format"/> (<see cref="QuantizeOptions.Int4Format"/> is then not used).
+    /// </summary>
+    /// <param name="model">The model.</param>
+    /// <param name="format">The layout of every swapped layer.</param>
+    /// <param name="options">Targets and group size; null: ChatGLM's four projections, group 128.</param>
+    /// <returns>The paths of the swapped layers.</returns>
+    /// <exception cref="ArgumentException">No Linear matched, a matched module is not a Linear, has non-float weights,
+    /// or its in_features does not fit the format (the model is left unchanged).</exception>
+    /// <exception cref="InvalidOperationException">A parent's field cannot hold the quantized layer (declare it
+    /// <c>Module&lt;Tensor, Tensor&gt;</c>); the model is left unchanged.</exception>
+    public static IReadOnlyList<string> Quantize(this nn.Module model, QuantizationFormat format, QuantizeOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        if (!Enum.IsDefined(format)) throw new ArgumentOutOfRangeException(nameof(format), format, "Unknown quantization format.");
+        options ??= new QuantizeOptions();
 
         // Select and validate everything first, so a bad layer leaves the model unchanged.
         var targets = new List<(ModuleSite Site, Linear Linear)>();
         foreach (var site in Sites(model))
         {
-            var inner = site.Module is LoraLayer ll ? ll.BaseLayer : site.Module;
+            var inner = site.BaseLayer;
             if (!options.Selects(site.Path, inner)) continue;
             if (inner is QuantizedLinear) continue; // already quantized
             if (inner is not Linear linear)
@@ -103,36 +122,28 @@ public static class QuantizeExtensions
                 (options.TargetModules is null ? "." : $" ({string.Join(", ", options.TargetModules)})."), nameof(options));
 
         var done = new List<(ModuleSite Site, nn.Module Old, QuantizedLinear New)>();
-        try
+        var linears = targets.ToDictionary(t => t.Site.Path, t => t.Linear);
+        ModuleTree.SwapAll(targets.Select(t => t.Site).ToList(), site =>
         {
-            int i = 0;
-            foreach (var (site, linear) in targets)
+            var linear = linears[site.Path];
+            var q = QuantizedLinear.FromLinear(linear, format, options.GroupSize, options.Layer, options.SkeletonDevice);
+            try
             {
-                var q = QuantizedLinear.FromLinear(linear, format, options.GroupSize, options.Layer, options.SkeletonDevice);
-                try
-                {
-                    if (site.Module is LoraLayer ll) ll.ReplaceBaseLayer(q);
-                    else ModuleTree.ReplaceChild(site.Parent, site.Name, q);
-                }
-                catch
-                {
-                    q.Dispose();
-                    throw;
-                }
-                done.Add((site, linear, q));
-                options.Progress?.Report((++i, targets.Count));
+                site.ReplaceBaseLayer(q);
             }
-        }
-        catch
-        {
-            foreach (var (site, old, q) in done)
+            catch
             {
-                if (site.Module is LoraLayer ll) ll.ReplaceBaseLayer((nn.Module<Tensor, Tensor>)old);
-                else ModuleTree.ReplaceChild(site.Parent, site.Name, old);
                 q.Dispose();
+                throw;
             }
-            throw;
-        }
+            done.Add((site, linear, q));
+            options.Progress?.Report((done.Count, targets.Count));
+            return () =>
+            {
+                site.ReplaceBaseLayer(linear);
+                q.Dispose();
+            };
+        });
         foreach (var (_, old, _) in done) old.Dispose();
         return targets.Select(t => t.Site.Path).ToList();
     }
@@ -154,7 +165,7 @@ public static class QuantizeExtensions
             throw new InvalidOperationException($"Unmerge the adapters of {string.Join(", ", merged)} first: they are merged into the quantized weights.");
         foreach (var site in sites)
         {
-            var q = (site.Module is LoraLayer ll ? ll.BaseLayer : site.Module) as QuantizedLinear;
+            var q = site.BaseLayer as QuantizedLinear;
             if (q is null) continue;
             var t = dtype ?? q.OutputDtype;
             var linear = nn.Linear(q.InFeatures, q.OutFeatures, hasBias: q.Bias is not null, device: q.WeightDevice, dtype: t);
@@ -166,8 +177,7 @@ public static class QuantizeExtensions
             }
             linear.weight.requires_grad = false;
             if (linear.bias is not null) linear.bias.requires_grad = false;
-            if (site.Module is LoraLayer wrapper) wrapper.ReplaceBaseLayer(linear);
-            else ModuleTree.ReplaceChild(site.Parent, site.Name, linear);
+            site.ReplaceBaseLayer(linear);
             q.Dispose();
             replaced.Add(site.Path);
         }
@@ -175,7 +185,7 @@ public static class QuantizeExtensions
     }
 
     /// <summary>
-    /// Loads a (quantized) state dict into a model whose quantized skeleton was made with <see cref="Quantize"/>
+    /// Loads a (quantized) state dict into a model whose quantized skeleton was made with <see cref="Quantize(nn.Module, int, QuantizeOptions?)"/>
     /// (for example on the <c>meta</c> device), checking every key and shape, then rebuilds the fast-kernel forms.
     /// </summary>
     /// <param name="model">The quantized model.</param>
@@ -225,8 +235,7 @@ public static class QuantizeExtensions
         int n = 0;
         foreach (var m in model.modules())
         {
-            if (m is QuantizedLinear q) { q.RefreshKernel(); n++; }
-            else if (m is LoraLayer { BaseLayer: QuantizedLinear b }) { b.RefreshKernel(); n++; }
+            if (ModuleTree.BaseLayerOf(m) is QuantizedLinear q) { q.RefreshKernel(); n++; }
         }
         return n;
     }
@@ -246,7 +255,7 @@ public static class QuantizeExtensions
         foreach (var (_, b) in model.named_buffers()) if (seen.Add(b.Handle)) bytes += b.numel() * b.element_size();
         foreach (var m in model.modules())
         {
-            var q = m as QuantizedLinear ?? (m as LoraLayer)?.BaseLayer as QuantizedLinear;
+            var q = ModuleTree.BaseLayerOf(m) as QuantizedLinear;
             if (q is not null) bytes += q.KernelBytes;
         }
         return bytes;

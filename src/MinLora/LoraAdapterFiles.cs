@@ -333,7 +333,7 @@ public static class LoraAdapterFiles
     {
         foreach (var (k, v) in pattern)
         {
-            if (path == k || path.EndsWith("." + k, StringComparison.Ordinal)) return v;
+            if (ModuleSelector.NameMatches(path, k)) return v;
         }
         return null;
     }

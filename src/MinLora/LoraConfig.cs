@@ -126,19 +126,11 @@ public sealed record LoraConfig
     }
 
     /// <summary>True when the module at <paramref name="name"/> is selected by the name list or predicate.</summary>
-    internal bool IsExplicitTarget(string name, nn.Module module)
-    {
-        if (TargetModules is not null)
-        {
-            foreach (var t in TargetModules)
-            {
-                if (name == t || name.EndsWith("." + t, StringComparison.Ordinal)) return true;
-            }
-        }
-        return TargetPredicate is not null && TargetPredicate(name, module);
-    }
+    internal bool IsExplicitTarget(string name, nn.Module module) => Selector.Matches(name, module);
 
-    internal bool HasExplicitTargets => TargetModules is not null || TargetPredicate is not null;
+    private ModuleSelector Selector => new(TargetModules, TargetPredicate);
+
+    internal bool HasExplicitTargets => Selector.IsExplicit;
 }
 
 /// <summary>Layer kinds that <see cref="LoraConfig"/> adapts by default.</summary>

@@ -47,7 +47,7 @@ public static class LoraExtensions
         var targets = new List<ModuleSite>();
         foreach (var site in ModuleTree.Walk(model))
         {
-            var kind = site.Module is LoraLayer ll ? ll.BaseLayer : site.Module;
+            var kind = site.BaseLayer;
             bool isExplicit = config.HasExplicitTargets && config.IsExplicitTarget(site.Path, kind);
             bool supported = SupportedKind(kind) is not null;
             if (isExplicit && !supported)
@@ -75,34 +75,26 @@ public static class LoraExtensions
 
         // Swap in wrappers; on any failure put the original modules back so the model is unchanged.
         var swapped = new List<(ModuleSite Site, LoraLayer Wrapper)>();
-        try
+        ModuleTree.SwapAll(targets.Where(site => site.Module is not LoraLayer).ToList(), site =>
         {
-            foreach (var site in targets)
+            var wrapper = Wrap((nn.Module<Tensor, Tensor>)site.Module);
+            try
             {
-                if (site.Module is LoraLayer) continue;
-                var wrapper = Wrap((nn.Module<Tensor, Tensor>)site.Module);
-                try
-                {
-                    ModuleTree.ReplaceChild(site.Parent, site.Name, wrapper);
-                }
-                catch
-                {
-                    wrapper.ReleaseBase();
-                    wrapper.Dispose();
-                    throw;
-                }
-                swapped.Add((site, wrapper));
+                ModuleTree.ReplaceChild(site.Parent, site.Name, wrapper);
             }
-        }
-        catch
-        {
-            foreach (var (site, wrapper) in swapped)
+            catch
+            {
+                wrapper.ReleaseBase();
+                wrapper.Dispose();
+                throw;
+            }
+            swapped.Add((site, wrapper));
+            return () =>
             {
                 ModuleTree.ReplaceChild(site.Parent, site.Name, wrapper.ReleaseBase());
                 wrapper.Dispose();
-            }
-            throw;
-        }
+            };
+        });
 
         var wrappers = swapped.ToDictionary(s => s.Site.Path, s => s.Wrapper);
         foreach (var site in targets)
@@ -377,7 +369,7 @@ public static class LoraExtensions
         // Quantized layers hold their weights as buffers; they are still (frozen) weights of the model.
         foreach (var m in model.modules())
         {
-            var linear = m is LoraLayer wrapper ? wrapper.BaseLayer as ILinearLayer : m as ILinearLayer;
+            var linear = ModuleTree.BaseLayerOf(m) as ILinearLayer;
             if (linear is not null) total += linear.InFeatures * linear.OutFeatures;
         }
         return new ParameterCount(trainable, total);

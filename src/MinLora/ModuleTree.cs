@@ -10,16 +10,76 @@ namespace MinLora;
 /// <param name="Path">The module's dotted path from the root (its state-dict prefix).</param>
 /// <param name="Parent">The module that holds it.</param>
 /// <param name="Name">Its registered name in the parent.</param>
-/// <param name="Module">The module.</param>
-public readonly record struct ModuleSite(string Path, nn.Module Parent, string Name, nn.Module Module);
+/// <param name="Module">The module (possibly a LoRA wrapper).</param>
+internal readonly record struct ModuleSite(string Path, nn.Module Parent, string Name, nn.Module Module)
+{
+    /// <summary>The layer itself, or the base layer under a LoRA wrapper: what quantization and loading act on.</summary>
+    public nn.Module BaseLayer => ModuleTree.BaseLayerOf(Module);
+
+    /// <summary>
+    /// Puts <paramref name="replacement"/> where <see cref="BaseLayer"/> is: under the LoRA wrapper when there is one
+    /// (the adapters stay), else in the parent (field and registry).
+    /// </summary>
+    /// <param name="replacement">The new base layer.</param>
+    public void ReplaceBaseLayer(nn.Module replacement)
+    {
+        if (Module is LoraLayer wrapper) wrapper.ReplaceBaseLayer((nn.Module<Tensor, Tensor>)replacement);
+        else ModuleTree.ReplaceChild(Parent, Name, replacement);
+    }
+}
+
+/// <summary>
+/// Which modules an operation targets: exact dotted paths or dotted suffixes of them (<c>"query_key_value"</c>
+/// selects <c>transformer.layers.0.attention.query_key_value</c>, as PEFT matches <c>target_modules</c>), and/or a
+/// predicate over (path, module).
+/// </summary>
+/// <param name="Names">Names or dotted suffixes (null: none).</param>
+/// <param name="Predicate">A predicate OR-ed with the names (null: none).</param>
+internal sealed record ModuleSelector(IReadOnlyList<string>? Names, Func<string, nn.Module, bool>? Predicate)
+{
+    /// <summary>Whether names or a predicate were given at all.</summary>
+    public bool IsExplicit => Names is not null || Predicate is not null;
+
+    /// <summary>Whether <paramref name="path"/> (with <paramref name="module"/> there) is selected by a name or the predicate.</summary>
+    public bool Matches(string path, nn.Module module) =>
+        (Names is not null && Names.Any(n => NameMatches(path, n))) || (Predicate?.Invoke(path, module) ?? false);
+
+    /// <summary>Exact path or dotted suffix.</summary>
+    public static bool NameMatches(string path, string name) =>
+        path == name || (path.Length > name.Length && path.EndsWith(name, StringComparison.Ordinal) && path[path.Length - name.Length - 1] == '.');
+}
 
 /// <summary>
 /// Walking a TorchSharp module tree and swapping one module for another in its parent. TorchSharp has no
 /// <c>setattr</c>: a parent's <c>forward</c> calls its fields, while state_dict walks its registry, so a swap must
 /// change both (see docs/architecture.md, "Seams").
 /// </summary>
-public static class ModuleTree
+internal static class ModuleTree
 {
+    /// <summary>The layer itself, or the base layer under a LoRA wrapper.</summary>
+    public static nn.Module BaseLayerOf(nn.Module module) => module is LoraLayer wrapper ? wrapper.BaseLayer : module;
+
+    /// <summary>
+    /// Changes the model at every site, all or nothing: <paramref name="swap"/> performs one site's change and returns
+    /// how to undo it; when a swap throws, the changes already made are undone in reverse order and the exception
+    /// propagates, so the model is as it was.
+    /// </summary>
+    /// <param name="sites">The sites, in order.</param>
+    /// <param name="swap">One site's change (it must leave that site unchanged when it throws) and its undo.</param>
+    public static void SwapAll(IReadOnlyList<ModuleSite> sites, Func<ModuleSite, Action> swap)
+    {
+        var undo = new List<Action>(sites.Count);
+        try
+        {
+            foreach (var site in sites) undo.Add(swap(site));
+        }
+        catch
+        {
+            for (int i = undo.Count - 1; i >= 0; i--) undo[i]();
+            throw;
+        }
+    }
+
     private static readonly FieldInfo? SubmodulesField =
         typeof(nn.Module).GetField("_internal_submodules", BindingFlags.Instance | BindingFlags.NonPublic);
 

@@ -77,6 +77,29 @@ public class QuantizedLinearTests
         Assert.DoesNotContain(q.parameters(), p => p.requires_grad);
     }
 
+    [Fact]
+    public void FormatFromBits_IsTheOneRule_AndQuantizeTakesAFormat()
+    {
+        Assert.Equal(QuantizationFormat.Int8PerRow, QuantizationFormats.FromBits(8, QuantizationFormat.Int4Grouped));
+        Assert.Equal(QuantizationFormat.Int4PerRowChatGlm, QuantizationFormats.FromBits(4, QuantizationFormat.Int4PerRowChatGlm));
+        Assert.Equal(QuantizationFormat.Int4Grouped, QuantizationFormats.FromBits(4, QuantizationFormat.Int4Grouped));
+        Assert.Throws<ArgumentOutOfRangeException>(() => QuantizationFormats.FromBits(3, QuantizationFormat.Int4Grouped));
+        Assert.Throws<ArgumentException>(() => QuantizationFormats.FromBits(4, QuantizationFormat.Int8PerRow));
+        Assert.Equal(new[] { 8, 4, 4 }, new[] { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4Grouped, QuantizationFormat.Int4PerRowChatGlm }.Select(f => f.Bits()));
+
+        manual_seed(46);
+        using var byBits = new GlmLike();
+        using var byFormat = new GlmLike();
+        byFormat.load_state_dict(byBits.state_dict());
+        var a = byBits.Quantize(4, new QuantizeOptions { Int4Format = QuantizationFormat.Int4PerRowChatGlm });
+        var b = byFormat.Quantize(QuantizationFormat.Int4PerRowChatGlm);
+        Assert.Equal(a, b);
+        Assert.All(byFormat.modules().OfType<QuantizedLinear>(), q => Assert.Equal(QuantizationFormat.Int4PerRowChatGlm, q.Format));
+        var sa = byBits.state_dict();
+        foreach (var (k, t) in byFormat.state_dict()) Assert.True(t.eq(sa[k]).all().item<bool>(), k);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new GlmLike().Quantize((QuantizationFormat)99));
+    }
+
     [Theory]
     [InlineData(QuantizationFormat.Int8PerRow)]
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]

@@ -71,7 +71,7 @@ internal static class GlmLayers
     internal static nn.Module<Tensor, Tensor> Projection(long inFeatures, long outFeatures, bool bias, GlmBuildOptions o)
     {
         if (o.QuantizationBit == 0) return Linear(inFeatures, outFeatures, bias, o);
-        var format = o.QuantizationBit == 8 ? MinLora.Quantization.QuantizationFormat.Int8PerRow : o.Int4Format;
+        var format = MinLora.Quantization.QuantizationFormats.FromBits(o.QuantizationBit, o.Int4Format);
         var device = o.Device ?? CPU;
         bool random = o.Init == GlmInit.Random && device.type != DeviceType.META;
         if (device.type == DeviceType.META) device = CPU;
@@ -92,7 +92,7 @@ internal static class GlmLayers
     internal static nn.Module<Tensor, Tensor> Embedding(long rows, long dim, GlmBuildOptions o)
     {
         if (!o.QuantizeEmbeddings || o.QuantizationBit == 0) return new GlmEmbedding(rows, dim, o);
-        var format = o.QuantizationBit == 8 ? MinLora.Quantization.QuantizationFormat.Int8PerRow : o.Int4Format;
+        var format = MinLora.Quantization.QuantizationFormats.FromBits(o.QuantizationBit, o.Int4Format);
         var device = o.Device ?? CPU;
         bool random = o.Init == GlmInit.Random && device.type != DeviceType.META;
         if (device.type == DeviceType.META) device = CPU;
