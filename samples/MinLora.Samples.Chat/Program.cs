@@ -80,7 +80,7 @@ try
     }
     return 0;
 }
-catch (Exception ex) when (ex is IOException or InvalidDataException or UnauthorizedAccessException or NotSupportedException)
+catch (Exception ex) when (ex is IOException or InvalidDataException or StateDictMismatchException or UnauthorizedAccessException or NotSupportedException)
 {
     Console.Error.WriteLine($"error: {ex.Message}");
     return 1;

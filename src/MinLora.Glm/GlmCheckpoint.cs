@@ -194,7 +194,7 @@ public static partial class GlmCheckpoint
         var loaded = new HashSet<string>(StringComparer.Ordinal);
         var ignored = new List<string>();
         var unexpected = new List<string>();
-        var mismatched = new List<string>();
+        var mismatched = new List<ShapeMismatch>();
         int done = 0;
         foreach (var file in files)
         {
@@ -208,12 +208,12 @@ public static partial class GlmCheckpoint
                     if (!target.TryGetValue(key, out var dst)) { unexpected.Add(key); continue; }
                     if (!dst.shape.SequenceEqual(src.shape))
                     {
-                        mismatched.Add($"{key}: model [{string.Join(", ", dst.shape)}] vs file [{string.Join(", ", src.shape)}]");
+                        mismatched.Add(new ShapeMismatch(key, dst.shape, src.shape));
                         continue;
                     }
                     if (Dtypes.IsInteger(dst.dtype) != Dtypes.IsInteger(src.dtype))
                     {
-                        mismatched.Add($"{key}: model {dst.dtype} vs file {src.dtype} (a quantized checkpoint needs quantization_bit in config.json)");
+                        mismatched.Add(new ShapeMismatch(key, dst.shape, src.shape, $"model {dst.dtype} vs file {src.dtype}: a quantized checkpoint needs quantization_bit in config.json"));
                         continue;
                     }
                     dst.copy_(src);
@@ -255,12 +255,9 @@ public static partial class GlmCheckpoint
             missing.Clear();
             freshPrefix = true;
         }
-        var problems = new List<string>();
-        if (mismatched.Count > 0) problems.Add($"wrong shapes or types ({mismatched.Count}): {string.Join("; ", mismatched.Take(10))}");
-        if (missing.Count > 0) problems.Add($"missing keys ({missing.Count}): {string.Join(", ", missing.Take(20))}");
-        if (unexpected.Count > 0 && options.Strict) problems.Add($"unexpected keys ({unexpected.Count}): {string.Join(", ", unexpected.Take(20))}");
-        if (problems.Count > 0)
-            throw new InvalidDataException($"The checkpoint does not fit the model built from its config: {string.Join(" | ", problems)}.");
+        var fit = new StateDictFit(loaded.ToList(), missing, unexpected, mismatched);
+        if (mismatched.Count > 0 || missing.Count > 0 || (unexpected.Count > 0 && options.Strict))
+            throw new StateDictMismatchException(fit, Path.GetDirectoryName(files[0]), "The checkpoint does not fit the model built from its config", includeUnexpected: options.Strict);
         if (unexpected.Count > 0) LogUnexpected(logger, unexpected.Count, string.Join(", ", unexpected.Take(10)));
         if (freshPrefix) LogFreshPrefix(logger, options.PreSeqLen!.Value);
         ignored.AddRange(unexpected);

@@ -191,26 +191,17 @@ public static class QuantizeExtensions
     /// <param name="model">The quantized model.</param>
     /// <param name="stateDict">The tensors by key.</param>
     /// <param name="strict">Require exactly the model's keys.</param>
-    /// <returns>The keys the dictionary lacked and the keys the model lacked.</returns>
-    /// <exception cref="ArgumentException">A shape differs, (strict) keys are missing or unexpected, or a target tensor
-    /// is still on the meta device; nothing was loaded.</exception>
-    public static (IReadOnlyList<string> Missing, IReadOnlyList<string> Unexpected) LoadQuantizedStateDict(this nn.Module model, IReadOnlyDictionary<string, Tensor> stateDict, bool strict = true)
+    /// <returns>How the dictionary fitted (missing and unexpected keys are allowed when not strict).</returns>
+    /// <exception cref="StateDictMismatchException">A shape differs, or (strict) keys are missing or unexpected; nothing was loaded.</exception>
+    /// <exception cref="ArgumentException">A target tensor is still on the meta device; nothing was loaded.</exception>
+    public static StateDictFit LoadQuantizedStateDict(this nn.Module model, IReadOnlyDictionary<string, Tensor> stateDict, bool strict = true)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(stateDict);
         var target = model.state_dict();
-        var missing = target.Keys.Where(k => !stateDict.ContainsKey(k)).ToList();
-        var unexpected = stateDict.Keys.Where(k => !target.ContainsKey(k)).ToList();
-        var wrong = target.Where(kv => stateDict.TryGetValue(kv.Key, out var t) && !t.shape.SequenceEqual(kv.Value.shape))
-            .Select(kv => $"{kv.Key}: model [{string.Join(", ", kv.Value.shape)}] vs checkpoint [{string.Join(", ", stateDict[kv.Key].shape)}]").ToList();
-        if (wrong.Count > 0 || (strict && (missing.Count > 0 || unexpected.Count > 0)))
-        {
-            var parts = new List<string>();
-            if (wrong.Count > 0) parts.Add("shape mismatches: " + string.Join("; ", wrong.Take(20)));
-            if (strict && missing.Count > 0) parts.Add("missing keys: " + string.Join(", ", missing.Take(20)));
-            if (strict && unexpected.Count > 0) parts.Add("unexpected keys: " + string.Join(", ", unexpected.Take(20)));
-            throw new ArgumentException("The state dict does not fit the model (nothing was loaded): " + string.Join(" | ", parts), nameof(stateDict));
-        }
+        var fit = StateDictFit.Compare(target, stateDict);
+        if (fit.ShapeMismatches.Count > 0 || (strict && !fit.IsComplete))
+            throw new StateDictMismatchException(fit, null, "The state dict does not fit the model (nothing was loaded)", includeUnexpected: strict);
         var onMeta = target.Where(kv => kv.Value.device_type == DeviceType.META && stateDict.ContainsKey(kv.Key)).Select(kv => kv.Key).ToList();
         if (onMeta.Count > 0)
             throw new ArgumentException("These model tensors are on the meta device and cannot be copied into: " + string.Join(", ", onMeta.Take(20)) +
@@ -223,7 +214,7 @@ public static class QuantizeExtensions
             }
         }
         model.RefreshQuantizedKernels();
-        return (missing, unexpected);
+        return fit;
     }
 
     /// <summary>Rebuilds the fast-kernel form of every <see cref="QuantizedLinear"/> (after writing into their buffers).</summary>

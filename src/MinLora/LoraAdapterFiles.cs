@@ -107,7 +107,7 @@ public static class LoraAdapterFiles
     /// <exception cref="FileNotFoundException">A file is missing.</exception>
     /// <exception cref="InvalidDataException">The config is malformed (the message names the file and key), describes
     /// something other than plain LoRA, a weight file is corrupt, or a tensor holds NaN/Inf.</exception>
-    /// <exception cref="LoraStateDictMismatchException">The tensors do not fit the adapted layers.</exception>
+    /// <exception cref="StateDictMismatchException">The tensors do not fit the adapted layers.</exception>
     /// <exception cref="InvalidOperationException">The model already has an adapter of that name.</exception>
     public static IReadOnlyList<string> LoadLoraAdapter(this nn.Module model, string directory, string adapterName = LoraConfig.DefaultAdapterName, bool freezeBase = true, bool allowNonFinite = false)
     {
@@ -175,7 +175,7 @@ public static class LoraAdapterFiles
                     return baseConfig with { Rank = (int)g.Key.R, Alpha = g.Key.A, TargetModules = null, TargetPredicate = (p, _) => paths.Contains(p) };
                 }).ToList();
             }
-            return AddAndLoad(model, configs, tensors, adapterName);
+            return AddAndLoad(model, configs, tensors, adapterName, directory);
         }
         finally
         {
@@ -200,7 +200,7 @@ public static class LoraAdapterFiles
     /// <exception cref="FileNotFoundException">No such file.</exception>
     /// <exception cref="InvalidDataException">A corrupt file, keys that are not minLoRA's, inconsistent ranks, NaN/Inf,
     /// or a path that is not a linear layer of the model (the message names the key).</exception>
-    /// <exception cref="LoraStateDictMismatchException">The shapes do not fit the model's layers.</exception>
+    /// <exception cref="StateDictMismatchException">The shapes do not fit the model's layers.</exception>
     public static IReadOnlyList<string> LoadMinLoraFile(this nn.Module model, string path, double alpha = 1.0, string adapterName = LoraConfig.DefaultAdapterName, bool freezeBase = true, bool allowNonFinite = false)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -242,7 +242,7 @@ public static class LoraAdapterFiles
                 var paths = g.Select(kv => kv.Key).ToHashSet(StringComparer.Ordinal);
                 return new LoraConfig { Rank = g.Key, Alpha = alpha, AdapterName = adapterName, FreezeBase = freezeBase, TargetPredicate = (p, _) => paths.Contains(p) };
             }).ToList();
-            return AddAndLoad(model, configs, mapped, adapterName);
+            return AddAndLoad(model, configs, mapped, adapterName, path);
         }
         finally
         {
@@ -251,7 +251,7 @@ public static class LoraAdapterFiles
     }
 
     /// <summary>Adds the adapter (one config per rank/alpha group) and loads its tensors strictly; on failure puts the model back.</summary>
-    private static IReadOnlyList<string> AddAndLoad(nn.Module model, IReadOnlyList<LoraConfig> configs, IReadOnlyDictionary<string, Tensor> tensors, string adapterName)
+    private static IReadOnlyList<string> AddAndLoad(nn.Module model, IReadOnlyList<LoraConfig> configs, IReadOnlyDictionary<string, Tensor> tensors, string adapterName, string source)
     {
         // What a failed load must put back: each layer's active adapters and every parameter's requires_grad.
         var activeBefore = model.GetLoraLayers().Select(l => (l.Layer, Active: l.Layer.ActiveAdapters.ToArray())).ToList();
@@ -260,7 +260,14 @@ public static class LoraAdapterFiles
         {
             var adapted = new List<string>();
             foreach (var c in configs) adapted.AddRange(model.AddLora(c));
-            model.LoadLoraStateDict(tensors, adapterName, strict: true);
+            try
+            {
+                model.LoadLoraStateDict(tensors, adapterName, strict: true);
+            }
+            catch (StateDictMismatchException ex)
+            {
+                throw new StateDictMismatchException(ex.Fit, source, "The LoRA weights do not match the model's layers (nothing was loaded)");
+            }
             return adapted;
         }
         catch

@@ -275,8 +275,8 @@ public static class LoraExtensions
     /// <param name="adapterName">Which adapter to fill; null means the single active adapter.</param>
     /// <param name="strict">When true, any missing or unexpected key or shape mismatch throws and nothing is loaded.</param>
     /// <returns>Which keys were loaded, missing, unexpected or of the wrong shape.</returns>
-    /// <exception cref="LoraStateDictMismatchException">Strict mode and the dictionary does not fit.</exception>
-    public static LoraLoadResult LoadLoraStateDict(this nn.Module model, IReadOnlyDictionary<string, Tensor> stateDict, string? adapterName = null, bool strict = true)
+    /// <exception cref="StateDictMismatchException">Strict mode and the dictionary does not fit.</exception>
+    public static StateDictFit LoadLoraStateDict(this nn.Module model, IReadOnlyDictionary<string, Tensor> stateDict, string? adapterName = null, bool strict = true)
     {
         ArgumentNullException.ThrowIfNull(stateDict);
         var expected = GetLoraStateDict(model, adapterName);
@@ -285,23 +285,17 @@ public static class LoraExtensions
         {
             source[k.StartsWith(PeftKeyPrefix, StringComparison.Ordinal) ? k[PeftKeyPrefix.Length..] : k] = v;
         }
-        var missing = expected.Keys.Where(k => !source.ContainsKey(k)).ToList();
-        var unexpected = source.Keys.Where(k => !expected.ContainsKey(k)).ToList();
-        var mismatched = new List<ShapeMismatch>();
-        var loadable = new List<string>();
-        foreach (var (k, target) in expected)
+        foreach (var (k, t) in source)
         {
-            if (!source.TryGetValue(k, out var t)) continue;
-            if (!Dtypes.IsFloating(t.dtype))
+            if (expected.ContainsKey(k) && !Dtypes.IsFloating(t.dtype))
                 throw new ArgumentException($"Tensor '{k}' has non-floating type {t.dtype}; nothing was loaded.", nameof(stateDict));
-            if (!t.shape.SequenceEqual(target.shape)) mismatched.Add(new ShapeMismatch(k, target.shape, t.shape));
-            else loadable.Add(k);
         }
-        var result = new LoraLoadResult(loadable, missing, unexpected, mismatched);
-        if (strict && !result.IsComplete) throw new LoraStateDictMismatchException(result, nameof(stateDict));
+        var result = StateDictFit.Compare(expected, source);
+        if (strict && !result.IsComplete)
+            throw new StateDictMismatchException(result, null, "The LoRA state dict does not match the model's adapters (nothing was loaded)");
 
         using var noGrad = no_grad();
-        foreach (var k in loadable) expected[k].copy_(source[k]);
+        foreach (var k in result.MatchedKeys) expected[k].copy_(source[k]);
         return result;
     }
 

@@ -159,7 +159,7 @@ public sealed class CheckpointTests : IDisposable
         bad["transformer.layers.1.mlp.dense_4h_to_h.weight"] = zeros(64, 100);
         bad.Remove("transformer.final_layernorm.bias");
         WriteShards(broken, config, bad, bad.Keys.ToList(), safetensors: true);
-        var ex = Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(broken));
+        var ex = Assert.Throws<StateDictMismatchException>(() => GlmCheckpoint.FromPretrained(broken));
         Assert.Contains("transformer.layers.1.mlp.dense_4h_to_h.weight", ex.Message, StringComparison.Ordinal);
         Assert.Contains("transformer.final_layernorm.bias", ex.Message, StringComparison.Ordinal);
         Assert.Throws<DirectoryNotFoundException>(() => GlmCheckpoint.FromPretrained(Path.Combine(_dir, "nowhere")));
@@ -246,7 +246,7 @@ public sealed class CheckpointTests : IDisposable
         using var plain = new GlmForCausalLM(config);
         File.WriteAllText(Path.Combine(floatDir, "config.json"), (config with { QuantizationBit = bits }).ToJson());
         Safetensors.SaveStateDict(Path.Combine(floatDir, "model.safetensors"), plain.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().contiguous()));
-        Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(floatDir));
+        Assert.Throws<StateDictMismatchException>(() => GlmCheckpoint.FromPretrained(floatDir));
     }
 
     [Fact]

@@ -174,7 +174,7 @@ public class QuantizedLinearTests
         Assert.True(T.Identical(a, b));
 
         var bad = new Dictionary<string, Tensor>(sd) { ["layers.0.attention.dense.weight_scale"] = zeros(3) };
-        var ex = Assert.Throws<ArgumentException>(() => skeleton.LoadQuantizedStateDict(bad));
+        var ex = Assert.Throws<StateDictMismatchException>(() => skeleton.LoadQuantizedStateDict(bad));
         Assert.Contains("layers.0.attention.dense.weight_scale", ex.Message, StringComparison.Ordinal);
         using (var allMeta = new GlmLike(device: new Device(DeviceType.META)))
         {
@@ -183,7 +183,7 @@ public class QuantizedLinearTests
             Assert.Contains("meta device", metaEx.Message, StringComparison.Ordinal);
         }
         sd.Remove("lm_head.weight");
-        Assert.Contains("lm_head.weight", Assert.Throws<ArgumentException>(() => skeleton.LoadQuantizedStateDict(sd)).Message, StringComparison.Ordinal);
+        Assert.Contains("lm_head.weight", Assert.Throws<StateDictMismatchException>(() => skeleton.LoadQuantizedStateDict(sd)).Message, StringComparison.Ordinal);
     }
 
     [Fact]

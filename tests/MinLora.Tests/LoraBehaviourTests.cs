@@ -269,16 +269,16 @@ public class LoraBehaviourTests
             ["fc1.lora_B.weight"] = randn(24, 4),
             ["fc9.lora_A.weight"] = randn(4, 16),           // unexpected
         };
-        var ex = Assert.Throws<LoraStateDictMismatchException>(() => model.LoadLoraStateDict(bad));
-        Assert.Contains("fc2.lora_A.weight", ex.Result.MissingKeys);
-        Assert.Contains("fc9.lora_A.weight", ex.Result.UnexpectedKeys);
-        Assert.Equal("fc1.lora_A.weight", ex.Result.ShapeMismatches.Single().Key);
+        var ex = Assert.Throws<StateDictMismatchException>(() => model.LoadLoraStateDict(bad));
+        Assert.Contains("fc2.lora_A.weight", ex.Fit.MissingKeys);
+        Assert.Contains("fc9.lora_A.weight", ex.Fit.UnexpectedKeys);
+        Assert.Equal("fc1.lora_A.weight", ex.Fit.ShapeMismatches.Single().Key);
         Assert.Contains("fc9.lora_A.weight", ex.Message, StringComparison.Ordinal);
         Assert.Contains("[4, 16]", ex.Message, StringComparison.Ordinal);
         Snapshot.AssertEqual(current, model.GetLoraStateDict());
 
         var partial = model.LoadLoraStateDict(bad, strict: false);
-        Assert.Equal(new[] { "fc1.lora_B.weight" }, partial.Loaded);
+        Assert.Equal(new[] { "fc1.lora_B.weight" }, partial.MatchedKeys);
         Assert.False(partial.IsComplete);
     }
 

@@ -72,3 +72,33 @@ public sealed class ModuleSurgeryTests
         Assert.Single(model.GetLoraLayers());
     }
 }
+
+/// <summary>The one state-dict fit check.</summary>
+public sealed class StateDictFitTests
+{
+    [Fact]
+    public void Compare_SortsKeysIntoMatchedMissingUnexpectedAndMismatched()
+    {
+        var expected = new (string, long[])[] { ("a", [2, 3]), ("b", [4]), ("c", [1]) };
+        var found = new Dictionary<string, long[]> { ["a"] = [2, 3], ["b"] = [5], ["z"] = [1] };
+        var fit = StateDictFit.Compare(expected, found);
+        Assert.Equal(["a"], fit.MatchedKeys);
+        Assert.Equal(["c"], fit.MissingKeys);
+        Assert.Equal(["z"], fit.UnexpectedKeys);
+        var m = Assert.Single(fit.ShapeMismatches);
+        Assert.Equal("b", m.Key);
+        Assert.Equal(new long[] { 4 }, m.Expected);
+        Assert.Equal(new long[] { 5 }, m.Actual);
+        Assert.False(fit.IsComplete);
+        Assert.True(StateDictFit.Compare(expected.Take(1), new Dictionary<string, long[]> { ["a"] = [2, 3] }).IsComplete);
+
+        var ex = new StateDictMismatchException(fit, "/models/x/adapter_model.safetensors", "The weights do not fit");
+        Assert.StartsWith("/models/x/adapter_model.safetensors: The weights do not fit:", ex.Message, StringComparison.Ordinal);
+        Assert.Contains("b: model [4] vs file [5]", ex.Message, StringComparison.Ordinal);
+        Assert.Contains("missing keys (1): c", ex.Message, StringComparison.Ordinal);
+        Assert.Contains("unexpected keys (1): z", ex.Message, StringComparison.Ordinal);
+        Assert.DoesNotContain("unexpected", new StateDictMismatchException(fit, null, "x", includeUnexpected: false).Message, StringComparison.Ordinal);
+        Assert.Same(fit, ex.Fit);
+        Assert.Equal("/models/x/adapter_model.safetensors", ex.Source);
+    }
+}
