@@ -98,7 +98,7 @@ internal static class Program
                     var micro = mine.Skip(start).Take(count).ToList();
                     int microTokens = micro.Sum(Tokens);
                     using var scope = NewDisposeScope();
-                    using var batch = SpoDatasetBuilder.Collate(micro, config);
+                    using var batch = FineTuningDatasetBuilder.Collate(micro, config);
                     var output = model.call(new GlmInput(batch.InputIds) { AttentionMask = batch.AttentionMask, PositionIds = batch.PositionIds, Labels = batch.Labels });
                     // Scaled so the accumulated gradient is the mean over this rank's label tokens.
                     (output.Loss! * ((double)microTokens / localTokens)).backward();

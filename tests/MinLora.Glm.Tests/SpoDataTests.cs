@@ -1,3 +1,4 @@
+using MinLora.Samples.SpoExtraction;
 using MinLora.Glm.Data;
 using MinLora.Glm.Tokenization;
 using TorchSharp;

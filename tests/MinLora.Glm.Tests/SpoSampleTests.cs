@@ -53,8 +53,8 @@ public sealed class SpoV2Tests : IDisposable
     {
         using var s = File.OpenRead(Path.Combine(Fixtures.Dir("tokenizer"), "tiny_v2_bpe.model"));
         var tok = MinLora.Glm.Tokenization.ChatGlm2Tokenizer.Create(s);
-        var builder = new MinLora.Glm.Data.SpoDatasetBuilder(tok, new MinLora.Glm.Data.SpoTrainingOptions { MaxSourceLength = 40, MaxTargetLength = 20 });
-        var example = builder.Build(new MinLora.Glm.Data.SpoExample("刹车片烧蚀", "刹车片_部件故障_烧蚀"));
+        var builder = new SpoDatasetBuilder(tok, new SpoTrainingOptions { MaxSourceLength = 40, MaxTargetLength = 20 });
+        var example = builder.Build(new SpoExample("刹车片烧蚀", "刹车片_部件故障_烧蚀"));
         var (source, _) = builder.Source("刹车片烧蚀");
         Assert.Equal(tok.GmaskId, example.InputIds[0]);
         Assert.Equal(tok.SopId, example.InputIds[1]);
@@ -62,7 +62,7 @@ public sealed class SpoV2Tests : IDisposable
         Assert.All(example.Labels.Take(2 + source.Count), l => Assert.Equal(-100, l));
         Assert.Equal(example.InputIds.Skip(2 + source.Count), example.Labels.Skip(2 + source.Count));
         var config = GlmConfig.FromFile(Path.Combine(Fixtures.Dir("v2"), "config.json"));
-        using var batch = MinLora.Glm.Data.SpoDatasetBuilder.Collate(new[] { example, builder.Build(new MinLora.Glm.Data.SpoExample("轮胎异响", "轮胎_部件故障_异响")) }, config);
+        using var batch = SpoDatasetBuilder.Collate(new[] { example, builder.Build(new SpoExample("轮胎异响", "轮胎_部件故障_异响")) }, config);
         Assert.Equal(2, batch.AttentionMask.dim());
         Assert.Equal(batch.InputIds.shape, batch.PositionIds.shape);
     }

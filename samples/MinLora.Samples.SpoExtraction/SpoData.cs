@@ -1,10 +1,12 @@
 using System.Text;
 using System.Text.Json;
+using MinLora.Glm;
+using MinLora.Glm.Data;
 using MinLora.Glm.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace MinLora.Glm.Data;
+namespace MinLora.Samples.SpoExtraction;
 
 /// <summary>One extraction example: a text and its answer, one <c>subject_predicate_object</c> triple per line.</summary>
 /// <param name="Text">The text.</param>
@@ -114,7 +116,7 @@ public static class SpoData
         e.ValueKind == JsonValueKind.Object ? e.GetProperty("@value").GetString() ?? "" : e.GetString() ?? "";
 }
 
-/// <summary>How SPO examples become training sequences.</summary>
+/// <summary>How SPO examples become training sequences: the generic options with the book's prompt.</summary>
 public sealed record SpoTrainingOptions
 {
     /// <summary>The instruction put before each text.</summary>
@@ -130,42 +132,15 @@ public sealed record SpoTrainingOptions
     public int MaxTargetLength { get; init; } = 128;
 }
 
-/// <summary>A training sequence: <c>prompt text [gMASK] &lt;sop&gt; answer &lt;eop&gt;</c>, labels −100 before <c>&lt;sop&gt;</c>.</summary>
-/// <param name="InputIds">The ids.</param>
-/// <param name="Labels">The labels (−100 = ignored).</param>
-/// <param name="SourceTruncated">Whether the text was cut.</param>
-/// <param name="TargetTruncated">Whether the answer was cut.</param>
-public sealed record FineTuningExample(int[] InputIds, int[] Labels, bool SourceTruncated, bool TargetTruncated);
-
-/// <summary>A padded training batch.</summary>
-/// <param name="InputIds">int64 [batch, sequence], left-padded.</param>
-/// <param name="AttentionMask">bool [batch, 1, sequence, sequence].</param>
-/// <param name="PositionIds">int64 [batch, 2, sequence].</param>
-/// <param name="Labels">int64 [batch, sequence], −100 on padding and context.</param>
-public sealed record GlmTrainingBatch(Tensor InputIds, Tensor AttentionMask, Tensor PositionIds, Tensor Labels) : IDisposable
-{
-    /// <inheritdoc />
-    public void Dispose()
-    {
-        InputIds.Dispose();
-        AttentionMask.Dispose();
-        PositionIds.Dispose();
-        Labels.Dispose();
-    }
-}
-
-/// <summary>Turns SPO examples into ChatGLM training sequences and batches (the ChatGLM way, with the book's prompt).</summary>
+/// <summary>Turns SPO examples into GLM training sequences and batches (the library's generic builder with the book's prompt).</summary>
 /// <remarks>
-/// Where this differs from the book's code (docs/architecture.md; the book's pipeline): the loss uses the labels (the book's model computes it on
-/// the input ids), the target budget is a positive length (the book's 32/48 call gives −19 and drops the answer's
-/// tail), there is no "\n原因:" target prefix, and padding is on the left with −100 labels (the book pads labels
-/// with the pad id).
+/// Where this differs from the book's code: the loss uses the labels (the book's model computes it on the input ids),
+/// the target budget is a positive length (the book's 32/48 call gives −19 and drops the answer's tail), there is no
+/// "\n原因:" target prefix, and padding is on the left with −100 labels (the book pads labels with the pad id).
 /// </remarks>
 public sealed class SpoDatasetBuilder
 {
-    private readonly IGlmTextTokenizer _tokenizer;
-    private readonly SpoTrainingOptions _options;
-    private readonly IReadOnlyList<int> _promptIds;
+    private readonly FineTuningDatasetBuilder _builder;
 
     /// <summary>Creates the builder.</summary>
     /// <param name="tokenizer">The tokenizer of the model's generation (ChatGLM-6B, ChatGLM2/3 or GLM-4).</param>
@@ -173,27 +148,14 @@ public sealed class SpoDatasetBuilder
     /// <exception cref="ArgumentException">The prompt alone exceeds MaxSourceLength, or a length is not positive.</exception>
     public SpoDatasetBuilder(IGlmTextTokenizer tokenizer, SpoTrainingOptions? options = null)
     {
-        ArgumentNullException.ThrowIfNull(tokenizer);
-        _tokenizer = tokenizer;
-        _options = options ?? new SpoTrainingOptions();
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxSourceLength, nameof(options));
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(_options.MaxTargetLength, nameof(options));
-        _promptIds = tokenizer.EncodeText(_options.Prompt);
-        if (_promptIds.Count >= _options.MaxSourceLength)
-            throw new ArgumentException($"The prompt takes {_promptIds.Count} tokens, not less than MaxSourceLength {_options.MaxSourceLength}.", nameof(options));
+        var o = options ?? new SpoTrainingOptions();
+        _builder = new FineTuningDatasetBuilder(tokenizer, new FineTuningOptions { Prompt = o.Prompt, MaxSourceLength = o.MaxSourceLength, MaxTargetLength = o.MaxTargetLength });
     }
 
-    /// <summary>The prompt + text ids of an example (truncated), as used for generation: append [gMASK] &lt;sop&gt; with <see cref="GlmTokenizer.BuildInputs"/>.</summary>
+    /// <summary>The prompt + text ids of an example (truncated), as used for generation.</summary>
     /// <param name="text">The text.</param>
     /// <returns>The source ids and whether the text was cut.</returns>
-    public (IReadOnlyList<int> Ids, bool Truncated) Source(string text)
-    {
-        ArgumentNullException.ThrowIfNull(text);
-        var textIds = _tokenizer.EncodeText(text);
-        int room = _options.MaxSourceLength - _promptIds.Count;
-        bool cut = textIds.Count > room;
-        return (_promptIds.Concat(textIds.Take(room)).ToList(), cut);
-    }
+    public (IReadOnlyList<int> Ids, bool Truncated) Source(string text) => _builder.Source(text);
 
     /// <summary>Builds one training sequence.</summary>
     /// <param name="example">The example.</param>
@@ -201,13 +163,7 @@ public sealed class SpoDatasetBuilder
     public FineTuningExample Build(SpoExample example)
     {
         ArgumentNullException.ThrowIfNull(example);
-        var (source, sourceCut) = Source(example.Text);
-        var target = _tokenizer.EncodeText(example.Answer);
-        bool targetCut = target.Count > _options.MaxTargetLength;
-        var ids = _tokenizer.BuildInputs(source, target.Take(_options.MaxTargetLength).ToList()).ToArray();
-        int context = _tokenizer.LabelStart(ids, source.Count);
-        var labels = ids.Select((id, i) => i < context ? -100 : id).ToArray();
-        return new FineTuningExample(ids, labels, sourceCut, targetCut);
+        return _builder.Build(example.Text, example.Answer);
     }
 
     /// <summary>Builds every example and counts truncations.</summary>
@@ -216,55 +172,16 @@ public sealed class SpoDatasetBuilder
     public (IReadOnlyList<FineTuningExample> Examples, int TruncatedSources, int TruncatedTargets) BuildAll(IEnumerable<SpoExample> examples)
     {
         ArgumentNullException.ThrowIfNull(examples);
-        var built = examples.Select(Build).ToList();
-        return (built, built.Count(e => e.SourceTruncated), built.Count(e => e.TargetTruncated));
+        return _builder.BuildAll(examples.Select(e => (e.Text, e.Answer)));
     }
 
-    /// <summary>
-    /// Left-pads sequences into a batch (ids with the pad id, labels with −100) with the model generation's masks and
-    /// positions (ChatGLM-6B: bool [b, 1, s, s] and 2-D positions; v2: padding mask [b, s] and positions [b, s]).
-    /// </summary>
+    /// <summary>Left-pads sequences into a batch (see <see cref="FineTuningDatasetBuilder.Collate"/>).</summary>
     /// <param name="batch">The sequences.</param>
     /// <param name="config">The model config.</param>
     /// <param name="device">Where to put the tensors.</param>
     /// <returns>The batch.</returns>
-    public static GlmTrainingBatch Collate(IReadOnlyList<FineTuningExample> batch, GlmConfig config, Device? device = null)
-    {
-        ArgumentNullException.ThrowIfNull(batch);
-        ArgumentNullException.ThrowIfNull(config);
-        if (batch.Count == 0) throw new ArgumentException("Empty batch.", nameof(batch));
-        int length = batch.Max(b => b.InputIds.Length);
-        var ids = new long[batch.Count * length];
-        var labels = new long[batch.Count * length];
-        for (int r = 0; r < batch.Count; r++)
-        {
-            int pad = length - batch[r].InputIds.Length;
-            for (int i = 0; i < length; i++)
-            {
-                ids[r * length + i] = i < pad ? config.PadTokenId : batch[r].InputIds[i - pad];
-                labels[r * length + i] = i < pad ? -100 : batch[r].Labels[i - pad];
-            }
-        }
-        var idsT = tensor(ids, new long[] { batch.Count, length }, device: device);
-        var labelsT = tensor(labels, new long[] { batch.Count, length }, device: device);
-        if (config.Version == GlmVersion.ChatGlm2)
-        {
-            // v2: a padding mask [b, s] (1 = token) and positions 0… after each row's padding (the reference tokenizer's _pad).
-            var padding = new long[batch.Count * length];
-            var positions = new long[batch.Count * length];
-            for (int r = 0; r < batch.Count; r++)
-            {
-                int pad = length - batch[r].InputIds.Length;
-                for (int i = pad; i < length; i++)
-                {
-                    padding[r * length + i] = 1;
-                    positions[r * length + i] = i - pad;
-                }
-            }
-            return new GlmTrainingBatch(idsT, tensor(padding, new long[] { batch.Count, length }, device: device), tensor(positions, new long[] { batch.Count, length }, device: device), labelsT);
-        }
-        return new GlmTrainingBatch(idsT, GlmMasks.BuildAttentionMask(idsT, config), GlmMasks.BuildPositionIds(idsT, config), labelsT);
-    }
+    public static GlmTrainingBatch Collate(IReadOnlyList<FineTuningExample> batch, GlmConfig config, Device? device = null) =>
+        FineTuningDatasetBuilder.Collate(batch, config, device);
 }
 
 /// <summary>Precision, recall and F1 of triple extraction.</summary>
