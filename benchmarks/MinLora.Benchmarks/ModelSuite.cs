@@ -62,10 +62,22 @@ internal static class ModelSuite
             ? new GlmConfig
             {
                 // ChatGLM3-6B (= ChatGLM2-6B's architecture; 8k sequence).
-                VocabSize = 65024, PaddedVocabSize = 65024, MultiQueryAttention = true, MultiQueryGroupNum = 2, KvChannels = 128,
-                FfnHiddenSize = 13696, Rmsnorm = true, AddQkvBias = true, AddBiasLinear = false, PostLayerNorm = true, SeqLength = 8192,
-                EosTokenId = 2, PadTokenId = 0,
-                HiddenSize = quick ? 512 : 4096, NumLayers = quick ? 2 : 28, NumAttentionHeads = quick ? 8 : 32,
+                VocabSize = 65024,
+                PaddedVocabSize = 65024,
+                MultiQueryAttention = true,
+                MultiQueryGroupNum = 2,
+                KvChannels = 128,
+                FfnHiddenSize = 13696,
+                Rmsnorm = true,
+                AddQkvBias = true,
+                AddBiasLinear = false,
+                PostLayerNorm = true,
+                SeqLength = 8192,
+                EosTokenId = 2,
+                PadTokenId = 0,
+                HiddenSize = quick ? 512 : 4096,
+                NumLayers = quick ? 2 : 28,
+                NumAttentionHeads = quick ? 8 : 32,
             }
             : quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
@@ -82,7 +94,10 @@ internal static class ModelSuite
         bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
         {
-            QuantizationBit = bits, Int4Format = format, QuantizeLmHead = quantizeHead && bits > 0, QuantizeEmbeddings = quantizeEmbeddings && bits > 0,
+            QuantizationBit = bits,
+            Int4Format = format,
+            QuantizeLmHead = quantizeHead && bits > 0,
+            QuantizeEmbeddings = quantizeEmbeddings && bits > 0,
         });
         model.eval();
         double buildS = sw.Elapsed.TotalSeconds;

@@ -42,36 +42,36 @@ public static class SyntheticSpo
                 switch (rng.Next(10))
                 {
                     case < 5:
-                    {
-                        var part = Pick(Parts);
-                        var symptom = Pick(Symptoms);
-                        clauses.Add(rng.Next(2) == 0 ? $"{part}{symptom}" : $"{part}出现{symptom}");
-                        triples.Add(new SpoTriple(part, "部件故障", symptom));
-                        break;
-                    }
+                        {
+                            var part = Pick(Parts);
+                            var symptom = Pick(Symptoms);
+                            clauses.Add(rng.Next(2) == 0 ? $"{part}{symptom}" : $"{part}出现{symptom}");
+                            triples.Add(new SpoTriple(part, "部件故障", symptom));
+                            break;
+                        }
                     case < 7:
-                    {
-                        int i = rng.Next(Systems.Length);
-                        clauses.Add($"{Systems[i]}时{Performance[i]}");
-                        triples.Add(new SpoTriple(Systems[i], "性能故障", Performance[i]));
-                        break;
-                    }
+                        {
+                            int i = rng.Next(Systems.Length);
+                            clauses.Add($"{Systems[i]}时{Performance[i]}");
+                            triples.Add(new SpoTriple(Systems[i], "性能故障", Performance[i]));
+                            break;
+                        }
                     case < 9:
-                    {
-                        var (whole, pieces) = Pick(Assemblies);
-                        var piece = Pick(pieces);
-                        clauses.Add($"{whole}由{piece}等组成");
-                        triples.Add(new SpoTriple(whole, "组成", piece));
-                        break;
-                    }
+                        {
+                            var (whole, pieces) = Pick(Assemblies);
+                            var piece = Pick(pieces);
+                            clauses.Add($"{whole}由{piece}等组成");
+                            triples.Add(new SpoTriple(whole, "组成", piece));
+                            break;
+                        }
                     default:
-                    {
-                        var part = Pick(Parts);
-                        var tool = Pick(Tools);
-                        clauses.Add($"用{tool}检测{part}");
-                        triples.Add(new SpoTriple(part, "检测工具", tool));
-                        break;
-                    }
+                        {
+                            var part = Pick(Parts);
+                            var tool = Pick(Tools);
+                            clauses.Add($"用{tool}检测{part}");
+                            triples.Add(new SpoTriple(part, "检测工具", tool));
+                            break;
+                        }
                 }
             }
             var text = $"{Pick(Openers)}{Pick(Cars)}{string.Join("，", clauses)}。";

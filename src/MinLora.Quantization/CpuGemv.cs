@@ -84,8 +84,20 @@ internal static unsafe class CpuGemv
                 }
                 var job = new Job
                 {
-                    X = x, Xd = pd, Sums = ps, Rows = rows, K = k, W = w, Group = group, Bf16Scales = bf16Scales, Bf16Zeros = bf16Zeros,
-                    Scales = rowScales, Signed = signedNibbles, Bias = bias, Y = y, N = n,
+                    X = x,
+                    Xd = pd,
+                    Sums = ps,
+                    Rows = rows,
+                    K = k,
+                    W = w,
+                    Group = group,
+                    Bf16Scales = bf16Scales,
+                    Bf16Zeros = bf16Zeros,
+                    Scales = rowScales,
+                    Signed = signedNibbles,
+                    Bias = bias,
+                    Y = y,
+                    N = n,
                 };
                 Run(ref job, &Int4Block);
             }
@@ -127,8 +139,22 @@ internal static unsafe class CpuGemv
                     QuantizeRow(x + (long)r * k, k, pairs, pairsPerGroup, groups, pq + (long)r * pairs * 64, ps + (long)r * pairs * 8, pqs + (long)r * groups, pt + r);
                 var job = new Job
                 {
-                    X = x, Xq = pq, XScales = ps, Sums = pqs, Tails = pt, Rows = rows, K = k, W = w, Group = group, Bf16Scales = bf16Scales,
-                    Bf16Zeros = bf16Zeros, Scales = rowScales, Signed = signedNibbles, Bias = bias, Y = y, N = n,
+                    X = x,
+                    Xq = pq,
+                    XScales = ps,
+                    Sums = pqs,
+                    Tails = pt,
+                    Rows = rows,
+                    K = k,
+                    W = w,
+                    Group = group,
+                    Bf16Scales = bf16Scales,
+                    Bf16Zeros = bf16Zeros,
+                    Scales = rowScales,
+                    Signed = signedNibbles,
+                    Bias = bias,
+                    Y = y,
+                    N = n,
                 };
                 Run(ref job, &Int4VnniBlock);
             }

@@ -39,42 +39,42 @@ public static class QuantizationMath
         switch (format)
         {
             case QuantizationFormat.Int8PerRow:
-            {
-                var scale = RowScale(w, 127);
-                var q = w.div(scale.to(ScalarType.Float32).unsqueeze(1)).round_().clamp_(-127, 127).to(ScalarType.Int8);
-                result = new QuantizedWeight(format, q, scale, null, (int)k);
-                break;
-            }
+                {
+                    var scale = RowScale(w, 127);
+                    var q = w.div(scale.to(ScalarType.Float32).unsqueeze(1)).round_().clamp_(-127, 127).to(ScalarType.Int8);
+                    result = new QuantizedWeight(format, q, scale, null, (int)k);
+                    break;
+                }
             case QuantizationFormat.Int4PerRowChatGlm:
-            {
-                RequireEven(k);
-                var scale = RowScale(w, 7);
-                var q = w.div(scale.to(ScalarType.Float32).unsqueeze(1)).round_().clamp_(-7, 7).to(ScalarType.Int16);
-                result = new QuantizedWeight(format, PackSignedNibbles(q), scale, null, (int)k);
-                break;
-            }
+                {
+                    RequireEven(k);
+                    var scale = RowScale(w, 7);
+                    var q = w.div(scale.to(ScalarType.Float32).unsqueeze(1)).round_().clamp_(-7, 7).to(ScalarType.Int16);
+                    result = new QuantizedWeight(format, PackSignedNibbles(q), scale, null, (int)k);
+                    break;
+                }
             case QuantizationFormat.Int4Grouped:
-            {
-                RequireEven(k);
-                if (!SupportedGroupSizes.Contains(groupSize))
-                    throw new ArgumentException($"Group size {groupSize} is not one of {string.Join(", ", SupportedGroupSizes)}.", nameof(groupSize));
-                if (k % groupSize != 0)
-                    throw new ArgumentException($"Group size {groupSize} does not divide in_features {k}.", nameof(groupSize));
-                long n = w.shape[0], groups = k / groupSize;
-                var g = w.reshape(n, groups, groupSize);
-                var min = g.amin(new long[] { 2 });
-                var max = g.amax(new long[] { 2 });
-                // zero first (rounded to bf16), then a scale rounded *up* so every value of the group lies in
-                // [zero − 8·scale, zero + 7·scale]: the error is then at most scale/2 per element.
-                var zero = min.add(max.sub(min).mul(8.0 / 15.0)).to(ScalarType.BFloat16);
-                var z = zero.to(ScalarType.Float32);
-                var need = maximum(max.sub(z).div(7.0), z.sub(min).div(8.0)).clamp_min(1e-12);
-                var scale = need.mul(1 + 1.0 / 128).to(ScalarType.BFloat16);
-                var s = scale.to(ScalarType.Float32);
-                var u = g.sub(z.unsqueeze(2)).div(s.unsqueeze(2)).round_().add_(8).clamp_(0, 15).reshape(n, k).to(ScalarType.Int16);
-                result = new QuantizedWeight(format, PackUnsignedNibbles(u), scale, zero, groupSize);
-                break;
-            }
+                {
+                    RequireEven(k);
+                    if (!SupportedGroupSizes.Contains(groupSize))
+                        throw new ArgumentException($"Group size {groupSize} is not one of {string.Join(", ", SupportedGroupSizes)}.", nameof(groupSize));
+                    if (k % groupSize != 0)
+                        throw new ArgumentException($"Group size {groupSize} does not divide in_features {k}.", nameof(groupSize));
+                    long n = w.shape[0], groups = k / groupSize;
+                    var g = w.reshape(n, groups, groupSize);
+                    var min = g.amin(new long[] { 2 });
+                    var max = g.amax(new long[] { 2 });
+                    // zero first (rounded to bf16), then a scale rounded *up* so every value of the group lies in
+                    // [zero − 8·scale, zero + 7·scale]: the error is then at most scale/2 per element.
+                    var zero = min.add(max.sub(min).mul(8.0 / 15.0)).to(ScalarType.BFloat16);
+                    var z = zero.to(ScalarType.Float32);
+                    var need = maximum(max.sub(z).div(7.0), z.sub(min).div(8.0)).clamp_min(1e-12);
+                    var scale = need.mul(1 + 1.0 / 128).to(ScalarType.BFloat16);
+                    var s = scale.to(ScalarType.Float32);
+                    var u = g.sub(z.unsqueeze(2)).div(s.unsqueeze(2)).round_().add_(8).clamp_(0, 15).reshape(n, k).to(ScalarType.Int16);
+                    result = new QuantizedWeight(format, PackUnsignedNibbles(u), scale, zero, groupSize);
+                    break;
+                }
             default:
                 throw new ArgumentOutOfRangeException(nameof(format), format, "Unknown quantization format.");
         }
@@ -104,16 +104,16 @@ public static class QuantizationMath
                 w = UnpackSignedNibbles(q.Weight).to(dtype).mul_(q.Scale.to(dtype).unsqueeze(1));
                 break;
             case QuantizationFormat.Int4Grouped:
-            {
-                long n = q.Weight.shape[0], k = q.Weight.shape[1] * 2, groups = k / q.GroupSize;
-                // (u − 8)·s + z = u·s + (z − 8·s): two in-place passes over the unpacked weight.
-                var s = q.Scale.to(ScalarType.Float32);
-                using Scalar eight = 8.0; // held for the native call (TorchSharp does not keep Scalars alive)
-                var shift = q.Zero!.to(ScalarType.Float32).sub(s.mul(eight)).to(dtype).unsqueeze(2);
-                w = UnpackUnsignedNibbles(q.Weight).to(dtype).view(n, groups, q.GroupSize)
-                    .mul_(s.to(dtype).unsqueeze(2)).add_(shift).view(n, k);
-                break;
-            }
+                {
+                    long n = q.Weight.shape[0], k = q.Weight.shape[1] * 2, groups = k / q.GroupSize;
+                    // (u − 8)·s + z = u·s + (z − 8·s): two in-place passes over the unpacked weight.
+                    var s = q.Scale.to(ScalarType.Float32);
+                    using Scalar eight = 8.0; // held for the native call (TorchSharp does not keep Scalars alive)
+                    var shift = q.Zero!.to(ScalarType.Float32).sub(s.mul(eight)).to(dtype).unsqueeze(2);
+                    w = UnpackUnsignedNibbles(q.Weight).to(dtype).view(n, groups, q.GroupSize)
+                        .mul_(s.to(dtype).unsqueeze(2)).add_(shift).view(n, k);
+                    break;
+                }
             default:
                 throw new ArgumentOutOfRangeException(nameof(q), q.Format, "Unknown quantization format.");
         }

@@ -58,8 +58,16 @@ public class DecodeAttentionTests
         manual_seed(3);
         var config = new GlmConfig
         {
-            VocabSize = 300, HiddenSize = 64, NumLayers = 2, NumAttentionHeads = 2, MaxSequenceLength = 1024,
-            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+            VocabSize = 300,
+            HiddenSize = 64,
+            NumLayers = 2,
+            NumAttentionHeads = 2,
+            MaxSequenceLength = 1024,
+            BosTokenId = 290,
+            EosTokenId = 291,
+            MaskTokenId = 292,
+            GmaskTokenId = 293,
+            PadTokenId = 0,
         };
         using var model = new GlmForCausalLM(config);
         // Larger query/key weights make the attention peaked, so a wrong score scale or mask shows in the logits.

@@ -25,14 +25,34 @@ public class GradientCheckpointingTests
         var config = v2
             ? new GlmConfig
             {
-                VocabSize = 300, PaddedVocabSize = 300, HiddenSize = 64, NumLayers = 3, NumAttentionHeads = 4, KvChannels = 16,
-                MultiQueryAttention = true, MultiQueryGroupNum = 2, FfnHiddenSize = 96, Rmsnorm = true, AddQkvBias = true,
-                EosTokenId = 2, PadTokenId = 0, BosTokenId = 290, GmaskTokenId = 293,
+                VocabSize = 300,
+                PaddedVocabSize = 300,
+                HiddenSize = 64,
+                NumLayers = 3,
+                NumAttentionHeads = 4,
+                KvChannels = 16,
+                MultiQueryAttention = true,
+                MultiQueryGroupNum = 2,
+                FfnHiddenSize = 96,
+                Rmsnorm = true,
+                AddQkvBias = true,
+                EosTokenId = 2,
+                PadTokenId = 0,
+                BosTokenId = 290,
+                GmaskTokenId = 293,
             }
             : new GlmConfig
             {
-                VocabSize = 300, HiddenSize = 64, NumLayers = 3, NumAttentionHeads = 4, MaxSequenceLength = 128,
-                BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+                VocabSize = 300,
+                HiddenSize = 64,
+                NumLayers = 3,
+                NumAttentionHeads = 4,
+                MaxSequenceLength = 128,
+                BosTokenId = 290,
+                EosTokenId = 291,
+                MaskTokenId = 292,
+                GmaskTokenId = 293,
+                PadTokenId = 0,
             };
         using var model = new GlmForCausalLM(config);
         if (bits > 0) model.Quantize(bits, new QuantizeOptions { GroupSize = 32 });

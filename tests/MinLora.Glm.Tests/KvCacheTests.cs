@@ -18,8 +18,17 @@ public class KvCacheTests
         manual_seed(7);
         var config = new GlmConfig
         {
-            VocabSize = 300, HiddenSize = 32, NumLayers = 2, NumAttentionHeads = 4, MaxSequenceLength = 1024,
-            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0, PreSeqLen = preSeqLen,
+            VocabSize = 300,
+            HiddenSize = 32,
+            NumLayers = 2,
+            NumAttentionHeads = 4,
+            MaxSequenceLength = 1024,
+            BosTokenId = 290,
+            EosTokenId = 291,
+            MaskTokenId = 292,
+            GmaskTokenId = 293,
+            PadTokenId = 0,
+            PreSeqLen = preSeqLen,
         };
         var model = new GlmForCausalLM(config);
         model.eval();
@@ -132,8 +141,16 @@ public class KvCacheTests
         manual_seed(8);
         var config = new GlmConfig
         {
-            VocabSize = 320, HiddenSize = 64, NumLayers = 2, NumAttentionHeads = 4, MaxSequenceLength = 64,
-            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+            VocabSize = 320,
+            HiddenSize = 64,
+            NumLayers = 2,
+            NumAttentionHeads = 4,
+            MaxSequenceLength = 64,
+            BosTokenId = 290,
+            EosTokenId = 291,
+            MaskTokenId = 292,
+            GmaskTokenId = 293,
+            PadTokenId = 0,
         };
         using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16) { QuantizationBit = bits, QuantizeLmHead = quantizeHead });
         var quantized = model.named_modules().Where(m => m.module is MinLora.Quantization.QuantizedLinear).Select(m => m.name).ToList();

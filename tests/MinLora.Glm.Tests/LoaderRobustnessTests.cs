@@ -138,8 +138,16 @@ public sealed class LoaderRobustnessTests : IDisposable
         manual_seed(4);
         var config = new GlmConfig
         {
-            VocabSize = 300, HiddenSize = 32, NumLayers = 2, NumAttentionHeads = 4, MaxSequenceLength = 256,
-            BosTokenId = 290, EosTokenId = 291, MaskTokenId = 292, GmaskTokenId = 293, PadTokenId = 0,
+            VocabSize = 300,
+            HiddenSize = 32,
+            NumLayers = 2,
+            NumAttentionHeads = 4,
+            MaxSequenceLength = 256,
+            BosTokenId = 290,
+            EosTokenId = 291,
+            MaskTokenId = 292,
+            GmaskTokenId = 293,
+            PadTokenId = 0,
         };
         return new GlmForCausalLM(config);
     }

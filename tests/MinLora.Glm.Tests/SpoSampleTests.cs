@@ -75,8 +75,16 @@ public sealed class SpoV2Tests : IDisposable
         var log = new StringWriter();
         var r = MinLora.Samples.SpoExtraction.SpoPipeline.Run(new MinLora.Samples.SpoExtraction.SpoOptions
         {
-            ModelDirectory = V2Base(), OutputDirectory = Path.Combine(_dir, "out"), MaxTrainExamples = 16, MaxTestExamples = 4,
-            Epochs = 1, BatchSize = 8, Bits = bits, Log = log, MaxSourceLength = 64, MaxTargetLength = 16,
+            ModelDirectory = V2Base(),
+            OutputDirectory = Path.Combine(_dir, "out"),
+            MaxTrainExamples = 16,
+            MaxTestExamples = 4,
+            Epochs = 1,
+            BatchSize = 8,
+            Bits = bits,
+            Log = log,
+            MaxSourceLength = 64,
+            MaxTargetLength = 16,
         });
         Assert.True(r.ReloadMatches, "the LoRA-only file must reproduce the trained model's predictions");
         Assert.True(double.IsFinite(r.FirstLoss) && double.IsFinite(r.FinalLoss));

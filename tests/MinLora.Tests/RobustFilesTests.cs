@@ -281,8 +281,10 @@ public sealed class RobustFilesTests : IDisposable
         var a2 = randn(5, 24); var b2 = randn(8, 5);
         var dict = new Dictionary<string, Tensor>
         {
-            ["fc1.parametrizations.weight.0.lora_A"] = a1, ["fc1.parametrizations.weight.0.lora_B"] = b1,
-            ["fc2.parametrizations.weight.0.lora_A"] = a2, ["fc2.parametrizations.weight.0.lora_B"] = b2,
+            ["fc1.parametrizations.weight.0.lora_A"] = a1,
+            ["fc1.parametrizations.weight.0.lora_B"] = b1,
+            ["fc2.parametrizations.weight.0.lora_A"] = a2,
+            ["fc2.parametrizations.weight.0.lora_B"] = b2,
         };
         var path = Path.Combine(_dir, pickle ? "lora.pth" : "lora.safetensors");
         if (pickle) PyTorchPickler.PickleStateDict(path, new System.Collections.Hashtable(dict));
@@ -314,17 +316,20 @@ public sealed class RobustFilesTests : IDisposable
         Assert.Contains("not a minLoRA key", Assert.Throws<InvalidDataException>(() => model.LoadMinLoraFile(path)).Message, StringComparison.Ordinal);
         Safetensors.SaveStateDict(path, new Dictionary<string, Tensor>
         {
-            ["fc1.parametrizations.weight.0.lora_A"] = zeros(2, 16), ["fc1.parametrizations.weight.0.lora_B"] = zeros(24, 3),
+            ["fc1.parametrizations.weight.0.lora_A"] = zeros(2, 16),
+            ["fc1.parametrizations.weight.0.lora_B"] = zeros(24, 3),
         });
         Assert.Contains("disagree on the rank", Assert.Throws<InvalidDataException>(() => model.LoadMinLoraFile(path)).Message, StringComparison.Ordinal);
         Safetensors.SaveStateDict(path, new Dictionary<string, Tensor>
         {
-            ["emb.parametrizations.weight.0.lora_A"] = zeros(2, 50), ["emb.parametrizations.weight.0.lora_B"] = zeros(16, 2),
+            ["emb.parametrizations.weight.0.lora_A"] = zeros(2, 50),
+            ["emb.parametrizations.weight.0.lora_B"] = zeros(16, 2),
         });
         Assert.Contains("linear layers only", Assert.Throws<InvalidDataException>(() => model.LoadMinLoraFile(path)).Message, StringComparison.Ordinal);
         Safetensors.SaveStateDict(path, new Dictionary<string, Tensor>
         {
-            ["fc1.parametrizations.weight.0.lora_A"] = zeros(2, 15), ["fc1.parametrizations.weight.0.lora_B"] = zeros(24, 2),
+            ["fc1.parametrizations.weight.0.lora_A"] = zeros(2, 15),
+            ["fc1.parametrizations.weight.0.lora_B"] = zeros(24, 2),
         });
         Assert.Throws<StateDictMismatchException>(() => model.LoadMinLoraFile(path));
         Assert.Empty(model.GetLoraAdapterNames());
