@@ -323,8 +323,3 @@ public static partial class GlmCheckpoint
     [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "Quantized {Count} projections to {Bits} bits while loading")]
     private static partial void LogQuantized(ILogger logger, int count, int bits);
 }
-
-internal static class Dtypes
-{
-    internal static bool IsInteger(ScalarType t) => t is ScalarType.Int8 or ScalarType.Byte or ScalarType.Int16 or ScalarType.Int32 or ScalarType.Int64 or ScalarType.Bool;
-}
