@@ -51,7 +51,8 @@ public sealed record QuantizedLinearOptions
 
     /// <summary>
     /// Up to this many rows <see cref="QuantizedKernel.CpuGemv"/> is used (it reads the weight once per call but
-    /// converts every weight once per row, so it pays off for decoding, not for prompts). Null: 8 rows.
+    /// converts every weight once per row, so it pays off for decoding, not for prompts). Null: 8 rows; 0: never use
+    /// the managed kernel (libtorch's kernels are chosen instead, where they apply).
     /// </summary>
     /// <value>The default value is null (8).</value>
     public int? CpuGemvMaxRows { get; init; }
@@ -88,29 +89,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     private Tensor weight_scale;
     private Tensor? weight_zero;
     private Parameter? bias;
-    private readonly KernelState _kernel = new();
-
-    private sealed class KernelState
-    {
-        public QuantizedKernel Kind = QuantizedKernel.Dequantize;
-        public string? Reason;
-        public int MaxRows;
-        public Tensor? Weight;   // packed int4 (CPU or CUDA layout); null for int8 (uses the canonical buffer)
-        public Tensor? Scales;   // int8: scales in the compute dtype; int4: scales-and-zeros [K/g, N, 2] bf16
-        public Tensor? Bias;     // the bias in the compute dtype (not converted on every call)
-        public int Group;
-
-        public void Clear()
-        {
-            Weight?.Dispose();
-            Scales?.Dispose();
-            Bias?.Dispose();
-            Weight = null;
-            Scales = null;
-            Bias = null;
-            Kind = QuantizedKernel.Dequantize;
-        }
-    }
+    private KernelPlan _kernel = KernelPlan.Unbuilt;
 
     private QuantizedLinear(QuantizedWeight q, long inFeatures, long outFeatures, Tensor? biasValue, ScalarType outputDtype, QuantizedLinearOptions options, bool buildKernel = true)
         : base(nameof(QuantizedLinear))
@@ -128,7 +107,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             bias = new Parameter(biasValue.detach().clone().DetachFromDisposeScope(), requires_grad: false);
         RegisterComponents();
         if (buildKernel) RefreshKernel();
-        else if (!TryUseCpuGemv()) _kernel.Reason = "an empty skeleton: call RefreshKernel after loading weights into it";
+        else _kernel = KernelPlan.CpuGemv(this) ?? KernelPlan.Dequantize("an empty skeleton: call RefreshKernel after loading weights into it", Options.KernelMaxRowsFor(weight.device_type));
     }
 
     /// <summary>The layout of the stored weight.</summary>
@@ -241,8 +220,14 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     }
 
     /// <summary>Bytes of the derived kernel form (packed weight, converted scales and bias), which are not registered buffers.</summary>
-    internal long KernelBytes =>
-        (_kernel.Weight is null ? 0 : Bytes(_kernel.Weight)) + (_kernel.Scales is null ? 0 : Bytes(_kernel.Scales)) + (_kernel.Bias is null ? 0 : Bytes(_kernel.Bias));
+    internal long KernelBytes => _kernel.Bytes;
+
+    // The stored buffers, for the kernel plan.
+    internal Tensor WeightBuffer => weight;
+
+    internal Tensor ScaleBuffer => weight_scale;
+
+    internal Tensor? ZeroBuffer => weight_zero;
 
     /// <inheritdoc />
     /// <remarks>
@@ -271,12 +256,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         Tensor y;
         if (_kernel.Kind == QuantizedKernel.CpuGemv && rows <= _kernel.MaxRows)
         {
-            return CpuGemvProduct(input).MoveToOuterDisposeScope();
+            return _kernel.GemvProduct(this, input).MoveToOuterDisposeScope();
         }
         else if (_kernel.Kind is not (QuantizedKernel.Dequantize or QuantizedKernel.CpuGemv) && rows <= _kernel.MaxRows)
         {
             var x = input.reshape(rows, InFeatures).to(Options.ComputeDtype).contiguous();
-            y = KernelProduct(x);
+            y = _kernel.Mm(this, x);
             if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
@@ -305,169 +290,14 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
     }
 
-    private Tensor KernelProduct(Tensor x) => _kernel.Kind switch
-    {
-        QuantizedKernel.Int8Pack => QuantizationKernels.Int8Mm(x, weight, _kernel.Scales!),
-        QuantizedKernel.Int4PackCpu => QuantizationKernels.Int4MmCpu(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-        _ => QuantizationKernels.Int4MmCuda(x, _kernel.Weight!, _kernel.Group, _kernel.Scales!),
-    };
-
-    /// <summary>The managed kernel on x [..., K] (any floating type), including the bias, in the input's type.</summary>
-    private unsafe Tensor CpuGemvProduct(Tensor input)
-    {
-        int k = (int)InFeatures, n = (int)OutFeatures;
-        // Row scales (ChatGLM float16, or bf16 after a dtype change) and the bias are read from the live buffers on
-        // every call (N values: negligible), so writes into the buffers never leave a stale copy behind.
-        using var rowScales = Format == QuantizationFormat.Int4Grouped ? null : weight_scale.to(ScalarType.Float32).contiguous();
-        var w = TensorMemory.Pointer(weight);
-        var ps = rowScales is null ? 0 : TensorMemory.Pointer(rowScales);
-        var format = Format;
-        int group = GroupSize;
-        bool int8Activations = Options.Int8Activations;
-        var scales = TensorMemory.Pointer(weight_scale);
-        var zeros = weight_zero is null ? 0 : TensorMemory.Pointer(weight_zero);
-        return CpuGemv.Apply(input, k, n, bias, (x, rows, b, y) =>
-        {
-            switch (format)
-            {
-                case QuantizationFormat.Int8PerRow:
-                    CpuGemv.Int8(x, rows, k, (sbyte*)w, (float*)ps, b, y, n);
-                    break;
-                case QuantizationFormat.Int4PerRowChatGlm:
-                    CpuGemv.Int4(x, rows, k, (byte*)w, k, null, null, (float*)ps, true, b, y, n, int8Activations);
-                    break;
-                default:
-                    CpuGemv.Int4(x, rows, k, (byte*)w, group, (ushort*)scales, (ushort*)zeros, null, false, b, y, n, int8Activations);
-                    break;
-            }
-        });
-    }
-
-    /// <summary>Chooses <see cref="QuantizedKernel.CpuGemv"/> when this layer and CPU allow it (no derived state to build).</summary>
-    private bool TryUseCpuGemv()
-    {
-        if (!Options.UseKernels || Options.ComputeDtype is ScalarType.Float32 or ScalarType.Float64) return false;
-        if (weight.device_type != DeviceType.CPU || !CpuGemv.IsSupported) return false;
-        if (InFeatures > int.MaxValue / 2 || OutFeatures > int.MaxValue) return false;
-        // The grouped format reads bf16 scales and zeros in place.
-        if (Format == QuantizationFormat.Int4Grouped && (weight_scale.dtype != ScalarType.BFloat16 || weight_zero!.dtype != ScalarType.BFloat16)) return false;
-        if (!weight.is_contiguous() || !weight_scale.is_contiguous() || (weight_zero is not null && !weight_zero.is_contiguous())) return false;
-        _kernel.Clear();
-        _kernel.Kind = QuantizedKernel.CpuGemv;
-        _kernel.Reason = null;
-        _kernel.MaxRows = Options.CpuGemvMaxRows ?? 8;
-        return true;
-    }
-
     /// <summary>
     /// Rebuilds the fused-kernel form of the weight from the stored buffers and chooses the kernel for this device
     /// (checking libtorch's kernels once against the dequantize path). Call it after writing into the buffers directly.
     /// </summary>
     public void RefreshKernel()
     {
-        _kernel.Clear();
-        _kernel.Reason = null;
-        _kernel.MaxRows = Options.KernelMaxRowsFor(weight.device_type);
-        if (!Options.UseKernels) { _kernel.Reason = "kernels disabled by options"; return; }
-        if (Options.ComputeDtype == ScalarType.Float32 || Options.ComputeDtype == ScalarType.Float64)
-        {
-            _kernel.Reason = $"compute dtype {Options.ComputeDtype}: libtorch's quantized kernels are only fast for bfloat16/float16 activations";
-            return;
-        }
-        if (TryUseCpuGemv()) return;
-        var device = weight.device_type;
-        if (device is not (DeviceType.CPU or DeviceType.CUDA)) { _kernel.Reason = $"no kernel for device {device}"; return; }
-        if (!QuantizationKernels.Available) { _kernel.Reason = "TorchScript kernels unavailable: " + QuantizationKernels.CompileError; return; }
-        try
-        {
-            using var scope = NewDisposeScope();
-            using var noGrad = no_grad();
-            if (Format == QuantizationFormat.Int8PerRow)
-            {
-                // Measured on an H100 (PyTorch 2.11): the CUDA int8 kernel is a naive one, 4× slower than bf16 linear
-                // at 1 row and far worse beyond (docs/measurements/h100-cuda-kernels.json).
-                if (device == DeviceType.CUDA)
-                    throw new NotSupportedException("libtorch's CUDA int8 kernel is slower than dequantize + bf16 linear (measured 4–200× on an H100)");
-                // Measured on libtorch 2.10 (AVX-512): with in_features not a multiple of 16 the CPU kernel returns
-                // garbage for one row and crashes the process for several. Never call it there.
-                if (device == DeviceType.CPU && InFeatures % 16 != 0)
-                    throw new NotSupportedException($"libtorch's CPU int8 kernel needs in_features divisible by 16 (got {InFeatures})");
-                _kernel.Scales = weight_scale.to(Options.ComputeDtype).DetachFromDisposeScope();
-                _kernel.Kind = QuantizedKernel.Int8Pack;
-            }
-            else
-            {
-                BuildInt4(device);
-            }
-            ProbeKernel();
-            if (bias is not null) _kernel.Bias = bias.detach().to(Options.ComputeDtype).DetachFromDisposeScope();
-        }
-        catch (Exception ex) when (ex is ExternalException or ArgumentException or InvalidOperationException or NotSupportedException)
-        {
-            _kernel.Clear();
-            _kernel.Reason = ex.Message.Split('\n')[0];
-        }
-    }
-
-    private void BuildInt4(DeviceType device)
-    {
-        if (Options.ComputeDtype != ScalarType.BFloat16)
-            throw new NotSupportedException("libtorch's int4 kernels take bfloat16 activations only");
-        int group = Format == QuantizationFormat.Int4Grouped ? GroupSize : PerRowGroup(InFeatures);
-        long groups = InFeatures / group;
-        // scales-and-zeros [K/g, N, 2] bf16 with w = (u − 8)·scale + zero.
-        Tensor scales, zerosT, u;
-        if (Format == QuantizationFormat.Int4Grouped)
-        {
-            scales = weight_scale.t();
-            zerosT = weight_zero!.t();
-            u = QuantizationMath.UnpackUnsignedNibbles(weight);
-        }
-        else
-        {
-            // ChatGLM: w = q·s with q ∈ [−7, 7]  ⇒  u = q + 8, zero = 0, the row scale repeated over the groups.
-            scales = weight_scale.unsqueeze(0).expand(groups, OutFeatures);
-            zerosT = zeros(groups, OutFeatures, dtype: ScalarType.BFloat16, device: weight.device);
-            u = QuantizationMath.UnpackSignedNibbles(weight).to(ScalarType.Int16).add(8);
-        }
-        _kernel.Scales = stack(new[] { scales.to(ScalarType.BFloat16), zerosT.to(ScalarType.BFloat16) }, 2).contiguous().DetachFromDisposeScope();
-        _kernel.Group = group;
-        if (device == DeviceType.CPU)
-        {
-            if (OutFeatures % 16 != 0) throw new NotSupportedException($"the CPU int4 kernel needs out_features divisible by 16 (got {OutFeatures})");
-            _kernel.Weight = QuantizationKernels.Int4PackCpu(u.to(ScalarType.Int32).contiguous()).DetachFromDisposeScope();
-            _kernel.Kind = QuantizedKernel.Int4PackCpu;
-        }
-        else
-        {
-            const int innerKTiles = 8;
-            if (InFeatures % (innerKTiles * 16) != 0 || OutFeatures % 8 != 0)
-                throw new NotSupportedException($"the CUDA int4 kernel needs in_features % 128 == 0 and out_features % 8 == 0 (got {InFeatures}, {OutFeatures})");
-            var packed = QuantizationMath.PackUnsignedNibbles(u);
-            _kernel.Weight = QuantizationKernels.Int4PackCuda(packed, innerKTiles).DetachFromDisposeScope();
-            _kernel.Kind = QuantizedKernel.Int4PackCuda;
-        }
-    }
-
-    /// <summary>
-    /// Runs the kernel once on a small input and compares it with the dequantize path on a random subset of output
-    /// rows (guards against layout surprises without dequantizing the whole weight).
-    /// </summary>
-    private void ProbeKernel()
-    {
-        using var scope = NewDisposeScope();
-        var gen = new Generator(1234, weight.device);
-        var x = randn(new long[] { 2, InFeatures }, generator: gen, device: weight.device).to(Options.ComputeDtype);
-        var fast = KernelProduct(x);
-        var rows = randperm(OutFeatures, generator: gen, device: weight.device).narrow(0, 0, Math.Min(OutFeatures, 64));
-        var subset = new QuantizedWeight(Format, weight.index_select(0, rows), weight_scale.index_select(0, rows), weight_zero?.index_select(0, rows), GroupSize);
-        var reference = x.to(ScalarType.Float32).matmul(QuantizationMath.Dequantize(subset).t());
-        var err = fast.to(ScalarType.Float32).index_select(1, rows).sub(reference).abs().max().item<float>();
-        var mag = reference.abs().max().item<float>();
-        // bf16 activations and scales: relative rounding ~2⁻⁸ per term; 2 % of the largest output is far above
-        // rounding and far below a layout error (which scrambles the whole result).
-        if (!(err <= 0.02f * mag + 1e-6f))
-            throw new InvalidOperationException($"kernel {_kernel.Kind} disagrees with the dequantized reference (max error {err} vs magnitude {mag}); using the dequantize path");
+        _kernel.Dispose();
+        _kernel = KernelPlan.Choose(this);
     }
 
     /// <inheritdoc />
@@ -496,7 +326,8 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// </remarks>
     protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
     {
-        _kernel.Clear();
+        _kernel.Dispose();
+        _kernel = KernelPlan.Unbuilt;
         if (device is not null) base._toEpilog(null, device, non_blocking);
         if (dtype is { } t)
         {
@@ -515,17 +346,8 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <inheritdoc />
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _kernel.Clear();
+        if (disposing) _kernel.Dispose();
         base.Dispose(disposing);
-    }
-
-    private static int PerRowGroup(long k)
-    {
-        foreach (var g in new[] { 128, 256, 64, 32 })
-        {
-            if (k % g == 0) return g;
-        }
-        throw new NotSupportedException($"in_features {k} is not divisible by any int4 kernel group size (32–256)");
     }
 
     private static long Bytes(Tensor t) => t.numel() * t.element_size();

@@ -20,6 +20,33 @@ public class QuantizedLinearTests
     };
 
     /// <summary>
+    /// libtorch's kernels (chosen when the managed kernel is switched off, as on CPUs without AVX-512/AVX2) equal the
+    /// float64 reference within 1 % of the largest output (bf16 activations and outputs, bf16 scales), and the plan
+    /// falls back with a reason exactly where libtorch's kernels are known not to apply.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(KernelCases))]
+    public void LibtorchKernel_EqualsDequantizeThenMatmul(QuantizationFormat format, long n, long k, int group, QuantizedKernel expected)
+    {
+        manual_seed(42);
+        using var linear = nn.Linear(k, n);
+        using var q = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group, new QuantizedLinearOptions { CpuGemvMaxRows = 0 });
+        Assert.Equal(expected, q.Kernel);
+        Assert.Equal(expected == QuantizedKernel.Dequantize, !string.IsNullOrEmpty(q.KernelFallbackReason));
+        foreach (var rows in new[] { 1L, 3L, 40L })
+        {
+            using var x = randn(rows, k).to(ScalarType.BFloat16).to(ScalarType.Float32);
+            using var y = q.call(x);
+            using var reference = x.to(ScalarType.Float64).matmul(q.Dequantize(ScalarType.Float64).t()).add(linear.bias!.to(ScalarType.Float64));
+            var err = (y.to(ScalarType.Float64) - reference).abs().max().item<double>();
+            var mag = reference.abs().max().item<double>();
+            Assert.True(err <= 0.01 * mag, $"{format} {n}x{k} rows {rows} ({q.Kernel}): max error {err} vs magnitude {mag}");
+        }
+        // A device or dtype change rebuilds the plan; the kernel form is counted in the size.
+        if (expected is QuantizedKernel.Int4PackCpu) Assert.True(q.GetSizeInBytes() > q.QuantizedWeight.Weight.numel(), "the packed copy is counted");
+    }
+
+    /// <summary>
     /// The fused kernel equals x·dequant(W)ᵀ + b computed in float64 from the same bf16 inputs, within bf16 output
     /// rounding (2⁻⁸ relative) plus bf16 rounding of the scales (ChatGLM's are float16): 1 % of the largest output.
     /// </summary>
