@@ -8,74 +8,25 @@ using MinLora.Samples.SpoExtraction;
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction                        (built-in small model and data)
 //   dotnet run --project samples/MinLora.Samples.SpoExtraction -- --model /models/chatglm-6b --data spo_0.json --test spo_1.json
 //   mpirun -np 2 dotnet samples/MinLora.Samples.SpoExtraction/bin/Release/net10.0/MinLora.Samples.SpoExtraction.dll   (data parallel)
-// Maintenance commands (the repo ships their output): generate-data DIR, build-base OUT TOKENIZER_DIR.
+// The assets it ships (synthetic data, base model) are rebuilt by tools/spo (MinLora.Tools.Spo).
 NativeAllocator.RetainFreedMemory();
-var o = new SpoOptions();
+var defaults = new SpoOptions();
+var command = new SpoCommandLine(defaults);
+var parsed = command.Root.Parse(args);
+if (parsed.Action is System.CommandLine.Help.HelpAction)
+{
+    // --help: System.CommandLine prints the options with their descriptions and defaults.
+    return parsed.Invoke();
+}
+SpoOptions o;
 try
 {
-    if (args.Length > 0 && args[0] == "generate-data")
-    {
-        var dir = args.Length > 1 ? args[1] : "data";
-        Directory.CreateDirectory(dir);
-        SpoData.WriteJsonLines(Path.Combine(dir, "train.jsonl"), SyntheticSpo.Generate(600, seed: 1));
-        SpoData.WriteJsonLines(Path.Combine(dir, "test.jsonl"), SyntheticSpo.Generate(60, seed: 2));
-        Console.WriteLine($"wrote {dir}/train.jsonl (600) and {dir}/test.jsonl (60)");
-        return 0;
-    }
-    if (args.Length > 0 && args[0] == "build-base")
-    {
-        if (args.Length < 3) throw new ArgumentException("usage: build-base OUT_DIR TOKENIZER_DIR [STEPS]");
-        int steps = args.Length > 3 ? int.Parse(args[3], CultureInfo.InvariantCulture) : 1500;
-        SpoPipeline.BuildBase(args[1], args[2], SpoData.ReadJsonLines(o.TrainFile), steps, Console.Out);
-        Console.WriteLine($"wrote the base model to {args[1]}");
-        return 0;
-    }
-    for (int i = 0; i < args.Length; i++)
-    {
-        string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
-        // Plain numbers only: no thousands separators ("1,5" is not 15), finite values.
-        int Int()
-        {
-            var name = args[i];
-            var v = Value();
-            return int.TryParse(v, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var r) ? r : throw new ArgumentException($"{name} needs an integer, got '{v}'");
-        }
-        double Real()
-        {
-            var name = args[i];
-            var v = Value();
-            return double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out var r) && double.IsFinite(r) ? r : throw new ArgumentException($"{name} needs a finite number, got '{v}'");
-        }
-        o = args[i] switch
-        {
-            "--model" => o with { ModelDirectory = Value() },
-            "--data" => o with { TrainFile = Value() },
-            "--test" => o with { TestFile = Value() },
-            "--out" => o with { OutputDirectory = Value() },
-            "--rank" => o with { Rank = Int() },
-            "--alpha" => o with { Alpha = Real() },
-            "--dropout" => o with { Dropout = Real() },
-            "--lr" => o with { LearningRate = Real() },
-            "--epochs" => o with { Epochs = Int() },
-            "--batch" => o with { BatchSize = Int() },
-            "--max-source" => o with { MaxSourceLength = Int() },
-            "--max-target" => o with { MaxTargetLength = Int() },
-            "--bits" => o with { Bits = Int() },
-            "--seed" => o with { Seed = Int() },
-            "--max-train" => o with { MaxTrainExamples = Int() },
-            "--max-test" => o with { MaxTestExamples = Int() },
-            "-h" or "--help" => throw new OperationCanceledException(),
-            _ => throw new ArgumentException($"unknown option {args[i]}"),
-        };
-    }
+    // One line per bad command line, exit code 2, before anything loads (every option and the output location).
+    if (command.FirstError(parsed) is { } error) throw new ArgumentException(error);
+    o = command.Options(parsed);
     o.Validate();
 }
-catch (OperationCanceledException)
-{
-    Console.WriteLine("options: --model DIR --data FILE --test FILE --out DIR --rank R --alpha A --dropout P --lr LR --epochs N --batch N --max-source N --max-target N --bits 0|4|8 --seed S --max-train N --max-test N");
-    return 0;
-}
-catch (Exception ex) when (ex is ArgumentException or FormatException or OverflowException)
+catch (ArgumentException ex)
 {
     Console.Error.WriteLine($"error: {ex.Message} (try --help)");
     return 2;

@@ -5,7 +5,7 @@ Run with Debian's spm_train on PATH (apt-get install sentencepiece):  /usr/bin/p
 A SentencePiece Unigram model with ChatGLM-6B's trainer settings (byte fallback, split digits, pad id 3, <n>/<|tab|>/
 <|blank_N|> user symbols and ChatGLM's eight control symbols), trained on the sample's synthetic training texts, answers
 and prompts after ChatGLM's preprocessing. Then build the base model with
-    dotnet run --project samples/MinLora.Samples.SpoExtraction -- build-base samples/MinLora.Samples.SpoExtraction/assets/base samples/MinLora.Samples.SpoExtraction/assets/base
+    dotnet run --project tools/spo/MinLora.Tools.Spo -- build-base samples/MinLora.Samples.SpoExtraction/assets/base samples/MinLora.Samples.SpoExtraction/assets/base
 """
 import json, os, subprocess, tempfile
 

@@ -1,0 +1,136 @@
+using System.CommandLine;
+using System.CommandLine.Parsing;
+using System.Globalization;
+
+namespace MinLora.Samples.SpoExtraction;
+
+/// <summary>
+/// The sample's command line (System.CommandLine): typed options with descriptions, defaults and ranges, numbers in
+/// the invariant culture only ("1,5" is not 15, "1e3" is not an integer), and the first problem as one line.
+/// </summary>
+public sealed class SpoCommandLine
+{
+    private readonly Option<string> _model, _data, _test, _out;
+    private readonly Option<int> _rank, _epochs, _batch, _maxSource, _maxTarget, _bits, _seed;
+    private readonly Option<int?> _maxTrain, _maxTest;
+    private readonly Option<double> _alpha, _dropout, _lr;
+
+    /// <summary>Builds the command with <paramref name="defaults"/> as the option defaults.</summary>
+    /// <param name="defaults">The defaults (the built-in model and data).</param>
+    public SpoCommandLine(SpoOptions defaults)
+    {
+        ArgumentNullException.ThrowIfNull(defaults);
+        _model = Text("--model", "A GLM checkpoint directory (config.json, weights, tokenizer)", defaults.ModelDirectory);
+        _data = Text("--data", "Training data, JSON lines ({\"text\", \"answer\"} or DuIE spo_list)", defaults.TrainFile);
+        _test = Text("--test", "Held-out data, JSON lines", defaults.TestFile);
+        _out = Text("--out", "Output directory (replaced in one step once training has a result)", defaults.OutputDirectory);
+        _rank = Integer("--rank", "LoRA rank", defaults.Rank, min: 1);
+        _alpha = Real("--alpha", "LoRA alpha", defaults.Alpha, positive: true);
+        _dropout = Real("--dropout", "LoRA dropout, in [0, 1)", defaults.Dropout, positive: false);
+        _lr = Real("--lr", "Peak learning rate (cosine decay to 10 %)", defaults.LearningRate, positive: true);
+        _epochs = Integer("--epochs", "Passes over the training data", defaults.Epochs, min: 1);
+        _batch = Integer("--batch", "Sequences per optimizer step (the global batch under mpirun)", defaults.BatchSize, min: 1);
+        _maxSource = Integer("--max-source", "Prompt + text token budget", defaults.MaxSourceLength, min: 8);
+        _maxTarget = Integer("--max-target", "Answer token budget (also the generation limit)", defaults.MaxTargetLength, min: 1);
+        _bits = Integer("--bits", "Weight bits of the base: 8, 4, or 0 for float", defaults.Bits, min: 0);
+        _seed = Integer("--seed", "Random seed", defaults.Seed, min: int.MinValue);
+        _maxTrain = OptionalInteger("--max-train", "Use at most this many training examples");
+        _maxTest = OptionalInteger("--max-test", "Evaluate on at most this many held-out examples");
+        Root = new RootCommand("MinLora: LoRA fine-tuning of a GLM for subject-predicate-object extraction (the book's job).");
+        foreach (Option option in new Option[] { _model, _data, _test, _out, _rank, _alpha, _dropout, _lr, _epochs, _batch, _maxSource, _maxTarget, _bits, _seed, _maxTrain, _maxTest })
+            Root.Options.Add(option);
+    }
+
+    /// <summary>The command (parse with <c>Root.Parse(args)</c>).</summary>
+    public RootCommand Root { get; }
+
+    /// <summary>The first problem of a parse as one line, or null: unknown options, missing values, bad numbers.</summary>
+    /// <param name="parsed">The parse result.</param>
+    /// <returns>The message, or null when the command line is well-formed.</returns>
+    public string? FirstError(ParseResult parsed)
+    {
+        ArgumentNullException.ThrowIfNull(parsed);
+        foreach (var option in Root.Options)
+        {
+            if (parsed.GetResult(option) is { Implicit: false } result && result.Tokens.Count == 0 && result.IdentifierTokenCount > 0)
+                return $"{option.Name} needs a value";
+        }
+        // An option's own complaint first ("--rank --out x": --rank got "--out"), then what matched nothing.
+        if (parsed.Errors.FirstOrDefault(e => e.SymbolResult is OptionResult or ArgumentResult) is { } optionError) return optionError.Message;
+        if (parsed.UnmatchedTokens.Count > 0) return $"unknown option {parsed.UnmatchedTokens[0]}";
+        return parsed.Errors.Count > 0 ? parsed.Errors[0].Message : null;
+    }
+
+    /// <summary>The settings a well-formed parse gives.</summary>
+    /// <param name="parsed">The parse result.</param>
+    /// <returns>The options (not yet validated: see <see cref="SpoOptions.Validate"/>).</returns>
+    public SpoOptions Options(ParseResult parsed)
+    {
+        ArgumentNullException.ThrowIfNull(parsed);
+        return new SpoOptions
+        {
+            ModelDirectory = parsed.GetValue(_model)!,
+            TrainFile = parsed.GetValue(_data)!,
+            TestFile = parsed.GetValue(_test)!,
+            OutputDirectory = parsed.GetValue(_out)!,
+            Rank = parsed.GetValue(_rank),
+            Alpha = parsed.GetValue(_alpha),
+            Dropout = parsed.GetValue(_dropout),
+            LearningRate = parsed.GetValue(_lr),
+            Epochs = parsed.GetValue(_epochs),
+            BatchSize = parsed.GetValue(_batch),
+            MaxSourceLength = parsed.GetValue(_maxSource),
+            MaxTargetLength = parsed.GetValue(_maxTarget),
+            Bits = parsed.GetValue(_bits),
+            Seed = parsed.GetValue(_seed),
+            MaxTrainExamples = parsed.GetValue(_maxTrain),
+            MaxTestExamples = parsed.GetValue(_maxTest),
+        };
+    }
+
+    private static Option<string> Text(string name, string description, string fallback) =>
+        new(name) { Description = description, DefaultValueFactory = _ => fallback };
+
+    private static Option<int> Integer(string name, string description, int fallback, int min) => new(name)
+    {
+        Description = description,
+        DefaultValueFactory = _ => fallback,
+        CustomParser = r => ParseInteger(r, name, min) ?? 0,
+    };
+
+    private static Option<int?> OptionalInteger(string name, string description) => new(name)
+    {
+        Description = description,
+        CustomParser = r => ParseInteger(r, name, 1),
+    };
+
+    private static int? ParseInteger(ArgumentResult r, string name, int min)
+    {
+        var text = r.Tokens.Count > 0 ? r.Tokens[0].Value : "";
+        if (!int.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var v))
+        {
+            r.AddError($"{name} needs an integer, got '{text}'");
+            return null;
+        }
+        if (v < min) r.AddError($"{name} must be at least {min}, got {v}");
+        return v;
+    }
+
+    private static Option<double> Real(string name, string description, double fallback, bool positive) => new(name)
+    {
+        Description = description,
+        DefaultValueFactory = _ => fallback,
+        CustomParser = r =>
+        {
+            var text = r.Tokens.Count > 0 ? r.Tokens[0].Value : "";
+            // Plain numbers only: no thousands separators, finite values.
+            if (!double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var v) || !double.IsFinite(v))
+            {
+                r.AddError($"{name} needs a finite number, got '{text}'");
+                return 0;
+            }
+            if (positive && !(v > 0)) r.AddError($"{name} must be a positive number, got {v.ToString(CultureInfo.InvariantCulture)}");
+            return v;
+        },
+    };
+}
