@@ -221,51 +221,18 @@ public sealed class ChatGlm2Tokenizer : Tokenizer, IGlmTextTokenizer
     public string Decode(IEnumerable<int> ids, bool skipSpecialTokens)
     {
         ArgumentNullException.ThrowIfNull(ids);
-        var sb = new StringBuilder();
-        var bytes = new List<byte>();
-        bool first = true;
-        void Flush()
-        {
-            if (bytes.Count == 0) return;
-            sb.Append(Encoding.UTF8.GetString(bytes.ToArray()));
-            bytes.Clear();
-        }
+        var text = new PieceText(_model, skipSpecialTokens);
         foreach (var id in ids)
         {
             if (id >= _model.Pieces.Count)
             {
-                Flush();
                 int special = id - _model.Pieces.Count;
-                if (!skipSpecialTokens && special < SpecialTokens.Length) sb.Append(SpecialTokens[special]);
+                text.AppendSpecial(special < SpecialTokens.Length ? SpecialTokens[special] : "");
                 continue;
             }
-            if (id < 0) continue;
-            var p = _model.Pieces[id];
-            switch (p.Type)
-            {
-                case PieceType.Byte:
-                    bytes.Add(Convert.ToByte(p.Piece.Substring(3, 2), 16));
-                    first = false;
-                    continue;
-                case PieceType.Control:
-                    Flush();
-                    if (!skipSpecialTokens) sb.Append(p.Piece);
-                    continue;
-                case PieceType.Unknown:
-                    Flush();
-                    sb.Append(" \u2047 ");
-                    break;
-                default:
-                    Flush();
-                    var piece = p.Piece.Replace('\u2581', ' ');
-                    if (first && _model.AddDummyPrefix && piece.StartsWith(' ')) piece = piece[1..];
-                    sb.Append(piece);
-                    break;
-            }
-            first = false;
+            if (id >= 0) text.AppendPiece(id);
         }
-        Flush();
-        return sb.ToString();
+        return text.ToString();
     }
 
     /// <inheritdoc />

@@ -313,53 +313,17 @@ public sealed class GlmTokenizer : Tokenizer, IGlmTextTokenizer
     public string Decode(IEnumerable<int> ids, bool skipSpecialTokens = true)
     {
         ArgumentNullException.ThrowIfNull(ids);
-        var sb = new StringBuilder();
-        var bytes = new List<byte>();
-        bool first = true;
+        var text = new PieceText(_model, skipSpecialTokens);
         var specials = new HashSet<int> { MaskId, GmaskId, SmaskId, BosId, EosId };
-        void FlushBytes()
-        {
-            if (bytes.Count == 0) return;
-            sb.Append(Encoding.UTF8.GetString(bytes.ToArray()));
-            bytes.Clear();
-        }
         foreach (var id in ids)
         {
             if (id == PadId) continue;
             int sid = id - _imageTokens;
             if (sid < 0 || sid >= _model.Pieces.Count) continue;   // image tokens or ids beyond the text vocabulary
-            var p = _model.Pieces[sid];
-            if (specials.Contains(id))
-            {
-                FlushBytes();
-                if (!skipSpecialTokens) sb.Append(p.Piece);
-                continue;
-            }
-            switch (p.Type)
-            {
-                case PieceType.Byte:
-                    bytes.Add(Convert.ToByte(p.Piece.Substring(3, 2), 16));
-                    first = false;
-                    continue;
-                case PieceType.Control:
-                    FlushBytes();
-                    if (!skipSpecialTokens) sb.Append(p.Piece);
-                    continue;
-                case PieceType.Unknown:
-                    FlushBytes();
-                    sb.Append(" \u2047 ");
-                    break;
-                default:
-                    FlushBytes();
-                    var piece = p.Piece.Replace('\u2581', ' ');
-                    if (first && _model.AddDummyPrefix && piece.StartsWith(' ')) piece = piece[1..];
-                    sb.Append(piece);
-                    break;
-            }
-            first = false;
+            if (specials.Contains(id)) text.AppendSpecial(_model.Pieces[sid].Piece);
+            else text.AppendPiece(sid);
         }
-        FlushBytes();
-        return Postprocess(sb.ToString());
+        return Postprocess(text.ToString());
     }
 
     /// <inheritdoc />
