@@ -1,38 +1,35 @@
-using System.Globalization;
+using System.CommandLine;
 using MinLora;
+using MinLora.Samples;
 using MinLora.Samples.LoraBasics;
 
 // dotnet run --project samples/MinLora.Samples.LoraBasics [-- --steps N --rank R --alpha A --lr LR --seed S --out DIR]
-var options = new DemoOptions();
-try
+var d = new DemoOptions();
+var loraSteps = SampleCommandLine.Integer("--steps", "LoRA fine-tuning steps", d.LoraSteps, min: 1);
+var pretrainSteps = SampleCommandLine.Integer("--pretrain-steps", "Pre-training steps of the base network", d.PretrainSteps, min: 1);
+var rank = SampleCommandLine.Integer("--rank", "LoRA rank", d.Rank, min: 1);
+var alpha = SampleCommandLine.Real("--alpha", "LoRA alpha", d.Alpha, positive: true);
+var lr = SampleCommandLine.Real("--lr", "Learning rate", d.LearningRate, positive: true);
+var seed = SampleCommandLine.Integer("--seed", "Random seed", d.Seed);
+var outDir = SampleCommandLine.Text("--out", "Where the adapter is saved", d.OutputDirectory);
+var root = new RootCommand("LoRA on a plain TorchSharp network: pretrain, adapt, save/reload, merge.") { loraSteps, pretrainSteps, rank, alpha, lr, seed, outDir };
+var parsed = root.Parse(args);
+if (parsed.Action is System.CommandLine.Help.HelpAction) return parsed.Invoke();
+if (SampleCommandLine.FirstError(root, parsed) is { } error)
 {
-    for (int i = 0; i < args.Length; i++)
-    {
-        string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
-        options = args[i] switch
-        {
-            "--steps" => options with { LoraSteps = int.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--pretrain-steps" => options with { PretrainSteps = int.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--rank" => options with { Rank = int.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--alpha" => options with { Alpha = double.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--lr" => options with { LearningRate = double.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--seed" => options with { Seed = int.Parse(Value(), CultureInfo.InvariantCulture) },
-            "--out" => options with { OutputDirectory = Value() },
-            "-h" or "--help" => throw new OperationCanceledException(),
-            _ => throw new ArgumentException($"unknown option {args[i]}"),
-        };
-    }
-}
-catch (OperationCanceledException)
-{
-    Console.WriteLine("options: --steps N --pretrain-steps N --rank R --alpha A --lr LR --seed S --out DIR");
-    return 0;
-}
-catch (Exception ex) when (ex is ArgumentException or FormatException or OverflowException)
-{
-    Console.Error.WriteLine($"error: {ex.Message} (try --help)");
+    Console.Error.WriteLine($"error: {error} (try --help)");
     return 2;
 }
+var options = d with
+{
+    LoraSteps = parsed.GetValue(loraSteps),
+    PretrainSteps = parsed.GetValue(pretrainSteps),
+    Rank = parsed.GetValue(rank),
+    Alpha = parsed.GetValue(alpha),
+    LearningRate = parsed.GetValue(lr),
+    Seed = parsed.GetValue(seed),
+    OutputDirectory = parsed.GetValue(outDir)!,
+};
 
 Console.WriteLine("MinLora: LoRA fine-tuning of a small network (CPU)");
 NativeAllocator.RetainFreedMemory(); // reuse freed native memory (see NativeAllocator's docs)

@@ -1,6 +1,6 @@
 using System.CommandLine;
-using System.CommandLine.Parsing;
-using System.Globalization;
+
+using static MinLora.Samples.SampleCommandLine;
 
 namespace MinLora.Samples.SpoExtraction;
 
@@ -50,15 +50,7 @@ public sealed class SpoCommandLine
     public string? FirstError(ParseResult parsed)
     {
         ArgumentNullException.ThrowIfNull(parsed);
-        foreach (var option in Root.Options)
-        {
-            if (parsed.GetResult(option) is { Implicit: false } result && result.Tokens.Count == 0 && result.IdentifierTokenCount > 0)
-                return $"{option.Name} needs a value";
-        }
-        // An option's own complaint first ("--rank --out x": --rank got "--out"), then what matched nothing.
-        if (parsed.Errors.FirstOrDefault(e => e.SymbolResult is OptionResult or ArgumentResult) is { } optionError) return optionError.Message;
-        if (parsed.UnmatchedTokens.Count > 0) return $"unknown option {parsed.UnmatchedTokens[0]}";
-        return parsed.Errors.Count > 0 ? parsed.Errors[0].Message : null;
+        return SampleCommandLine.FirstError(Root, parsed);
     }
 
     /// <summary>The settings a well-formed parse gives.</summary>
@@ -87,50 +79,4 @@ public sealed class SpoCommandLine
             MaxTestExamples = parsed.GetValue(_maxTest),
         };
     }
-
-    private static Option<string> Text(string name, string description, string fallback) =>
-        new(name) { Description = description, DefaultValueFactory = _ => fallback };
-
-    private static Option<int> Integer(string name, string description, int fallback, int min) => new(name)
-    {
-        Description = description,
-        DefaultValueFactory = _ => fallback,
-        CustomParser = r => ParseInteger(r, name, min) ?? 0,
-    };
-
-    private static Option<int?> OptionalInteger(string name, string description) => new(name)
-    {
-        Description = description,
-        CustomParser = r => ParseInteger(r, name, 1),
-    };
-
-    private static int? ParseInteger(ArgumentResult r, string name, int min)
-    {
-        var text = r.Tokens.Count > 0 ? r.Tokens[0].Value : "";
-        if (!int.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var v))
-        {
-            r.AddError($"{name} needs an integer, got '{text}'");
-            return null;
-        }
-        if (v < min) r.AddError($"{name} must be at least {min}, got {v}");
-        return v;
-    }
-
-    private static Option<double> Real(string name, string description, double fallback, bool positive) => new(name)
-    {
-        Description = description,
-        DefaultValueFactory = _ => fallback,
-        CustomParser = r =>
-        {
-            var text = r.Tokens.Count > 0 ? r.Tokens[0].Value : "";
-            // Plain numbers only: no thousands separators, finite values.
-            if (!double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var v) || !double.IsFinite(v))
-            {
-                r.AddError($"{name} needs a finite number, got '{text}'");
-                return 0;
-            }
-            if (positive && !(v > 0)) r.AddError($"{name} must be a positive number, got {v.ToString(CultureInfo.InvariantCulture)}");
-            return v;
-        },
-    };
 }
