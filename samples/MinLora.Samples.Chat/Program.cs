@@ -18,7 +18,7 @@ var maxNewTokens = SampleCommandLine.Integer("--max-new-tokens", "Most tokens pe
 var bitsOption = SampleCommandLine.Integer("--bits", "Quantize the projections on load: 8, 4, or 0 to keep the checkpoint's weights", 0, min: 0);
 var greedy = new Option<bool>("--greedy") { Description = "Greedy decoding instead of sampling" };
 var root = new RootCommand("MinLora chat: interactive streaming chat with a GLM checkpoint.") { modelOption, topP, temperature, maxNewTokens, bitsOption, greedy };
-var parsed = root.Parse(args);
+var parsed = SampleCommandLine.Parse(root, args);
 if (parsed.Action is System.CommandLine.Help.HelpAction) return parsed.Invoke();
 string modelDir;
 GenerationOptions options;

@@ -13,7 +13,7 @@ var lr = SampleCommandLine.Real("--lr", "Learning rate", d.LearningRate, positiv
 var seed = SampleCommandLine.Integer("--seed", "Random seed", d.Seed);
 var outDir = SampleCommandLine.Text("--out", "Where the adapter is saved", d.OutputDirectory);
 var root = new RootCommand("LoRA on a plain TorchSharp network: pretrain, adapt, save/reload, merge.") { loraSteps, pretrainSteps, rank, alpha, lr, seed, outDir };
-var parsed = root.Parse(args);
+var parsed = SampleCommandLine.Parse(root, args);
 if (parsed.Action is System.CommandLine.Help.HelpAction) return parsed.Invoke();
 if (SampleCommandLine.FirstError(root, parsed) is { } error)
 {

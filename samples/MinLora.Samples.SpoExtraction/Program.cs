@@ -12,7 +12,7 @@ using MinLora.Samples.SpoExtraction;
 NativeAllocator.RetainFreedMemory();
 var defaults = new SpoOptions();
 var command = new SpoCommandLine(defaults);
-var parsed = command.Root.Parse(args);
+var parsed = command.Parse(args);
 if (parsed.Action is System.CommandLine.Help.HelpAction)
 {
     // --help: System.CommandLine prints the options with their descriptions and defaults.

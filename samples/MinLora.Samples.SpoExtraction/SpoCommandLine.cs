@@ -41,8 +41,13 @@ public sealed class SpoCommandLine
             Root.Options.Add(option);
     }
 
-    /// <summary>The command (parse with <c>Root.Parse(args)</c>).</summary>
+    /// <summary>The command.</summary>
     public RootCommand Root { get; }
+
+    /// <summary>Parses a command line (no <c>--version</c>, no <c>@file</c> response files: see <see cref="SampleCommandLine.Parse"/>).</summary>
+    /// <param name="args">The arguments.</param>
+    /// <returns>The parse result.</returns>
+    public ParseResult Parse(IReadOnlyList<string> args) => SampleCommandLine.Parse(Root, args);
 
     /// <summary>The first problem of a parse as one line, or null: unknown options, missing values, bad numbers.</summary>
     /// <param name="parsed">The parse result.</param>

@@ -11,6 +11,17 @@ namespace MinLora.Samples;
 /// </summary>
 internal static class SampleCommandLine
 {
+    /// <summary>
+    /// Parses <paramref name="args"/> as the samples do: no <c>--version</c> (the samples have none to report, and an
+    /// unhandled version action would start the job) and no <c>@file</c> response files (an argument starting with
+    /// '@' is a value like any other).
+    /// </summary>
+    public static ParseResult Parse(RootCommand root, IReadOnlyList<string> args)
+    {
+        foreach (var version in root.Options.OfType<VersionOption>().ToList()) root.Options.Remove(version);
+        return root.Parse(args, new ParserConfiguration { ResponseFileTokenReplacer = null });
+    }
+
     /// <summary>A text option with a default.</summary>
     public static Option<string> Text(string name, string description, string fallback) =>
         new(name) { Description = description, DefaultValueFactory = _ => fallback };

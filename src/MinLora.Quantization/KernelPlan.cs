@@ -92,7 +92,7 @@ internal sealed class KernelPlan : IDisposable
             if (layer.Bias is { } bias) plan.Bias = bias.detach().to(o.ComputeDtype).DetachFromDisposeScope();
             return plan;
         }
-        catch (Exception ex) when (ex is ExternalException or InvalidOperationException or ArgumentException)
+        catch (Exception ex) when (ex is ExternalException or InvalidOperationException or ArgumentException or NotSupportedException)
         {
             // libtorch refused (a native error surfaced by TorchSharp): keep the exact path.
             plan?.Dispose();
@@ -146,13 +146,14 @@ internal sealed class KernelPlan : IDisposable
             zerosT = zeros(groups, n, dtype: ScalarType.BFloat16, device: weight.device);
             u = QuantizationMath.UnpackSignedNibbles(weight).to(ScalarType.Int16).add(8);
         }
-        var scalesAndZeros = stack(new[] { scales.to(ScalarType.BFloat16), zerosT.to(ScalarType.BFloat16) }, 2).contiguous().DetachFromDisposeScope();
+        var scalesAndZeros = stack(new[] { scales.to(ScalarType.BFloat16), zerosT.to(ScalarType.BFloat16) }, 2).contiguous();
         var packed = device == DeviceType.CPU
             ? QuantizationKernels.Int4PackCpu(u.to(ScalarType.Int32).contiguous())
             : QuantizationKernels.Int4PackCuda(QuantizationMath.PackUnsignedNibbles(u), CudaInnerKTiles);
+        // Out of the caller's dispose scope only once both exist (a failed pack leaves nothing behind).
         return new KernelPlan(device == DeviceType.CPU ? QuantizedKernel.Int4PackCpu : QuantizedKernel.Int4PackCuda, null, maxRows)
         {
-            Scales = scalesAndZeros,
+            Scales = scalesAndZeros.DetachFromDisposeScope(),
             Weight = packed.DetachFromDisposeScope(),
             Group = group,
         };

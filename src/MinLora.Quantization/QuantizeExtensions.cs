@@ -137,12 +137,21 @@ public static class QuantizeExtensions
                 throw;
             }
             done.Add((site, linear, q));
-            options.Progress?.Report((done.Count, targets.Count));
-            return () =>
+            void Undo()
             {
                 site.ReplaceBaseLayer(linear);
                 q.Dispose();
-            };
+            }
+            try
+            {
+                options.Progress?.Report((done.Count, targets.Count));
+            }
+            catch
+            {
+                Undo(); // a progress callback that throws (to cancel) must not leave this site swapped
+                throw;
+            }
+            return Undo;
         });
         foreach (var (_, old, _) in done) old.Dispose();
         return targets.Select(t => t.Site.Path).ToList();
@@ -201,7 +210,7 @@ public static class QuantizeExtensions
         var target = model.state_dict();
         var fit = StateDictFit.Compare(target, stateDict);
         if (fit.ShapeMismatches.Count > 0 || (strict && !fit.IsComplete))
-            throw new StateDictMismatchException(fit, null, "The state dict does not fit the model (nothing was loaded)", includeUnexpected: strict);
+            throw new StateDictMismatchException(fit, null, "The state dict does not fit the model (nothing was loaded)", strict);
         var onMeta = target.Where(kv => kv.Value.device_type == DeviceType.META && stateDict.ContainsKey(kv.Key)).Select(kv => kv.Key).ToList();
         if (onMeta.Count > 0)
             throw new ArgumentException("These model tensors are on the meta device and cannot be copied into: " + string.Join(", ", onMeta.Take(20)) +

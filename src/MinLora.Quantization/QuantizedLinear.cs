@@ -296,7 +296,10 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// </summary>
     public void RefreshKernel()
     {
-        _kernel.Dispose();
+        // Never leave a disposed plan in place, even if choosing throws.
+        var old = _kernel;
+        _kernel = KernelPlan.Unbuilt;
+        old.Dispose();
         _kernel = KernelPlan.Choose(this);
     }
 
@@ -326,8 +329,9 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// </remarks>
     protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
     {
-        _kernel.Dispose();
+        var old = _kernel;
         _kernel = KernelPlan.Unbuilt;
+        old.Dispose();
         if (device is not null) base._toEpilog(null, device, non_blocking);
         if (dtype is { } t)
         {
@@ -346,7 +350,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <inheritdoc />
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _kernel.Dispose();
+        if (disposing)
+        {
+            var old = _kernel;
+            _kernel = KernelPlan.Unbuilt;
+            old.Dispose();
+        }
         base.Dispose(disposing);
     }
 

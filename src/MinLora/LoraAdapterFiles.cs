@@ -266,7 +266,7 @@ public static class LoraAdapterFiles
             }
             catch (StateDictMismatchException ex)
             {
-                throw new StateDictMismatchException(ex.Fit, source, "The LoRA weights do not match the model's layers (nothing was loaded)");
+                throw new StateDictMismatchException(ex.Fit, source, "The LoRA weights do not match the model's layers (nothing was loaded)", inner: ex);
             }
             return adapted;
         }

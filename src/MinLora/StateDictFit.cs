@@ -64,17 +64,19 @@ public sealed record StateDictFit(
         return new StateDictFit(matched, missing, found.Keys.Where(k => !seen.Contains(k)).ToList(), mismatched);
     }
 
-    /// <summary>One line per kind of problem, each listing at most <paramref name="max"/> keys (empty when complete).</summary>
+    /// <summary>Each kind of problem with at most <paramref name="max"/> keys, joined by <paramref name="separator"/> (empty when complete).</summary>
     /// <param name="max">Keys listed per kind.</param>
     /// <param name="includeUnexpected">Whether unexpected keys count as a problem (not in non-strict loads).</param>
+    /// <param name="includeMissing">Whether missing keys count as a problem (not in non-strict loads).</param>
+    /// <param name="separator">Between the kinds (default " | ": one line).</param>
     /// <returns>The description.</returns>
-    public string Describe(int max = 20, bool includeUnexpected = true)
+    public string Describe(int max = 20, bool includeUnexpected = true, bool includeMissing = true, string separator = " | ")
     {
-        var lines = new List<string>();
-        if (ShapeMismatches.Count > 0) lines.Add($"wrong shapes or types ({ShapeMismatches.Count}): {string.Join("; ", ShapeMismatches.Take(max))}{(ShapeMismatches.Count > max ? "; …" : "")}");
-        if (MissingKeys.Count > 0) lines.Add($"missing keys ({MissingKeys.Count}): {string.Join(", ", MissingKeys.Take(max))}{(MissingKeys.Count > max ? ", …" : "")}");
-        if (includeUnexpected && UnexpectedKeys.Count > 0) lines.Add($"unexpected keys ({UnexpectedKeys.Count}): {string.Join(", ", UnexpectedKeys.Take(max))}{(UnexpectedKeys.Count > max ? ", …" : "")}");
-        return string.Join(Environment.NewLine, lines);
+        var parts = new List<string>();
+        if (ShapeMismatches.Count > 0) parts.Add($"wrong shapes or types ({ShapeMismatches.Count}): {string.Join("; ", ShapeMismatches.Take(max))}{(ShapeMismatches.Count > max ? "; …" : "")}");
+        if (includeMissing && MissingKeys.Count > 0) parts.Add($"missing keys ({MissingKeys.Count}): {string.Join(", ", MissingKeys.Take(max))}{(MissingKeys.Count > max ? ", …" : "")}");
+        if (includeUnexpected && UnexpectedKeys.Count > 0) parts.Add($"unexpected keys ({UnexpectedKeys.Count}): {string.Join(", ", UnexpectedKeys.Take(max))}{(UnexpectedKeys.Count > max ? ", …" : "")}");
+        return string.Join(separator, parts);
     }
 }
 
@@ -88,20 +90,21 @@ public sealed class StateDictMismatchException : ArgumentException
 {
     /// <summary>Creates the exception.</summary>
     /// <param name="fit">The comparison that failed.</param>
-    /// <param name="source">The file or directory the tensors came from (null: a dictionary in memory).</param>
+    /// <param name="sourcePath">The file or directory the tensors came from (null: a dictionary in memory).</param>
     /// <param name="what">What did not fit, e.g. "The LoRA state dict does not match the model's adapters (nothing was loaded)".</param>
-    /// <param name="includeUnexpected">Whether the message lists unexpected keys.</param>
-    public StateDictMismatchException(StateDictFit fit, string? source, string what, bool includeUnexpected = true)
-        : base((source is null ? "" : source + ": ") + what + ":" + Environment.NewLine + fit?.Describe(includeUnexpected: includeUnexpected))
+    /// <param name="strict">Whether missing and unexpected keys are problems (non-strict loads name only the shape and type mismatches).</param>
+    /// <param name="inner">The exception this one explains further, if any.</param>
+    public StateDictMismatchException(StateDictFit fit, string? sourcePath, string what, bool strict = true, Exception? inner = null)
+        : base((sourcePath is null ? "" : sourcePath + ": ") + what + ": " + fit?.Describe(includeUnexpected: strict, includeMissing: strict) + ".", inner)
     {
         ArgumentNullException.ThrowIfNull(fit);
         Fit = fit;
-        Source = source;
+        SourcePath = sourcePath;
     }
 
     /// <summary>The comparison that failed.</summary>
     public StateDictFit Fit { get; }
 
     /// <summary>The file or directory the tensors came from (null for a dictionary in memory).</summary>
-    public new string? Source { get; }
+    public string? SourcePath { get; }
 }

@@ -106,18 +106,20 @@ public sealed class SpoCommandLineTests
     {
         var defaults = new SpoOptions();
         var command = new SpoCommandLine(defaults);
-        var parsed = command.Root.Parse(["--lr", "0.001", "--max-train", "5", "--bits", "4", "--dropout", "0", "--seed", "-3"]);
+        var parsed = command.Parse(["--lr", "0.001", "--max-train", "5", "--bits", "4", "--dropout", "0", "--seed", "-3"]);
         Assert.Null(command.FirstError(parsed));
         var o = command.Options(parsed);
         Assert.Equal((0.001, 5, 4, 0.0, -3), (o.LearningRate, o.MaxTrainExamples!.Value, o.Bits, o.Dropout, o.Seed));
         Assert.Equal((defaults.Rank, defaults.Alpha, defaults.BatchSize, defaults.ModelDirectory, defaults.OutputDirectory), (o.Rank, o.Alpha, o.BatchSize, o.ModelDirectory, o.OutputDirectory));
         Assert.Null(o.MaxTestExamples);
 
-        Assert.IsType<System.CommandLine.Help.HelpAction>(command.Root.Parse(["--help"]).Action);
-        Assert.Equal("--lr needs a finite number, got '1,5'", command.FirstError(command.Root.Parse(["--lr", "1,5"])));
-        Assert.Equal("--alpha must be a positive number, got 0", command.FirstError(command.Root.Parse(["--alpha", "0"])));
-        Assert.Equal("--epochs needs an integer, got '2.5'", command.FirstError(command.Root.Parse(["--epochs", "2.5"])));
-        Assert.Equal("--rank needs a value", command.FirstError(command.Root.Parse(["--rank"])));
-        Assert.Equal("unknown option --nope", command.FirstError(command.Root.Parse(["--nope"])));
+        Assert.IsType<System.CommandLine.Help.HelpAction>(command.Parse(["--help"]).Action);
+        Assert.Equal("--lr needs a finite number, got '1,5'", command.FirstError(command.Parse(["--lr", "1,5"])));
+        Assert.Equal("--alpha must be a positive number, got 0", command.FirstError(command.Parse(["--alpha", "0"])));
+        Assert.Equal("--epochs needs an integer, got '2.5'", command.FirstError(command.Parse(["--epochs", "2.5"])));
+        Assert.Equal("--rank needs a value", command.FirstError(command.Parse(["--rank"])));
+        Assert.Equal("unknown option --nope", command.FirstError(command.Parse(["--nope"])));
+        Assert.Equal("unknown option --version", command.FirstError(command.Parse(["--version"])));
+        Assert.Equal("@dir", command.Options(command.Parse(["--model", "@dir"])).ModelDirectory);
     }
 }

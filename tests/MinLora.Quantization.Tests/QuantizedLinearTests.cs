@@ -228,6 +228,31 @@ public class QuantizedLinearTests
     }
 
     [Fact]
+    public void Quantize_CancelledThroughProgress_LeavesTheModelAsItWas()
+    {
+        manual_seed(47);
+        using var model = new GlmLike();
+        var before = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.clone());
+        var progress = new ThrowingProgress(throwAt: 3);
+        Assert.Throws<OperationCanceledException>(() => model.Quantize(8, new QuantizeOptions { Progress = progress }));
+        Assert.Equal(3, progress.Reports);
+        Assert.Empty(model.modules().OfType<QuantizedLinear>());
+        var after = model.state_dict();
+        Assert.Equal(before.Keys, after.Keys);
+        foreach (var (k, t) in before) Assert.True(t.equal(after[k]).all().item<bool>(), k);
+    }
+
+    private sealed class ThrowingProgress(int throwAt) : IProgress<(int Done, int Total)>
+    {
+        public int Reports { get; private set; }
+
+        public void Report((int Done, int Total) value)
+        {
+            if (++Reports == throwAt) throw new OperationCanceledException("cancelled by the caller");
+        }
+    }
+
+    [Fact]
     public void Quantize_NonFloatWeights_ThrowsNamingTheLayer()
     {
         using var model = new GlmLike();

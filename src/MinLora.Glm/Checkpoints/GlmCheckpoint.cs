@@ -71,7 +71,8 @@ public static partial class GlmCheckpoint
     /// <returns>The model (in eval mode) and a report of what was loaded.</returns>
     /// <exception cref="DirectoryNotFoundException">No such directory.</exception>
     /// <exception cref="FileNotFoundException">No config, no weights, or a shard named by the index is missing.</exception>
-    /// <exception cref="InvalidDataException">A corrupt file, or missing/unexpected keys or wrong shapes (named in the message).</exception>
+    /// <exception cref="InvalidDataException">A corrupt file, or a config that disagrees with the weight files.</exception>
+    /// <exception cref="StateDictMismatchException">Missing or (strict) unexpected keys, or wrong shapes or types (each named in the message).</exception>
     public static (GlmForCausalLM Model, GlmLoadReport Report) FromPretrained(string directory, GlmLoadOptions? options = null)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(directory);
@@ -257,7 +258,8 @@ public static partial class GlmCheckpoint
         }
         var fit = new StateDictFit(loaded.ToList(), missing, unexpected, mismatched);
         if (mismatched.Count > 0 || missing.Count > 0 || (unexpected.Count > 0 && options.Strict))
-            throw new StateDictMismatchException(fit, Path.GetDirectoryName(files[0]), "The checkpoint does not fit the model built from its config", includeUnexpected: options.Strict);
+            throw new StateDictMismatchException(new StateDictFit(fit.MatchedKeys, fit.MissingKeys, options.Strict ? fit.UnexpectedKeys : [], fit.ShapeMismatches),
+                Path.GetDirectoryName(files[0]), "The checkpoint does not fit the model built from its config");
         if (unexpected.Count > 0) LogUnexpected(logger, unexpected.Count, string.Join(", ", unexpected.Take(10)));
         if (freshPrefix) LogFreshPrefix(logger, options.PreSeqLen!.Value);
         ignored.AddRange(unexpected);

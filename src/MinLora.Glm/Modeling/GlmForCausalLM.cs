@@ -63,7 +63,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     /// <returns>The model, in eval mode.</returns>
     /// <exception cref="DirectoryNotFoundException">No such directory.</exception>
     /// <exception cref="FileNotFoundException">No config, no weights, or a shard named by the index is missing.</exception>
-    /// <exception cref="InvalidDataException">A corrupt file, or missing/unexpected keys or wrong shapes (named in the message).</exception>
+    /// <exception cref="InvalidDataException">A corrupt file, or a config that disagrees with the weight files.</exception>
+    /// <exception cref="StateDictMismatchException">Missing or (strict) unexpected keys, or wrong shapes or types (each named in the message).</exception>
     public static GlmForCausalLM FromPretrained(string directory, GlmLoadOptions? options = null) => GlmCheckpoint.FromPretrained(directory, options).Model;
 
     /// <summary>

@@ -40,4 +40,12 @@ build.SetAction(parsed =>
 
 root.Subcommands.Add(generate);
 root.Subcommands.Add(build);
-return root.Parse(args).Invoke();
+try
+{
+    return root.Parse(args, new ParserConfiguration { ResponseFileTokenReplacer = null }).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+}
+catch (Exception ex) when (ex is IOException or InvalidDataException or UnauthorizedAccessException or ArgumentException)
+{
+    Console.Error.WriteLine($"error: {ex.Message}");
+    return 1;
+}
