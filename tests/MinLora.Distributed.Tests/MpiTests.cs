@@ -23,7 +23,9 @@ public sealed class MpiTests : IDisposable
     private static readonly string? Mpirun = Environment.GetEnvironmentVariable("PATH")?.Split(':')
         .Select(d => Path.Combine(d, "mpirun")).FirstOrDefault(File.Exists);
 
-    private static readonly string[] MpirunOptions = ["--oversubscribe", "--bind-to", "none", "--mca", "btl", "self,vader",
+    // One machine: "plm isolated" starts the ranks without an ssh/rsh agent (a fresh container may have none, and
+    // Open MPI's default launcher then refuses to start at all).
+    private static readonly string[] MpirunOptions = ["--oversubscribe", "--bind-to", "none", "--mca", "plm", "isolated", "--mca", "btl", "self,vader",
         "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "oob_tcp_if_include", "lo"];
 
     /// <summary>Null when <c>mpirun -np 2</c> can start a trivial job here with the tests' options, else why not.</summary>
