@@ -24,12 +24,12 @@ internal static class DataParallelSuite
         using var dp = DataParallel.Initialize();
         int threads = Math.Max(1, Environment.ProcessorCount / dp.LocalWorldSize);
         set_num_threads(threads);
-        int bits = Int(args, "--bits", 4), tokens = Int(args, "--tokens", 256), steps = Int(args, "--steps", 3);
+        int bits = ModelSuite.Int(args, "--bits", 4), tokens = ModelSuite.Int(args, "--tokens", 256), steps = ModelSuite.Int(args, "--steps", 3);
         bool quick = args.Contains("--quick");
         if (bits is not (0 or 4 or 8)) { Console.Error.WriteLine("--bits must be 0, 4 or 8"); return 2; }
         var full = new GlmConfig();
         var config = quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : full;
-        if (args.Contains("--layers")) config = config with { NumLayers = Int(args, "--layers", config.NumLayers) };
+        if (args.Contains("--layers")) config = config with { NumLayers = ModelSuite.Int(args, "--layers", config.NumLayers) };
         void Say(string line)
         {
             if (dp.IsMainProcess) Console.WriteLine(line);
@@ -66,14 +66,14 @@ internal static class DataParallelSuite
         {
             using var scope = NewDisposeScope();
             opt.zero_grad();
-            double c = Time(() =>
+            double c = ModelSuite.Time(() =>
             {
                 using var o = model.call(new GlmInput(ids) { Labels = ids });
                 o.Loss!.backward();
             });
-            double w = Time(() => dp.Barrier(TimeSpan.FromMinutes(30)));
-            double r = Time(() => dp.AverageGradients(parameters, tokens));
-            double u = Time(() => opt.step());
+            double w = ModelSuite.Time(() => dp.Barrier(TimeSpan.FromMinutes(30)));
+            double r = ModelSuite.Time(() => dp.AverageGradients(parameters, tokens));
+            double u = ModelSuite.Time(() => opt.step());
             if (step == 0) continue; // warm-up
             compute.Add(c);
             wait.Add(w);
@@ -82,7 +82,7 @@ internal static class DataParallelSuite
             Say(string.Create(CultureInfo.InvariantCulture, $"  step {step}: forward+backward {c:F2} s, wait {w * 1e3:F0} ms, allreduce {r * 1e3:F1} ms, AdamW {u * 1e3:F1} ms"));
         }
         // The slowest rank's compute sets the step; report the maximum over ranks of each median.
-        Span<double> medians = [Median(compute), Median(wait), Median(reduce), Median(update)];
+        Span<double> medians = [ModelSuite.MedianOf(compute), ModelSuite.MedianOf(wait), ModelSuite.MedianOf(reduce), ModelSuite.MedianOf(update)];
         dp.AllreduceMax(medians);
 
         // The allreduce alone, for ChatGLM-6B's real LoRA gradient sizes (whatever --layers was).
@@ -100,10 +100,10 @@ internal static class DataParallelSuite
             for (int i = 0; i < 12; i++)
             {
                 dp.Barrier();
-                double t = Time(() => dp.AverageGradients([p], 1));
+                double t = ModelSuite.Time(() => dp.AverageGradients([p], 1));
                 if (i >= 2) times.Add(t);
             }
-            Span<double> m = [Median(times)];
+            Span<double> m = [ModelSuite.MedianOf(times)];
             dp.AllreduceMax(m);
             micro.Add((name, count, m[0]));
         }
@@ -127,20 +127,5 @@ internal static class DataParallelSuite
             Say(string.Create(CultureInfo.InvariantCulture, $"| {name} | {count:N0} ({bytes / 1e6:F1} MB) | {t * 1e3:F2} ms | {bytes / t / 1e9:F2} GB/s | {bus / 1e9:F2} GB/s |"));
         }
         return 0;
-    }
-
-    private static double Time(Action a)
-    {
-        var sw = Stopwatch.StartNew();
-        a();
-        return sw.Elapsed.TotalSeconds;
-    }
-
-    private static double Median(List<double> xs) => xs.Count == 0 ? 0 : xs.Order().ElementAt(xs.Count / 2);
-
-    private static int Int(List<string> args, string name, int fallback)
-    {
-        int i = args.IndexOf(name);
-        return i >= 0 && i + 1 < args.Count ? int.Parse(args[i + 1], CultureInfo.InvariantCulture) : fallback;
     }
 }

@@ -401,7 +401,7 @@ internal static class ModelSuite
     }
 
     /// <summary>Seconds.</summary>
-    private static double Time(Action a)
+    internal static double Time(Action a)
     {
         var sw = Stopwatch.StartNew();
         a();
@@ -414,13 +414,13 @@ internal static class ModelSuite
         return MedianOf(Enumerable.Range(0, runs).Select(_ => f()).ToList());
     }
 
-    private static double MedianOf(List<double> xs) => xs.Count == 0 ? double.NaN : xs.OrderBy(x => x).ElementAt(xs.Count / 2);
+    internal static double MedianOf(List<double> xs) => xs.Count == 0 ? double.NaN : xs.OrderBy(x => x).ElementAt(xs.Count / 2);
 
     private static string Gb(long bytes) => (bytes / 1e9).ToString("F2", CultureInfo.InvariantCulture) + " GB";
 
     private static string Pct(double f) => (100 * f).ToString("F0", CultureInfo.InvariantCulture) + " %";
 
-    private static int Int(List<string> args, string name, int fallback)
+    internal static int Int(List<string> args, string name, int fallback)
     {
         int i = args.IndexOf(name);
         return i >= 0 && i + 1 < args.Count ? int.Parse(args[i + 1], NumberStyles.Integer, CultureInfo.InvariantCulture) : fallback;

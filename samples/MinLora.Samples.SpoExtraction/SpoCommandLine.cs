@@ -20,20 +20,22 @@ public sealed class SpoCommandLine
     public SpoCommandLine(SpoOptions defaults)
     {
         ArgumentNullException.ThrowIfNull(defaults);
+        // Types here; ranges, files and the output location are SpoOptions.Validate's (one place for both the command
+        // line and code that builds SpoOptions itself).
         _model = Text("--model", "A GLM checkpoint directory (config.json, weights, tokenizer)", defaults.ModelDirectory);
         _data = Text("--data", "Training data, JSON lines ({\"text\", \"answer\"} or DuIE spo_list)", defaults.TrainFile);
         _test = Text("--test", "Held-out data, JSON lines", defaults.TestFile);
         _out = Text("--out", "Output directory (replaced in one step once training has a result)", defaults.OutputDirectory);
-        _rank = Integer("--rank", "LoRA rank", defaults.Rank, min: 1);
-        _alpha = Real("--alpha", "LoRA alpha", defaults.Alpha, positive: true);
-        _dropout = Real("--dropout", "LoRA dropout, in [0, 1)", defaults.Dropout, positive: false);
-        _lr = Real("--lr", "Peak learning rate (cosine decay to 10 %)", defaults.LearningRate, positive: true);
-        _epochs = Integer("--epochs", "Passes over the training data", defaults.Epochs, min: 1);
-        _batch = Integer("--batch", "Sequences per optimizer step (the global batch under mpirun)", defaults.BatchSize, min: 1);
-        _maxSource = Integer("--max-source", "Prompt + text token budget", defaults.MaxSourceLength, min: 8);
-        _maxTarget = Integer("--max-target", "Answer token budget (also the generation limit)", defaults.MaxTargetLength, min: 1);
-        _bits = Integer("--bits", "Weight bits of the base: 8, 4, or 0 for float", defaults.Bits, min: 0);
-        _seed = Integer("--seed", "Random seed", defaults.Seed, min: int.MinValue);
+        _rank = Integer("--rank", "LoRA rank", defaults.Rank);
+        _alpha = Real("--alpha", "LoRA alpha", defaults.Alpha);
+        _dropout = Real("--dropout", "LoRA dropout, in [0, 1)", defaults.Dropout);
+        _lr = Real("--lr", "Peak learning rate (cosine decay to 10 %)", defaults.LearningRate);
+        _epochs = Integer("--epochs", "Passes over the training data", defaults.Epochs);
+        _batch = Integer("--batch", "Sequences per optimizer step (the global batch under mpirun)", defaults.BatchSize);
+        _maxSource = Integer("--max-source", "Prompt + text token budget", defaults.MaxSourceLength);
+        _maxTarget = Integer("--max-target", "Answer token budget (also the generation limit)", defaults.MaxTargetLength);
+        _bits = Integer("--bits", "Weight bits of the base: 8, 4, or 0 for float", defaults.Bits);
+        _seed = Integer("--seed", "Random seed", defaults.Seed);
         _maxTrain = OptionalInteger("--max-train", "Use at most this many training examples");
         _maxTest = OptionalInteger("--max-test", "Evaluate on at most this many held-out examples");
         Root = new RootCommand("MinLora: LoRA fine-tuning of a GLM for subject-predicate-object extraction (the book's job).");

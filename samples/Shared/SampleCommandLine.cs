@@ -35,7 +35,7 @@ internal static class SampleCommandLine
     };
 
     /// <summary>An integer option without a default (null when absent), at least <paramref name="min"/>.</summary>
-    public static Option<int?> OptionalInteger(string name, string description, int min = 1) => new(name)
+    public static Option<int?> OptionalInteger(string name, string description, int min = int.MinValue) => new(name)
     {
         Description = description,
         CustomParser = r => ParseInteger(r, name, min),

@@ -321,6 +321,7 @@ public sealed class DataParallel : IDisposable
             var values = buffer.narrow(0, 0, total);
             var flags = buffer.narrow(0, total, list.Count);
             bool contributes = localWeight > 0;
+            var hadLocal = new double[list.Count];
             long offset = 0;
             for (int i = 0; i < list.Count; i++)
             {
@@ -330,10 +331,11 @@ public sealed class DataParallel : IDisposable
                 // A rank with weight 0 sends zeros, not its gradient: a loss over no tokens is NaN, and NaN·0 is NaN.
                 if (g is null || !contributes) slice.zero_();
                 else slice.copy_(g.reshape(-1));
-                flags[i] = tensor(g is not null && contributes ? 1.0 : 0.0, type);
+                hadLocal[i] = g is not null && contributes ? 1 : 0;
                 offset += n;
             }
             if (contributes && localWeight != 1) values.mul_(localWeight);
+            flags.copy_(tensor(hadLocal));
             buffer[length - 1] = tensor(localWeight, type);
             unsafe
             {

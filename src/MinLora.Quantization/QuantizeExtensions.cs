@@ -210,7 +210,7 @@ public static class QuantizeExtensions
         var target = model.state_dict();
         var fit = StateDictFit.Compare(target, stateDict);
         if (fit.ShapeMismatches.Count > 0 || (strict && !fit.IsComplete))
-            throw new StateDictMismatchException(fit, null, "The state dict does not fit the model (nothing was loaded)", strict);
+            throw new StateDictMismatchException(fit, null, "The state dict does not fit the model (nothing was loaded)", missingIsProblem: strict, unexpectedIsProblem: strict);
         var onMeta = target.Where(kv => kv.Value.device_type == DeviceType.META && stateDict.ContainsKey(kv.Key)).Select(kv => kv.Key).ToList();
         if (onMeta.Count > 0)
             throw new ArgumentException("These model tensors are on the meta device and cannot be copied into: " + string.Join(", ", onMeta.Take(20)) +

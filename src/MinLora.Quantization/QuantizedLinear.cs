@@ -138,7 +138,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     public Device WeightDevice => weight.device;
 
     /// <summary>Bits per weight element of the stored format.</summary>
-    public int Bits => Format == QuantizationFormat.Int8PerRow ? 8 : 4;
+    public int Bits => Format.Bits();
 
     /// <summary>Quantizes a <c>Linear</c> layer. A layer on the <c>meta</c> device gives an empty skeleton on <paramref name="skeletonDevice"/> to load a checkpoint into.</summary>
     /// <param name="linear">The float layer (left unchanged).</param>
@@ -296,11 +296,16 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// </summary>
     public void RefreshKernel()
     {
-        // Never leave a disposed plan in place, even if choosing throws.
+        DropPlan();
+        _kernel = KernelPlan.Choose(this);
+    }
+
+    /// <summary>Disposes the kernel plan, leaving the unbuilt one in place first (never a disposed plan, even if what follows throws).</summary>
+    private void DropPlan()
+    {
         var old = _kernel;
         _kernel = KernelPlan.Unbuilt;
         old.Dispose();
-        _kernel = KernelPlan.Choose(this);
     }
 
     /// <inheritdoc />
@@ -329,9 +334,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// </remarks>
     protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
     {
-        var old = _kernel;
-        _kernel = KernelPlan.Unbuilt;
-        old.Dispose();
+        DropPlan();
         if (device is not null) base._toEpilog(null, device, non_blocking);
         if (dtype is { } t)
         {
@@ -350,12 +353,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <inheritdoc />
     protected override void Dispose(bool disposing)
     {
-        if (disposing)
-        {
-            var old = _kernel;
-            _kernel = KernelPlan.Unbuilt;
-            old.Dispose();
-        }
+        if (disposing) DropPlan();
         base.Dispose(disposing);
     }
 

@@ -92,10 +92,11 @@ public sealed class StateDictMismatchException : ArgumentException
     /// <param name="fit">The comparison that failed.</param>
     /// <param name="sourcePath">The file or directory the tensors came from (null: a dictionary in memory).</param>
     /// <param name="what">What did not fit, e.g. "The LoRA state dict does not match the model's adapters (nothing was loaded)".</param>
-    /// <param name="strict">Whether missing and unexpected keys are problems (non-strict loads name only the shape and type mismatches).</param>
+    /// <param name="missingIsProblem">Whether the message names missing keys (not when the load allows them).</param>
+    /// <param name="unexpectedIsProblem">Whether the message names unexpected keys (not when the load allows them).</param>
     /// <param name="inner">The exception this one explains further, if any.</param>
-    public StateDictMismatchException(StateDictFit fit, string? sourcePath, string what, bool strict = true, Exception? inner = null)
-        : base((sourcePath is null ? "" : sourcePath + ": ") + what + ": " + fit?.Describe(includeUnexpected: strict, includeMissing: strict) + ".", inner)
+    public StateDictMismatchException(StateDictFit fit, string? sourcePath, string what, bool missingIsProblem = true, bool unexpectedIsProblem = true, Exception? inner = null)
+        : base((sourcePath is null ? "" : sourcePath + ": ") + what + ": " + fit?.Describe(includeUnexpected: unexpectedIsProblem, includeMissing: missingIsProblem) + ".", inner)
     {
         ArgumentNullException.ThrowIfNull(fit);
         Fit = fit;

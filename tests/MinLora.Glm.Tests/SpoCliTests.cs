@@ -115,7 +115,9 @@ public sealed class SpoCommandLineTests
 
         Assert.IsType<System.CommandLine.Help.HelpAction>(command.Parse(["--help"]).Action);
         Assert.Equal("--lr needs a finite number, got '1,5'", command.FirstError(command.Parse(["--lr", "1,5"])));
-        Assert.Equal("--alpha must be a positive number, got 0", command.FirstError(command.Parse(["--alpha", "0"])));
+        var zeroAlpha = command.Parse(["--alpha", "0"]);
+        Assert.Null(command.FirstError(zeroAlpha)); // well-formed; the range is SpoOptions.Validate's
+        Assert.Equal("--alpha must be a positive number, got 0", Assert.Throws<ArgumentException>(() => command.Options(zeroAlpha).Validate()).Message);
         Assert.Equal("--epochs needs an integer, got '2.5'", command.FirstError(command.Parse(["--epochs", "2.5"])));
         Assert.Equal("--rank needs a value", command.FirstError(command.Parse(["--rank"])));
         Assert.Equal("unknown option --nope", command.FirstError(command.Parse(["--nope"])));

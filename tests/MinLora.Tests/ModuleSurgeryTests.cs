@@ -98,7 +98,7 @@ public sealed class StateDictFitTests
         Assert.Contains("b: model [4] vs file [5]", ex.Message, StringComparison.Ordinal);
         Assert.Contains("missing keys (1): c", ex.Message, StringComparison.Ordinal);
         Assert.Contains("unexpected keys (1): z", ex.Message, StringComparison.Ordinal);
-        var lenient = new StateDictMismatchException(fit, null, "x", strict: false).Message;
+        var lenient = new StateDictMismatchException(fit, null, "x", missingIsProblem: false, unexpectedIsProblem: false).Message;
         Assert.DoesNotContain("unexpected", lenient, StringComparison.Ordinal);
         Assert.DoesNotContain("missing", lenient, StringComparison.Ordinal);
         Assert.Contains("b: model [4] vs file [5]", lenient, StringComparison.Ordinal);

@@ -258,8 +258,7 @@ public static partial class GlmCheckpoint
         }
         var fit = new StateDictFit(loaded.ToList(), missing, unexpected, mismatched);
         if (mismatched.Count > 0 || missing.Count > 0 || (unexpected.Count > 0 && options.Strict))
-            throw new StateDictMismatchException(new StateDictFit(fit.MatchedKeys, fit.MissingKeys, options.Strict ? fit.UnexpectedKeys : [], fit.ShapeMismatches),
-                Path.GetDirectoryName(files[0]), "The checkpoint does not fit the model built from its config");
+            throw new StateDictMismatchException(fit, Path.GetDirectoryName(files[0]), "The checkpoint does not fit the model built from its config", unexpectedIsProblem: options.Strict);
         if (unexpected.Count > 0) LogUnexpected(logger, unexpected.Count, string.Join(", ", unexpected.Take(10)));
         if (freshPrefix) LogFreshPrefix(logger, options.PreSeqLen!.Value);
         ignored.AddRange(unexpected);

@@ -14,6 +14,8 @@ namespace MinLora.Glm.Generation;
 /// </summary>
 public static partial class GlmGeneration
 {
+    private static readonly Scalar One = 1; // a field, not a temporary (see GlmModules.SelfAttention)
+
     /// <summary>
     /// Generates continuations of model inputs (ids ending in <c>[gMASK] &lt;sop&gt;</c>, e.g. from
     /// <see cref="GlmTokenizer.EncodePrompt"/>), batched with left padding.
@@ -316,7 +318,7 @@ public static partial class GlmGeneration
                 var fed = next.Select((t, r) => done[r] ? (long)config.PadTokenId : t).ToArray();
                 stepIds = tensor(fed, new long[] { batch, 1 }, device: device);
                 var newMask = v2 ? cat(new[] { mask, ones(batch, 1, dtype: mask.dtype, device: device) }, 1) : GlmMasks.AppendTokenToMask(mask);
-                var newPositions = v2 ? cat(new[] { positions, positions.narrow(1, positions.shape[1] - 1, 1).add(1) }, 1) : GlmMasks.AppendTokenToPositions(positions);
+                var newPositions = v2 ? cat(new[] { positions, positions.narrow(1, positions.shape[1] - 1, 1).add(One) }, 1) : GlmMasks.AppendTokenToPositions(positions);
                 if (!ReferenceEquals(stepMask, mask)) stepMask.Dispose();
                 if (!ReferenceEquals(stepPositions, positions)) stepPositions.Dispose();
                 mask.Dispose();

@@ -202,6 +202,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     }
 
     /// <summary>The reference's <c>get_masks</c>: causal over [past | new], times the padding mask; without a past, padded query rows see everything. True = masked.</summary>
+    private static readonly Scalar One = 1.0, Half = 0.5; // fields, not temporaries (see GlmModules.SelfAttention)
+
     private static Tensor V2Mask(Tensor padding, long s, long pastLength)
     {
         long b = padding.shape[0];
@@ -209,8 +211,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
         var full = ones(new[] { b, s, s }, dtype: ScalarType.Float32, device: padding.device).tril();
         if (pastLength > 0) full = cat(new[] { ones(new[] { b, s, pastLength }, dtype: ScalarType.Float32, device: padding.device), full }, -1);
         full = full.mul(pad.unsqueeze(1));
-        if (pastLength == 0) full = full.sub(pad.narrow(1, pastLength, s).unsqueeze(-1).sub(1));
-        return full.lt(0.5).unsqueeze(1);
+        if (pastLength == 0) full = full.sub(pad.narrow(1, pastLength, s).unsqueeze(-1).sub(One));
+        return full.lt(Half).unsqueeze(1);
     }
 
     /// <summary>Recomputes derived buffers after loading a checkpoint (the rotary frequencies, which the reference never loads).</summary>

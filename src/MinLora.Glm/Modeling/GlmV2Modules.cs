@@ -14,7 +14,9 @@ namespace MinLora.Glm.Modeling;
 internal sealed class RmsNorm : nn.Module<Tensor, Tensor>
 {
     private readonly Parameter weight;
-    private readonly double _eps;
+    // Held as a Scalar field, not an implicit temporary (see SelfAttention in GlmModules.cs: TorchSharp may finalise a
+    // temporary Scalar during the native call).
+    private readonly Scalar _eps;
 
     public RmsNorm(long size, double eps, GlmBuildOptions o) : base("RMSNorm")
     {
@@ -29,7 +31,7 @@ internal sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var variance = x.to(ScalarType.Float32).pow(2).mean(new long[] { -1 }, keepdim: true);
+        var variance = x.to(ScalarType.Float32).square().mean(new long[] { -1 }, keepdim: true);
         var normalized = x.mul(variance.add(_eps).rsqrt());
         return weight.mul(normalized).to(x.dtype).MoveToOuterDisposeScope();
     }
@@ -73,8 +75,7 @@ internal sealed class V2Rotary : nn.Module
             var theta = pow(_base, arange(0, _elements, 2, dtype: ScalarType.Float32, device: positions.device).div(_elements)).reciprocal();
             var seq = arange(length, dtype: ScalarType.Float32, device: positions.device);
             var angles = outer(seq, theta);
-            _cache = stack(new[] { angles.cos(), angles.sin() }, -1).MoveToOuterDisposeScope();
-            _cache = _cache.DetachFromDisposeScope();
+            _cache = stack(new[] { angles.cos(), angles.sin() }, -1).DetachFromDisposeScope();
         }
         // The table in the model's half type (as the reference's cache), converted once per table, not per step.
         var table = _cache;
@@ -121,22 +122,27 @@ internal sealed class V2SelfAttention : nn.Module
 {
     private readonly nn.Module<Tensor, Tensor> query_key_value;
     private readonly nn.Module<Tensor, Tensor> dense;
-    private readonly int _heads, _groups, _headDim, _layerNumber;
+    private readonly int _heads, _groups, _headDim;
     private readonly double _norm;
+    // The same values as Scalar fields for the libtorch calls (no implicit temporaries on the hot path).
+    private readonly Scalar _normScalar, _coeffScalar;
+    private static readonly Scalar NegativeInfinity = float.NegativeInfinity;
 
     public V2SelfAttention(GlmConfig c, int layerNumber, GlmBuildOptions o) : base("SelfAttention")
     {
         _heads = c.NumAttentionHeads;
-        _groups = c.MultiQueryAttention == true ? c.MultiQueryGroupNum ?? 1 : c.NumAttentionHeads;
+        _groups = c.KvGroups;
         _headDim = c.KvChannelsOrHeadDim;
-        _layerNumber = Math.Max(1, layerNumber);
+        int layer = Math.Max(1, layerNumber);
         long projection = (long)_heads * _headDim;
         long qkv = projection + 2L * _groups * _headDim;
         query_key_value = GlmLayers.Projection(c.HiddenSize, qkv, c.AddBiasLinear == true || c.AddQkvBias == true, o);
         dense = GlmLayers.Projection(projection, c.HiddenSize, c.AddBiasLinear == true, o);
         bool scaling = c.ApplyQueryKeyLayerScaling ?? true;
-        _norm = Math.Sqrt(_headDim) * (scaling ? _layerNumber : 1);
-        Coeff = scaling ? _layerNumber : 1;
+        _norm = Math.Sqrt(_headDim) * (scaling ? layer : 1);
+        Coeff = scaling ? layer : 1;
+        _normScalar = _norm;
+        _coeffScalar = Coeff;
         RegisterComponents();
     }
 
@@ -199,10 +205,10 @@ internal sealed class V2SelfAttention : nn.Module
             vs = v.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
         }
         var qs = q.reshape(s, b * _heads, _headDim).transpose(0, 1);
-        var scores = qs.bmm(ks.transpose(1, 2)).div(_norm).view(b, _heads, s, sk).to(ScalarType.Float32);
-        if (Coeff != 1) scores = scores.mul(Coeff);
+        var scores = qs.bmm(ks.transpose(1, 2)).div(_normScalar).view(b, _heads, s, sk).to(ScalarType.Float32);
+        if (Coeff != 1) scores = scores.mul(_coeffScalar);
         if (mask is null && s == sk) mask = ones(new[] { s, sk }, dtype: ScalarType.Bool, device: x.device).tril().logical_not().view(1, 1, s, sk);
-        if (mask is not null) scores = scores.masked_fill(mask, float.NegativeInfinity);
+        if (mask is not null) scores = scores.masked_fill(mask, NegativeInfinity);
         var probs = scores.softmax(-1).to(v.dtype);
         var flat = probs.view(b * _heads, s, sk);
         var context = flat.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
