@@ -33,6 +33,13 @@ internal static unsafe class CpuGemv
 {
     private const int PrefetchBytes = 4096;
 
+    /// <summary>
+    /// The int4 VNNI loops prefetch into L2 (<c>prefetcht1</c>) two pages ahead: measured on the 2-core Xeon VM over a
+    /// 1.5 GB int4 matrix in five interleaved runs, 5–20 % faster than <c>prefetcht0</c> one page ahead (the L1 fill
+    /// buffers are few; L2's queue holds more lines in flight).
+    /// </summary>
+    private const int VnniPrefetchBytes = 8192;
+
     /// <summary>True when this CPU runs the vectorised kernels (AVX-512 F/BW); elsewhere libtorch's kernels are used.</summary>
     internal static bool IsSupported => Avx512F.IsSupported && Avx512BW.IsSupported;
 
@@ -439,7 +446,7 @@ internal static unsafe class CpuGemv
         int p = 0;
         for (; p + 2 <= pairs; p += 2)
         {
-            Sse.Prefetch0(w + p * 32 + PrefetchBytes);
+            Sse.Prefetch1(w + p * 32 + VnniPrefetchBytes);
             var v0 = Vector256.Load(w + p * 32) ^ flip;
             var v1 = Vector256.Load(w + p * 32 + 32) ^ flip;
             var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
@@ -471,7 +478,7 @@ internal static unsafe class CpuGemv
             var f = Vector256<float>.Zero;
             for (int p1 = p + pairsPerGroup; p < p1; p++)
             {
-                Sse.Prefetch0(w + p * 32 + PrefetchBytes);
+                Sse.Prefetch1(w + p * 32 + VnniPrefetchBytes);
                 var v = Vector256.Load(w + p * 32);
                 var a = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
                 a = AvxVnni.MultiplyWideningAndAdd(a, v & mask, Vector256.Load(xq + p * 64 + 32));

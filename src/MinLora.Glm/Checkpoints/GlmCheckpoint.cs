@@ -43,6 +43,10 @@ public sealed record GlmLoadOptions
 
     /// <summary>Reports progress as (files done, files total).</summary>
     public IProgress<(int Done, int Total)>? Progress { get; init; }
+
+    /// <summary>Place the large CPU weights on transparent huge pages (see <see cref="GlmBuildOptions.HugePages"/>).</summary>
+    /// <value>The default value is true.</value>
+    public bool HugePages { get; init; } = true;
 }
 
 /// <summary>What was loaded, for logs and checks.</summary>
@@ -92,6 +96,7 @@ public static partial class GlmCheckpoint
             QuantizeEmbeddings = config.QuantizationEmbeddings,
             QuantizeLmHead = config.QuantizeLmHead == true && config.QuantizationBit > 0,
             QuantizedLayer = options.Quantization?.Layer,
+            HugePages = options.HugePages,
         };
         var model = new GlmForCausalLM(config, build);
         try

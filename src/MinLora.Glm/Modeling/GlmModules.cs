@@ -49,6 +49,14 @@ public sealed record GlmBuildOptions(ScalarType Dtype = ScalarType.Float32, Devi
     /// </summary>
     /// <value>The default value is false.</value>
     public bool QuantizeEmbeddings { get; init; }
+
+    /// <summary>
+    /// Place the large CPU weights on transparent huge pages (<see cref="MinLora.Quantization.CpuMemory.UseHugePages(nn.Module)"/>):
+    /// decoding streams every weight once per token, and 2 MiB pages spare a page walk per 4 KiB. Best effort; ignored
+    /// on other devices and operating systems.
+    /// </summary>
+    /// <value>The default value is true.</value>
+    public bool HugePages { get; init; } = true;
 }
 
 /// <summary>Factories that allocate parameters directly where they belong (no CPU detour, no init when empty).</summary>
