@@ -70,18 +70,10 @@ internal static unsafe class CpuGemv
         {
             fixed (float* pd = xd, ps = sums)
             {
+                Deinterleave(x, rows, k, pd);
                 for (int r = 0; r < rows; r++)
                 {
                     float* src = x + (long)r * k;
-                    float* dst = pd + (long)r * chunks * 32;
-                    for (int c = 0; c < chunks; c++)
-                    {
-                        for (int i = 0; i < 16; i++)
-                        {
-                            dst[c * 32 + i] = src[c * 32 + 2 * i];
-                            dst[c * 32 + 16 + i] = src[c * 32 + 2 * i + 1];
-                        }
-                    }
                     for (int g = 0; g < groups; g++)
                     {
                         double s = 0;
@@ -113,6 +105,25 @@ internal static unsafe class CpuGemv
         {
             pool.Return(xd);
             pool.Return(sums);
+        }
+    }
+
+    /// <summary>Each row's full 32-column chunks of x as [16 even | 16 odd] into <paramref name="dst"/> [rows, k/32·32].</summary>
+    private static void Deinterleave(float* x, int rows, int k, float* dst)
+    {
+        int chunks = k / 32;
+        for (int r = 0; r < rows; r++)
+        {
+            float* src = x + (long)r * k;
+            float* d = dst + (long)r * chunks * 32;
+            for (int c = 0; c < chunks; c++)
+            {
+                for (int i = 0; i < 16; i++)
+                {
+                    d[c * 32 + i] = src[c * 32 + 2 * i];
+                    d[c * 32 + 16 + i] = src[c * 32 + 2 * i + 1];
+                }
+            }
         }
     }
 
@@ -309,52 +320,86 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>A bfloat16 product [N, K] (float32 activations, bias N float32 or null).</summary>
+    /// <remarks>
+    /// 32 bf16 weights loaded as 16 uint32 lanes hold columns 2j (low half) and 2j+1 (high half): a shift left by 16
+    /// and a mask of the low half give both as exact float32, one instruction per 16 weights, against activations
+    /// de-interleaved once per call like the int4 kernel's. Measured on the 2-core Xeon VM over 1.5 GB (three runs):
+    /// 20–22 GB/s against 18–18.6 for widening each 16 weights (<c>vpmovzxwd</c> + shift); a plain read 21–23.
+    /// </remarks>
     internal static void BFloat16(float* x, int rows, int k, ushort* w, float* bias, float* y, int n)
     {
-        var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Bias = bias, Y = y, N = n };
-        Run(ref job, &BFloat16Block);
+        float[] xd = ArrayPool<float>.Shared.Rent(rows * (k / 32) * 32 + 1);
+        try
+        {
+            fixed (float* pd = xd)
+            {
+                Deinterleave(x, rows, k, pd);
+                var job = new Job { X = x, Xd = pd, Rows = rows, K = k, W = (byte*)w, Bias = bias, Y = y, N = n };
+                Run(ref job, &BFloat16Block);
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(xd);
+        }
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void BFloat16Block(in Job j, int n0, int n1)
     {
-        int k = j.K;
+        int k = j.K, full = k / 32 * 32;
         for (int n = n0; n < n1; n++)
         {
             ushort* w = (ushort*)j.W + (long)n * k;
             float b = j.Bias == null ? 0f : j.Bias[n];
             for (int r = 0; r < j.Rows; r++)
-                j.Y[(long)r * j.N + n] = DotBf16(j.X + (long)r * k, w, k) + b;
+                j.Y[(long)r * j.N + n] = DotBf16(j.Xd + (long)r * full, j.X + (long)r * k, w, k) + b;
         }
     }
 
-    /// <summary>Σ x·w with w bfloat16: a bf16 is the top half of a float32, so widening and a shift convert it exactly.</summary>
+    /// <summary>
+    /// Σ x·w with w bfloat16 (a bf16 is the top half of a float32, so the conversion is exact): full 32-column chunks
+    /// against <paramref name="xd"/> ([16 even | 16 odd] per chunk), the columns past them against <paramref name="x"/>.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
-    private static float DotBf16(float* x, ushort* w, int k)
+    private static float DotBf16(float* xd, float* x, ushort* w, int k)
     {
         int i = 0;
         float sum = 0;
         if (IsSupported)
         {
-            Vector512<float> a0 = default, a1 = default;
-            for (; i + 32 <= k; i += 32)
+            var high = Vector512.Create(0xFFFF0000u);
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            for (; i + 64 <= k; i += 64)
             {
-                Sse.Prefetch0(w + i + PrefetchBytes / 2);
-                Sse.Prefetch0(w + i + PrefetchBytes / 2 + 32);
-                a0 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i), Avx512F.LoadVector512(x + i), a0);
-                a1 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i + 16), Avx512F.LoadVector512(x + i + 16), a1);
+                Sse.Prefetch0((byte*)(w + i) + PrefetchBytes);
+                Sse.Prefetch0((byte*)(w + i) + PrefetchBytes + 64);
+                var v0 = Vector512.Load((uint*)(w + i));
+                var v1 = Vector512.Load((uint*)(w + i + 32));
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v0, 16).AsSingle(), Avx512F.LoadVector512(xd + i), a0);
+                a1 = Avx512F.FusedMultiplyAdd((v0 & high).AsSingle(), Avx512F.LoadVector512(xd + i + 16), a1);
+                a2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v1, 16).AsSingle(), Avx512F.LoadVector512(xd + i + 32), a2);
+                a3 = Avx512F.FusedMultiplyAdd((v1 & high).AsSingle(), Avx512F.LoadVector512(xd + i + 48), a3);
             }
-            for (; i + 16 <= k; i += 16)
-                a0 = Avx512F.FusedMultiplyAdd(WidenBf16(w + i), Avx512F.LoadVector512(x + i), a0);
-            sum = Vector512.Sum(a0 + a1);
+            if (i + 32 <= k)
+            {
+                var v = Vector512.Load((uint*)(w + i));
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), Avx512F.LoadVector512(xd + i), a0);
+                a1 = Avx512F.FusedMultiplyAdd((v & high).AsSingle(), Avx512F.LoadVector512(xd + i + 16), a1);
+                i += 32;
+            }
+            sum = Vector512.Sum((a0 + a1) + (a2 + a3));
         }
-        for (; i < k; i++) sum += x[i] * BitConverter.UInt32BitsToSingle((uint)w[i] << 16);
+        else
+        {
+            // Without AVX-512 nobody calls this (IsSupported gates every caller); keep the scalar form exact anyway.
+            for (; i + 32 <= k; i += 32)
+                for (int l = 0; l < 16; l++)
+                    sum += xd[i + l] * Bf16(w[i + 2 * l]) + xd[i + 16 + l] * Bf16(w[i + 2 * l + 1]);
+        }
+        for (; i < k; i++) sum += x[i] * Bf16(w[i]);
         return sum;
     }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> WidenBf16(ushort* p) =>
-        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Widen8(sbyte* p) =>

@@ -157,6 +157,8 @@ public class CpuGemvTests
     [InlineData(5, 1)]
     [InlineData(130, 4100)]
     [InlineData(64, 32)]
+    [InlineData(40, 96)]    // one 64-column step, then one 32-column chunk
+    [InlineData(17, 200)]   // three 64-column steps and an 8-column tail
     public void BFloat16Linear_EqualsFloat64Reference(long n, long k)
     {
         manual_seed(105 + n);
