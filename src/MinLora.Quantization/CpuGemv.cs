@@ -128,7 +128,7 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>True when the int8-activation int4 kernel can run (AVX-VNNI, 256-bit).</summary>
-    internal static bool VnniSupported => IsSupported && AvxVnni.IsSupported && Avx2.IsSupported;
+    internal static bool VnniSupported => IsSupported && AvxVnni.IsSupported && Avx2.IsSupported && Avx512F.VL.IsSupported;
 
     /// <summary>
     /// int4 × int8: the activations are quantized per 32-column block (symmetric, scale max|x|/127, round to nearest),
@@ -486,30 +486,38 @@ internal static unsafe class CpuGemv
     private static float SignedRowDot(byte* w, sbyte* xq, float* xs, int pairs)
     {
         var mask = Vector256.Create((byte)15);
-        var flip = Vector256.Create((byte)0x88);
+        var eight = Vector256.Create((byte)8);
         Vector256<float> f0 = default, f1 = default;
         int p = 0;
         for (; p + 2 <= pairs; p += 2)
         {
             Sse.Prefetch1(w + p * 32 + VnniPrefetchBytes);
-            var v0 = Vector256.Load(w + p * 32) ^ flip;
-            var v1 = Vector256.Load(w + p * 32 + 32) ^ flip;
-            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
-            var a1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v1.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64 + 64));
-            a0 = AvxVnni.MultiplyWideningAndAdd(a0, v0 & mask, Vector256.Load(xq + p * 64 + 32));
-            a1 = AvxVnni.MultiplyWideningAndAdd(a1, v1 & mask, Vector256.Load(xq + p * 64 + 96));
+            var v0 = Vector256.Load(w + p * 32);
+            var v1 = Vector256.Load(w + p * 32 + 32);
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Nibble(Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte(), mask, eight), Vector256.Load(xq + p * 64));
+            var a1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Nibble(Vector256.ShiftRightLogical(v1.AsUInt16(), 4).AsByte(), mask, eight), Vector256.Load(xq + p * 64 + 64));
+            a0 = AvxVnni.MultiplyWideningAndAdd(a0, Nibble(v0, mask, eight), Vector256.Load(xq + p * 64 + 32));
+            a1 = AvxVnni.MultiplyWideningAndAdd(a1, Nibble(v1, mask, eight), Vector256.Load(xq + p * 64 + 96));
             f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Load(xs + p * 8), f0);
             f1 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a1), Vector256.Load(xs + p * 8 + 8), f1);
         }
         for (; p < pairs; p++)
         {
-            var v0 = Vector256.Load(w + p * 32) ^ flip;
-            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
-            a0 = AvxVnni.MultiplyWideningAndAdd(a0, v0 & mask, Vector256.Load(xq + p * 64 + 32));
+            var v0 = Vector256.Load(w + p * 32);
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Nibble(Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte(), mask, eight), Vector256.Load(xq + p * 64));
+            a0 = AvxVnni.MultiplyWideningAndAdd(a0, Nibble(v0, mask, eight), Vector256.Load(xq + p * 64 + 32));
             f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Load(xs + p * 8), f0);
         }
         return Vector256.Sum(f0 + f1);
     }
+
+    /// <summary>
+    /// u = (v &amp; 0x0F) ^ 0x08 per byte in one <c>vpternlogd</c> (truth table 0x6A = (A &amp; B) ^ C with A = 0xF0, B = 0xCC, C = 0xAA): the low nibble
+    /// of a signed ChatGLM code flipped to its offset-8 value, one instruction instead of an XOR and an AND.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<byte> Nibble(Vector256<byte> v, Vector256<byte> mask, Vector256<byte> eight) =>
+        Avx512F.VL.TernaryLogic(v, mask, eight, 0x6A);
 
     /// <summary>Σ_g s_g·Σ sx·Σ(u·xq) over a grouped row (unsigned nibbles, bf16 group scales; groups of ≥ 64 columns).</summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
