@@ -20,9 +20,9 @@ namespace MinLora.Quantization;
 /// even/odd halves of each 32-column chunk so that a byte's high nibble meets column 2j and its low nibble 2j+1).
 /// </para>
 /// <para>
-/// int8 and bf16 weights: float32 arithmetic on the exact stored values, the activations not rounded to bfloat16, so
-/// the result is closer to the float64 reference than libtorch's bf16 kernels. int4 on AVX-VNNI CPUs: int8
-/// activations by default (<see cref="Int4Vnni"/>), float32 otherwise. Per group the int4 sum is
+/// bf16 weights, and int8/int4 weights with float32 activations: float32 arithmetic on the exact stored values, the
+/// activations not rounded to bfloat16, so the result is closer to the float64 reference than libtorch's bf16 kernels.
+/// int8 and int4 on AVX-VNNI CPUs: int8 activations by default (<see cref="Int8Vnni"/>, <see cref="Int4Vnni"/>). Per group the int4 sum is
 /// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by an XOR with 0x88,
 /// one group per row and z = 0.
 /// </para>
@@ -43,9 +43,18 @@ internal static unsafe class CpuGemv
     /// <summary>True when this CPU runs the vectorised kernels (AVX-512 F/BW); elsewhere libtorch's kernels are used.</summary>
     internal static bool IsSupported => Avx512F.IsSupported && Avx512BW.IsSupported;
 
-    /// <summary>An int8 per-row product. <paramref name="scales"/>: N float32; <paramref name="bias"/>: N float32 or null.</summary>
-    internal static void Int8(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+    /// <summary>
+    /// An int8 per-row product. <paramref name="scales"/>: N float32; <paramref name="bias"/>: N float32 or null.
+    /// With <paramref name="int8Activations"/> on AVX-VNNI CPUs the activations are quantized per 32-column block and
+    /// multiplied with integer dot products (<see cref="Int8Vnni"/>); otherwise float32 on the exact stored values.
+    /// </summary>
+    internal static void Int8(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n, bool int8Activations = false)
     {
+        if (int8Activations && VnniSupported && k >= 32)
+        {
+            Int8Vnni(x, rows, k, w, scales, bias, y, n);
+            return;
+        }
         var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
         Run(ref job, &Int8Block);
     }
@@ -278,6 +287,107 @@ internal static unsafe class CpuGemv
             int n0 = b * per, n1 = Math.Min(n, n0 + per);
             if (n0 < n1) ((delegate*<in Job, int, int, void>)fn)(copy, n0, n1);
         });
+    }
+
+    /// <summary>
+    /// int8 × int8: the activations are quantized per 32-column block (symmetric, max|x|/127, round to nearest even)
+    /// and each 32 weights meet their block in one <c>vpdpbusd</c>, which wants one unsigned operand: the weights are
+    /// flipped to w + 128 by an XOR with 0x80 and Σ 128·xq per block is taken off again (computed from the quantized
+    /// values, so it cancels exactly). 4 instructions per 32 weights against 6 for float32 conversion; measured over a
+    /// 1.5 GB int8 matrix set on the 2-core Xeon VM: 14.4 against 12.5 GB/s. Added error: at most max|x_block|/254 per
+    /// activation. Columns past the last full block are computed exactly in float32.
+    /// </summary>
+    private static void Int8Vnni(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+    {
+        int blocks = k / 32;
+        var bytePool = ArrayPool<sbyte>.Shared;
+        var floatPool = ArrayPool<float>.Shared;
+        sbyte[] xq = bytePool.Rent(rows * blocks * 32 + 32);
+        float[] xs = floatPool.Rent(rows * blocks + 1);
+        float[] offsets = floatPool.Rent(rows + 1);
+        try
+        {
+            fixed (sbyte* pq = xq)
+            fixed (float* ps = xs, po = offsets)
+            {
+                for (int r = 0; r < rows; r++)
+                    QuantizeBlocks(x + (long)r * k, blocks, pq + (long)r * blocks * 32, ps + (long)r * blocks, po + r);
+                var job = new Job { X = x, Xq = pq, XScales = ps, Sums = po, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
+                Run(ref job, &Int8VnniBlock);
+            }
+        }
+        finally
+        {
+            bytePool.Return(xq);
+            floatPool.Return(xs);
+            floatPool.Return(offsets);
+        }
+    }
+
+    /// <summary>One row of activations → int8 per 32-column block in column order, the block scales, and Σ_b 128·s_b·Σ xq_b.</summary>
+    private static void QuantizeBlocks(float* x, int blocks, sbyte* q, float* scales, float* offset)
+    {
+        float total = 0;
+        for (int b = 0; b < blocks; b++)
+        {
+            float* src = x + b * 32;
+            var m = Vector256.Max(Vector256.Max(Vector256.Abs(Vector256.Load(src)), Vector256.Abs(Vector256.Load(src + 8))),
+                Vector256.Max(Vector256.Abs(Vector256.Load(src + 16)), Vector256.Abs(Vector256.Load(src + 24))));
+            float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
+            float scale = amax / 127f;
+            float inv = amax > 0 ? 127f / amax : 0f;
+            int sum = 0;
+            for (int i = 0; i < 32; i++)
+            {
+                int v = (int)MathF.Round(src[i] * inv);
+                q[b * 32 + i] = (sbyte)v;
+                sum += v;
+            }
+            scales[b] = scale;
+            total += scale * sum;
+        }
+        *offset = 128f * total;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Int8VnniBlock(in Job j, int n0, int n1)
+    {
+        int k = j.K, blocks = k / 32;
+        for (int n = n0; n < n1; n++)
+        {
+            sbyte* w = (sbyte*)j.W + (long)n * k;
+            float b = j.Bias == null ? 0f : j.Bias[n];
+            for (int r = 0; r < j.Rows; r++)
+            {
+                float dot = Int8RowDot(w, j.Xq + (long)r * blocks * 32, j.XScales + (long)r * blocks, blocks) - j.Sums[r];
+                float* x = j.X + (long)r * k;
+                for (int c = blocks * 32; c < k; c++) dot += x[c] * w[c];
+                j.Y[(long)r * j.N + n] = dot * j.Scales[n] + b;
+            }
+        }
+    }
+
+    /// <summary>Σ_b s_b·Σ((w + 128)·xq) over the full 32-column blocks of one int8 row, two blocks per iteration.</summary>
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static float Int8RowDot(sbyte* w, sbyte* xq, float* xs, int blocks)
+    {
+        var flip = Vector256.Create((byte)0x80);
+        Vector256<float> f0 = default, f1 = default;
+        int b = 0;
+        for (; b + 2 <= blocks; b += 2)
+        {
+            Sse.Prefetch1((byte*)w + b * 32 + VnniPrefetchBytes);
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32) ^ flip, Vector256.Load(xq + b * 32));
+            var a1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32 + 32) ^ flip, Vector256.Load(xq + b * 32 + 32));
+            f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Create(xs[b]), f0);
+            f1 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a1), Vector256.Create(xs[b + 1]), f1);
+        }
+        if (b < blocks)
+        {
+            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32) ^ flip, Vector256.Load(xq + b * 32));
+            f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Create(xs[b]), f0);
+        }
+        return Vector256.Sum(f0 + f1);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -209,7 +209,7 @@ internal sealed class KernelPlan : IDisposable
             switch (format)
             {
                 case QuantizationFormat.Int8PerRow:
-                    MinLora.Quantization.CpuGemv.Int8(x, rows, k, (sbyte*)w, (float*)ps, b, y, n);
+                    MinLora.Quantization.CpuGemv.Int8(x, rows, k, (sbyte*)w, (float*)ps, b, y, n, int8Activations);
                     break;
                 case QuantizationFormat.Int4PerRowChatGlm:
                     MinLora.Quantization.CpuGemv.Int4(x, rows, k, (byte*)w, k, null, null, (float*)ps, true, b, y, n, int8Activations);

@@ -53,8 +53,9 @@ public class CpuGemvTests
             Assert.Equal(QuantizedKernel.CpuGemv, q.Kernel);
             using var deq = q.Dequantize(ScalarType.Float64);
             using var bias = linear.bias!.to(ScalarType.Float64);
-            bool vnni = int8Activations && CpuGemv.VnniSupported && format != QuantizationFormat.Int8PerRow && k >= 64 &&
-                (format == QuantizationFormat.Int4PerRowChatGlm || group % 64 == 0);
+            bool vnni = int8Activations && CpuGemv.VnniSupported && (format == QuantizationFormat.Int8PerRow
+                ? k >= 32
+                : k >= 64 && (format == QuantizationFormat.Int4PerRowChatGlm || group % 64 == 0));
             bool exceededFloatBound = false;
             foreach (var rows in new[] { 1L, 3L, 8L })
             {
@@ -69,7 +70,7 @@ public class CpuGemvTests
                 var bound = floatBound;
                 if (vnni)
                 {
-                    long covered = k / 64 * 64;
+                    long covered = format == QuantizationFormat.Int8PerRow ? k / 32 * 32 : k / 64 * 64; // int8: 32-column blocks
                     using var blockMax = x64.narrow(1, 0, covered).abs().view(rows, covered / 32, 32).amax(new long[] { 2 }, keepdim: true)
                         .expand(rows, covered / 32, 32).reshape(rows, covered).div(254.0);
                     using var rounding = blockMax.matmul(deq.narrow(1, 0, covered).abs().t());
