@@ -1,6 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -87,7 +88,22 @@ internal static unsafe class FastDequantize
     private static void Int8Row(sbyte* q, ushort* o, long k, float scale)
     {
         long j = 0;
-        if (Vector256.IsHardwareAccelerated)
+        if (Avx512BW.IsSupported)
+        {
+            // 16 weights per step: sign-extend, convert, scale, round to bf16 in the integer lanes, narrow with vpmovdw
+            // (10 instructions; the 256-bit path below needs about twice that per 16). Same value, bit for bit.
+            var s = Vector512.Create(scale);
+            var half = Vector512.Create(0x7FFFu);
+            var one = Vector512.Create(1u);
+            for (; j + 32 <= k; j += 32)
+            {
+                var b0 = (Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j))) * s).AsUInt32();
+                var b1 = (Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j + 16))) * s).AsUInt32();
+                Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(b0 + half + (Vector512.ShiftRightLogical(b0, 16) & one), 16)).Store(o + j);
+                Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(b1 + half + (Vector512.ShiftRightLogical(b1, 16) & one), 16)).Store(o + j + 16);
+            }
+        }
+        else if (Vector256.IsHardwareAccelerated)
         {
             var s = Vector256.Create(scale);
             for (; j + 32 <= k; j += 32)

@@ -71,6 +71,25 @@ public class QuantizationMathTests
         Assert.True(excess <= 0, $"{format} {n}x{k}: bf16 dequantization off by {excess} beyond one rounding");
     }
 
+    /// <summary>
+    /// int8 → bfloat16 on the CPU is q·s computed in float32 and rounded once to nearest-even, bit for bit the same as
+    /// libtorch's float32 → bfloat16 conversion of that product (odd K: the vector loop and the scalar tail).
+    /// </summary>
+    [Theory]
+    [InlineData(7, 1000)]
+    [InlineData(33, 4099)]
+    [InlineData(3, 15)]
+    public void BFloat16Dequantize_Int8_EqualsFloat32ProductRoundedByLibtorch(long n, long k)
+    {
+        manual_seed(35);
+        using var w = randn(n, k).mul(3);
+        var q = QuantizationMath.Quantize(w, QuantizationFormat.Int8PerRow);
+        using var fast = QuantizationMath.Dequantize(q, ScalarType.BFloat16);
+        using var product = q.Weight.to(ScalarType.Float32).mul(q.Scale.to(ScalarType.Float32).unsqueeze(1));
+        using var reference = product.to(ScalarType.BFloat16);
+        Assert.True(T.Identical(reference, fast));
+    }
+
     [Fact]
     public void ChatGlmInt4Layout_MatchesThePublishedFormula_BitForBit()
     {
