@@ -153,7 +153,20 @@ internal static unsafe class FastDequantize
             byte* src = packed + g * (group / 2);
             ushort* dst = o + g * group;
             long bytes = group / 2, j = 0;
-            if (Vector256.IsHardwareAccelerated)
+            if (Avx512F.IsSupported)
+            {
+                // 16 packed bytes → 16 uint32 lanes (vpmovzxbd); vpermd reads only an index's low 4 bits, so the high
+                // nibble (b >> 4) picks column 2j's bf16 into the low half and the byte itself picks column 2j+1's
+                // (pre-shifted table) into the high half: 5 instructions per 32 weights, output in column order.
+                var high = Avx512F.ConvertToVector512UInt32(Vector256.Load(lut));
+                var low = Avx512F.ShiftLeftLogical(high, 16);
+                for (; j + 16 <= bytes; j += 16)
+                {
+                    var b = Avx512F.ConvertToVector512UInt32(Vector128.Load(src + j));
+                    (Avx512F.PermuteVar16x32(high, Avx512F.ShiftRightLogical(b, 4)) | Avx512F.PermuteVar16x32(low, b)).AsUInt16().Store(dst + 2 * j);
+                }
+            }
+            else if (Vector256.IsHardwareAccelerated)
             {
                 var table = Vector256.Load(lut); // the 16 entries
                 for (; j + 16 <= bytes; j += 16)

@@ -90,6 +90,27 @@ public class QuantizationMathTests
         Assert.True(T.Identical(reference, fast));
     }
 
+    /// <summary>
+    /// The SIMD bfloat16 dequantization equals the float32 dequantization rounded once by libtorch, bit for bit, in every
+    /// format (int4: group tables looked up per nibble; odd group counts and a K that leaves a 16-byte remainder).
+    /// </summary>
+    [Theory]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 5, 4098, 0)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 3, 20, 0)]
+    [InlineData(QuantizationFormat.Int4Grouped, 9, 96, 32)]
+    [InlineData(QuantizationFormat.Int4Grouped, 4, 768, 256)]
+    [InlineData(QuantizationFormat.Int8PerRow, 6, 77, 0)]
+    public void BFloat16Dequantize_EqualsFloat32DequantizeRoundedByLibtorch(QuantizationFormat format, long n, long k, int group)
+    {
+        manual_seed(36);
+        using var w = randn(n, k);
+        var q = QuantizationMath.Quantize(w, format, group == 0 ? 128 : group);
+        using var fast = QuantizationMath.Dequantize(q, ScalarType.BFloat16);
+        using var f32 = QuantizationMath.Dequantize(q, ScalarType.Float32);
+        using var reference = f32.to(ScalarType.BFloat16);
+        Assert.True(T.Identical(reference, fast));
+    }
+
     [Fact]
     public void ChatGlmInt4Layout_MatchesThePublishedFormula_BitForBit()
     {
