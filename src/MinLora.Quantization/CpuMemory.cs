@@ -65,13 +65,7 @@ public static partial class CpuMemory
         return IsSupported ? Place(tensor, new HashSet<nint>()) : 0;
     }
 
-    /// <summary>
-    /// Asks for huge pages on a freshly allocated tensor that has not been written yet (a preallocated cache): the
-    /// pages come as huge ones when first touched, and untouched capacity costs nothing. Best effort.
-    /// </summary>
-    internal static long AdviseFresh(Tensor tensor) => IsSupported ? Place(tensor, new HashSet<nint>(), collapse: false) : 0;
-
-    private static unsafe long Place(Tensor t, HashSet<nint> seen, bool collapse = true)
+    private static long Place(Tensor t, HashSet<nint> seen)
     {
         if (t.device_type != DeviceType.CPU || !t.is_contiguous()) return 0;
         long bytes = t.numel() * t.element_size();
@@ -85,7 +79,7 @@ public static partial class CpuMemory
         if (madvise((nint)first, length, MadvHugePage) != 0) return 0;
         // Pages written before the advice stay 4 KiB until khugepaged gets to them (minutes to hours): collapse now.
         // EINVAL (kernel before 6.1) or EAGAIN/ENOMEM (no free huge pages) leave the advice for later faults only.
-        if (collapse) madvise((nint)first, length, MadvCollapse);
+        madvise((nint)first, length, MadvCollapse);
         return end - first;
     }
 
