@@ -101,6 +101,6 @@ public static partial class CpuMemory
         }
     }
 
-    [LibraryImport("libc", EntryPoint = "madvise", SetLastError = true)]
+    [LibraryImport("libc", EntryPoint = "madvise")]
     private static partial int madvise(nint address, nuint length, int advice);
 }

@@ -295,14 +295,11 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <summary>
     /// Rebuilds the fused-kernel form of the weight from the stored buffers and chooses the kernel for this device
     /// (checking libtorch's kernels once against the dequantize path). Call it after writing into the buffers directly.
-    /// A layer that decodes on MinLora's CPU kernel also gets its weight placed on huge pages
-    /// (<see cref="CpuMemory.UseHugePages(Tensor)"/>): that kernel streams the whole weight for every token.
     /// </summary>
     public void RefreshKernel()
     {
         DropPlan();
         _kernel = KernelPlan.Choose(this);
-        if (_kernel.Kind == QuantizedKernel.CpuGemv) CpuMemory.UseHugePages(weight);
     }
 
     /// <summary>Disposes the kernel plan, leaving the unbuilt one in place first (never a disposed plan, even if what follows throws).</summary>

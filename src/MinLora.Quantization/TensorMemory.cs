@@ -9,6 +9,13 @@ internal static unsafe class TensorMemory
     /// <summary>The address of the first element. The storage is native memory and does not move while the tensor lives.</summary>
     internal static nint Pointer(Tensor t)
     {
+        // TorchSharp's byte span refuses tensors over int.MaxValue bytes (a GLM-4 embedding in float32 is 2.5 GB):
+        // the first element's one-element view starts at the same address.
+        if (t.numel() * t.element_size() > int.MaxValue)
+        {
+            using var first = t.view(-1).narrow(0, 0, 1);
+            return Pointer(first);
+        }
         fixed (byte* p = &MemoryMarshal.GetReference(t.bytes)) return (nint)p;
     }
 }

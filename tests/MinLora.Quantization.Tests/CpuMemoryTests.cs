@@ -80,11 +80,13 @@ public class CpuMemoryTests
     {
         if (!CpuGemv.IsSupported) return;
         manual_seed(302);
-        // int8 4100 × 2048: 8.4 MB of codes, so RefreshKernel places them; N not a multiple of the kernel's blocks.
+        // int8 4100 × 2048: 8.4 MB of codes, placed after quantization; N not a multiple of the kernel's blocks.
         using var linear = nn.Linear(2048, 4100);
         // float32 activations: this test is about placement, so the product is the exact-values one.
         using var q = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow, 128, new QuantizedLinearOptions { Int8Activations = false });
         Assert.Equal(QuantizedKernel.CpuGemv, q.Kernel);
+        long placed = q.UseHugePages();
+        if (CpuMemory.IsSupported) Assert.InRange(placed, 4100L * 2048 - 2 * (2L << 20), 4100L * 2048);
         using var x = randn(3, 2048);
         using var y = q.call(x);
         using var deq = q.Dequantize(ScalarType.Float64);
@@ -93,5 +95,18 @@ public class CpuMemoryTests
         using var bound = x.to(ScalarType.Float64).abs().matmul(deq.abs().t()).mul(1e-5).add(1e-6);
         using var excess = (y.to(ScalarType.Float64) - reference).abs() - bound;
         Assert.True(excess.max().item<double>() <= 0);
+    }
+
+    [Fact]
+    public void PointerOfATensorOverTwoGigabytes_IsItsFirstElement()
+    {
+        // TorchSharp's byte span stops at int.MaxValue bytes; the address must still come out (as a GLM-4 float32
+        // embedding needs). empty() reserves the memory without touching it, so this costs no RSS.
+        using var big = empty(new long[] { (long)int.MaxValue + 4097 }, dtype: ScalarType.Byte);
+        nint start = TensorMemory.Pointer(big);
+        using var head = big.narrow(0, 0, 16);
+        using var later = big.narrow(0, 4096, 16);
+        Assert.Equal(TensorMemory.Pointer(head), start);
+        Assert.Equal(start + 4096, TensorMemory.Pointer(later));
     }
 }

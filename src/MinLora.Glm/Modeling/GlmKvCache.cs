@@ -98,7 +98,7 @@ internal sealed class KvStorage
     internal long Used { get; private set; }
 
     /// <summary>Room for <paramref name="needed"/> positions and some more (growth in steps of 256 positions).</summary>
-    internal static KvStorage Allocate(int layers, long needed, long batch, long heads, long headDim, ScalarType dtype, Device device)
+    internal static KvStorage Allocate(int layers, long needed, long batch, long heads, long headDim, ScalarType dtype, Device device, bool hugePages)
     {
         long capacity = (needed + 256) / 256 * 256;
         var keys = new Tensor[layers];
@@ -108,8 +108,11 @@ internal sealed class KvStorage
             keys[i] = empty(new[] { batch, heads, capacity, headDim }, dtype: dtype, device: device).DetachFromDisposeScope();
             values[i] = empty(new[] { batch, heads, capacity, headDim }, dtype: dtype, device: device).DetachFromDisposeScope();
             // Every step reads the whole cache of every layer (0.46 GB at 1,024 positions for ChatGLM-6B).
-            MinLora.Quantization.CpuMemory.UseHugePages(keys[i]);
-            MinLora.Quantization.CpuMemory.UseHugePages(values[i]);
+            if (hugePages)
+            {
+                MinLora.Quantization.CpuMemory.UseHugePages(keys[i]);
+                MinLora.Quantization.CpuMemory.UseHugePages(values[i]);
+            }
         }
         return new KvStorage(keys, values, capacity);
     }
@@ -119,14 +122,14 @@ internal sealed class KvStorage
     /// extends the newest cache of them (in place), else new buffers (<paramref name="fresh"/>: held by the caller
     /// until the returned cache holds them; each layer's past is copied in by <see cref="Slot"/>).
     /// </summary>
-    internal static KvStorage Acquire(GlmKvCache? past, long pastLength, long s, long batch, int layers, long heads, long headDim, ScalarType dtype, Device device, out bool fresh)
+    internal static KvStorage Acquire(GlmKvCache? past, long pastLength, long s, long batch, int layers, long heads, long headDim, ScalarType dtype, Device device, bool hugePages, out bool fresh)
     {
         if (past is not null && past.Storage.TryClaim(pastLength, pastLength + s, batch, dtype, device))
         {
             fresh = false;
             return past.Storage;
         }
-        var storage = Allocate(layers, pastLength + s, batch, heads, headDim, dtype, device);
+        var storage = Allocate(layers, pastLength + s, batch, heads, headDim, dtype, device, hugePages);
         storage.AddRef();
         fresh = true;
         return storage;

@@ -16,10 +16,12 @@ public sealed class GlmModel : nn.Module
     private readonly nn.Module<Tensor, Tensor> final_layernorm;
     private readonly PrefixEncoder? prefix_encoder;
     private readonly GlmConfig _config;
+    private readonly bool _hugePages;
 
     internal GlmModel(GlmConfig config, GlmBuildOptions o) : base("ChatGLMModel")
     {
         _config = config;
+        _hugePages = o.HugePages;
         word_embeddings = GlmLayers.Embedding(config.VocabSize, config.HiddenSize, o);
         for (int i = 0; i < config.NumLayers; i++) layers.Add(new GlmBlock(config, i, o));
         final_layernorm = GlmLayers.LayerNorm(config.HiddenSize, config.LayernormEpsilon, o);
@@ -80,7 +82,7 @@ public sealed class GlmModel : nn.Module
         // new buffers with the past copied in (first call, a P-tuning prefix, or a branch from an older cache).
         bool fresh = false;
         var storage = useCache
-            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.NumAttentionHeads, _config.HeadDim, h.dtype, h.device, out fresh)
+            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.NumAttentionHeads, _config.HeadDim, h.dtype, h.device, _hugePages, out fresh)
             : null;
         if (past is not null)
         {

@@ -51,9 +51,10 @@ public sealed record GlmBuildOptions(ScalarType Dtype = ScalarType.Float32, Devi
     public bool QuantizeEmbeddings { get; init; }
 
     /// <summary>
-    /// Place the large CPU weights on transparent huge pages (<see cref="MinLora.Quantization.CpuMemory.UseHugePages(nn.Module)"/>):
-    /// decoding streams every weight once per token, and 2 MiB pages spare a page walk per 4 KiB. Best effort; ignored
-    /// on other devices and operating systems.
+    /// Place the large CPU weights (when built, and after a load quantizes them) and the KV cache of generation on
+    /// transparent huge pages (<see cref="MinLora.Quantization.CpuMemory.UseHugePages(nn.Module)"/>): decoding streams
+    /// every weight once per token, and 2 MiB pages spare a page walk per 4 KiB. Best effort; ignored on other devices
+    /// and operating systems. A model quantized later with <c>Quantize</c> can call <c>UseHugePages()</c> itself.
     /// </summary>
     /// <value>The default value is true.</value>
     public bool HugePages { get; init; } = true;

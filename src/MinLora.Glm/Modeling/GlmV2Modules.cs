@@ -315,9 +315,12 @@ internal sealed class GlmV2Model : nn.Module
     private readonly PrefixEncoder? prefix_encoder;
     private readonly GlmConfig _config;
 
+    private readonly bool _hugePages;
+
     public GlmV2Model(GlmConfig c, GlmBuildOptions o) : base("ChatGLMModel")
     {
         _config = c;
+        _hugePages = o.HugePages;
         embedding = new V2Embedding(c, o);
         rotary_pos_emb = new V2Rotary(c.KvChannelsOrHeadDim / 2, c.RopeRatio ?? 1.0, o);
         encoder = new V2Encoder(c, o);
@@ -361,7 +364,7 @@ internal sealed class GlmV2Model : nn.Module
         }
         bool fresh = false;
         var storage = useCache
-            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.KvGroups, _config.KvChannelsOrHeadDim, h.dtype, h.device, out fresh)
+            ? KvStorage.Acquire(past, pastLength, s, b, _config.NumLayers, _config.KvGroups, _config.KvChannelsOrHeadDim, h.dtype, h.device, _hugePages, out fresh)
             : null;
         try
         {
