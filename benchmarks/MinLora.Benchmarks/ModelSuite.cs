@@ -391,14 +391,8 @@ internal static class ModelSuite
     {
         public static long Peak() => Read("VmHWM:");
 
-        /// <summary>Anonymous memory on transparent huge pages (/proc/self/smaps_rollup).</summary>
-        public static long AnonHugePages()
-        {
-            const string path = "/proc/self/smaps_rollup";
-            if (!File.Exists(path)) return 0;
-            var line = File.ReadLines(path).FirstOrDefault(l => l.StartsWith("AnonHugePages:", StringComparison.Ordinal));
-            return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
-        }
+        /// <summary>Anonymous memory on transparent huge pages.</summary>
+        public static long AnonHugePages() => Read("AnonHugePages:", "/proc/self/smaps_rollup");
 
         public static long Current() => Read("VmRSS:");
 
@@ -409,9 +403,10 @@ internal static class ModelSuite
             catch (UnauthorizedAccessException) { }
         }
 
-        private static long Read(string key)
+        private static long Read(string key, string path = "/proc/self/status")
         {
-            foreach (var line in File.ReadLines("/proc/self/status"))
+            if (!File.Exists(path)) return 0;
+            foreach (var line in File.ReadLines(path))
             {
                 if (line.StartsWith(key, StringComparison.Ordinal))
                     return long.Parse(line[key.Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;

@@ -209,14 +209,7 @@ internal static unsafe class CpuGemv
             for (int half = 0; half < 2; half++)
             {
                 float* src = x + p * 64 + half * 32;
-                var v0 = Vector256.Load(src);
-                var v1 = Vector256.Load(src + 8);
-                var v2 = Vector256.Load(src + 16);
-                var v3 = Vector256.Load(src + 24);
-                var m = Vector256.Max(Vector256.Max(Vector256.Abs(v0), Vector256.Abs(v1)), Vector256.Max(Vector256.Abs(v2), Vector256.Abs(v3)));
-                float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
-                float scale = amax / 127f;
-                float inv = amax > 0 ? 127f / amax : 0f;
+                var (scale, inv) = BlockScale(src);
                 int qsum = 0;
                 sbyte* even = q + p * 64 + half * 16;
                 sbyte* odd = q + p * 64 + 32 + half * 16;
@@ -326,6 +319,15 @@ internal static unsafe class CpuGemv
         }
     }
 
+    /// <summary>A 32-column activation block's symmetric int8 scale (max|x|/127) and its inverse (0 for an all-zero block).</summary>
+    private static (float Scale, float Inverse) BlockScale(float* src)
+    {
+        var m = Vector256.Max(Vector256.Max(Vector256.Abs(Vector256.Load(src)), Vector256.Abs(Vector256.Load(src + 8))),
+            Vector256.Max(Vector256.Abs(Vector256.Load(src + 16)), Vector256.Abs(Vector256.Load(src + 24))));
+        float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
+        return (amax / 127f, amax > 0 ? 127f / amax : 0f);
+    }
+
     /// <summary>One row of activations → int8 per 32-column block in column order, the block scales, and Σ_b 128·s_b·Σ xq_b.</summary>
     private static void QuantizeBlocks(float* x, int blocks, sbyte* q, float* scales, float* offset)
     {
@@ -333,11 +335,7 @@ internal static unsafe class CpuGemv
         for (int b = 0; b < blocks; b++)
         {
             float* src = x + b * 32;
-            var m = Vector256.Max(Vector256.Max(Vector256.Abs(Vector256.Load(src)), Vector256.Abs(Vector256.Load(src + 8))),
-                Vector256.Max(Vector256.Abs(Vector256.Load(src + 16)), Vector256.Abs(Vector256.Load(src + 24))));
-            float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
-            float scale = amax / 127f;
-            float inv = amax > 0 ? 127f / amax : 0f;
+            var (scale, inv) = BlockScale(src);
             int sum = 0;
             for (int i = 0; i < 32; i++)
             {
@@ -502,14 +500,7 @@ internal static unsafe class CpuGemv
             }
             sum = Vector512.Sum((a0 + a1) + (a2 + a3));
         }
-        else
-        {
-            // Without AVX-512 nobody calls this (IsSupported gates every caller); keep the scalar form exact anyway.
-            for (; i + 32 <= k; i += 32)
-                for (int l = 0; l < 16; l++)
-                    sum += xd[i + l] * Bf16(w[i + 2 * l]) + xd[i + 16 + l] * Bf16(w[i + 2 * l + 1]);
-        }
-        for (; i < k; i++) sum += x[i] * Bf16(w[i]);
+        for (; i < k; i++) sum += x[i] * Bf16(w[i]); // the tail, or (without AVX-512) every column
         return sum;
     }
 

@@ -106,7 +106,7 @@ public static partial class GlmCheckpoint
             {
                 var swapped = model.Quantize(bits, options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped });
                 LogQuantized(logger, swapped.Count, bits);
-                if (options.HugePages && (options.Device ?? CPU).type == DeviceType.CPU) model.UseHugePages(); // the new int8/int4 buffers
+                if (options.HugePages) model.UseHugePages(); // the new int8/int4 buffers (CPU tensors only)
             }
             model.eval();
             report = report with { Elapsed = clock.Elapsed, PeakWorkingSetBytes = Process.GetCurrentProcess().PeakWorkingSet64 };

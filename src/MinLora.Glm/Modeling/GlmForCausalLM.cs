@@ -46,8 +46,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
             foreach (var (name, p) in named_parameters())
                 p.requires_grad = name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal);
         }
-        // Before a load writes into the (still untouched) weights, or right after random initialisation.
-        if (o.HugePages && (o.Device ?? CPU).type == DeviceType.CPU) MinLora.Quantization.CpuMemory.UseHugePages(this);
+        // Before a load writes into the (still untouched) weights, or right after random initialisation (CPU tensors only).
+        if (o.HugePages) MinLora.Quantization.CpuMemory.UseHugePages(this);
     }
 
     /// <summary>The architecture.</summary>
