@@ -18,40 +18,110 @@ internal static unsafe class FastDequantize
     /// <summary>Dequantizes <paramref name="q"/> (CPU, contiguous) into a new bfloat16 tensor [N, K].</summary>
     internal static Tensor ToBFloat16(QuantizedWeight q)
     {
-        var w = q.Weight.contiguous();
-        long n = w.shape[0];
-        long k = q.Format == QuantizationFormat.Int8PerRow ? w.shape[1] : w.shape[1] * 2;
-        var output = empty(new[] { n, k }, dtype: ScalarType.BFloat16);
-        float[] scales = ToFloatArray(q.Scale);
-        float[]? zeros = q.Zero is null ? null : ToFloatArray(q.Zero);
-        byte* src = (byte*)Pointer(w);
+        using var source = new Source(q);
+        var output = empty(new[] { source.Rows, source.Columns }, dtype: ScalarType.BFloat16);
         ushort* dst = (ushort*)Pointer(output);
-        nint srcAddr = (nint)src, dstAddr = (nint)dst;
+        nint dstAddr = (nint)dst;
+        long n = source.Rows;
         int blocks = (int)Math.Min(n, Environment.ProcessorCount * 8L);
         long rowsPerBlock = (n + blocks - 1) / blocks;
         Parallel.For(0, blocks, b =>
         {
             long r0 = b * rowsPerBlock, r1 = Math.Min(n, r0 + rowsPerBlock);
-            var s = (byte*)srcAddr;
-            var d = (ushort*)dstAddr;
+            source.Dequantize(r0, r1, (ushort*)dstAddr + r0 * source.Columns);
+        });
+        return output;
+    }
+
+    /// <summary>
+    /// A quantized weight ready for row-range dequantization: the codes pinned by a contiguous reference and the
+    /// scales (and zero points) read once into managed arrays. Rows may be dequantized from several threads at once.
+    /// </summary>
+    internal sealed class Source : IDisposable
+    {
+        /// <summary>Below this many elements per core a block is not worth a thread hand-off (~0.1 ms of work).</summary>
+        private const long MinimumParallelElements = 256L << 10;
+
+        private readonly QuantizedWeight _q;
+        private readonly Tensor _codes;
+        private readonly nint _address;
+        private readonly float[] _scales;
+        private readonly float[]? _zeros;
+
+        internal Source(QuantizedWeight q)
+        {
+            _q = q;
+            _codes = q.Weight.contiguous();
+            _address = Pointer(_codes);
+            Rows = _codes.shape[0];
+            Columns = q.Format == QuantizationFormat.Int8PerRow ? _codes.shape[1] : _codes.shape[1] * 2;
+            _scales = ToFloatArray(q.Scale);
+            _zeros = q.Zero is null ? null : ToFloatArray(q.Zero);
+        }
+
+        /// <summary>N, the output features.</summary>
+        internal long Rows { get; }
+
+        /// <summary>K, the input features.</summary>
+        internal long Columns { get; }
+
+        /// <summary>Writes rows [r0, r1) as bfloat16 to <paramref name="destination"/> ((r1 − r0)·K elements, row-major).</summary>
+        internal void Dequantize(long r0, long r1, ushort* destination) => Dequantize(r0, r1, 0, Columns, destination);
+
+        /// <summary>
+        /// Writes the block rows [r0, r1) × columns [c0, c1) as bfloat16 to <paramref name="destination"/>, row-major
+        /// with c1 − c0 elements per row. For int4, c0 and c1 are even; for grouped int4, multiples of the group size.
+        /// </summary>
+        internal void Dequantize(long r0, long r1, long c0, long c1, ushort* destination)
+        {
+            long k = Columns, width = c1 - c0;
+            var s = (byte*)_address;
             for (long r = r0; r < r1; r++)
             {
-                switch (q.Format)
+                var d = destination + (r - r0) * width;
+                switch (_q.Format)
                 {
                     case QuantizationFormat.Int8PerRow:
-                        Int8Row((sbyte*)s + r * k, d + r * k, k, scales[r]);
+                        Int8Row((sbyte*)s + r * k + c0, d, width, _scales[r]);
                         break;
                     case QuantizationFormat.Int4PerRowChatGlm:
-                        Int4Row(s + r * (k / 2), d + r * k, k, k, scales, null, r, signed: true);
+                        Int4Row(s + (r * k + c0) / 2, d, width, width, _scales, null, r, signed: true);
                         break;
                     default:
-                        Int4Row(s + r * (k / 2), d + r * k, k, q.GroupSize, scales, zeros, r, signed: false);
+                        Int4Row(s + (r * k + c0) / 2, d, width, _q.GroupSize, _scales, _zeros, (r * k + c0) / _q.GroupSize, signed: false);
                         break;
                 }
             }
-        });
-        GC.KeepAlive(w);
-        return output;
+            GC.KeepAlive(this);
+        }
+
+        /// <summary>
+        /// <see cref="Dequantize(long, long, long, long, ushort*)"/> split by rows over the cores (one block each); the
+        /// calling thread takes a share.
+        /// </summary>
+        internal void DequantizeParallel(long r0, long r1, long c0, long c1, ushort* destination)
+        {
+            long rows = r1 - r0, width = c1 - c0;
+            int blocks = (int)Math.Min(Environment.ProcessorCount, Math.Max(1, rows * width / MinimumParallelElements));
+            if (blocks <= 1)
+            {
+                Dequantize(r0, r1, c0, c1, destination);
+                return;
+            }
+            long perBlock = (rows + blocks - 1) / blocks;
+            nint address = (nint)destination;
+            Parallel.For(0, blocks, b =>
+            {
+                long a = r0 + b * perBlock, e = Math.Min(r1, a + perBlock);
+                if (a < e) Dequantize(a, e, c0, c1, (ushort*)address + (a - r0) * width);
+            });
+        }
+
+        /// <inheritdoc />
+        public void Dispose()
+        {
+            if (!ReferenceEquals(_codes, _q.Weight)) _codes.Dispose();
+        }
     }
 
     private static readonly Vector256<float> CenteredLow = Vector256.Create(-8f, -7, -6, -5, -4, -3, -2, -1);
@@ -124,18 +194,20 @@ internal static unsafe class FastDequantize
     }
 
     /// <summary>
-    /// One row of packed int4 (even column in the high nibble): a 16-entry bfloat16 table per group (value of each
-    /// nibble), then a table lookup per nibble. Grouped: value = (u − 8)·s + z; ChatGLM: value = signed(u)·s.
+    /// <paramref name="length"/> packed int4 values of one row (even column in the high nibble), in groups of
+    /// <paramref name="group"/> whose scales (and zero points) are consecutive from <paramref name="firstGroup"/>: a
+    /// 16-entry bfloat16 table per group (value of each nibble), then a table lookup per nibble.
+    /// Grouped: value = (u − 8)·s + z; ChatGLM (one group per row): value = signed(u)·s.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int4Row(byte* packed, ushort* o, long k, long group, float[] scales, float[]? zeros, long row, bool signed)
+    private static void Int4Row(byte* packed, ushort* o, long length, long group, float[] scales, float[]? zeros, long firstGroup, bool signed)
     {
-        long groups = k / group;
+        long groups = length / group;
         ushort* lut = stackalloc ushort[16];
         for (long g = 0; g < groups; g++)
         {
-            float s = scales[signed ? row : row * groups + g];
-            float z = zeros is null ? 0 : zeros[row * groups + g];
+            float s = scales[firstGroup + g];
+            float z = zeros is null ? 0 : zeros[firstGroup + g];
             if (Vector256.IsHardwareAccelerated)
             {
                 // Nibble values: grouped u − 8 ∈ [−8, 7] for u = 0..15; ChatGLM signed(u) = 0..7, −8..−1.

@@ -267,6 +267,11 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
+        else if (TiledProduct.Applies(this, Options.ComputeDtype))
+        {
+            var x = input.reshape(rows, InFeatures).to(ScalarType.BFloat16).contiguous();
+            y = TiledProduct.Forward(this, x, bias).reshape(outShape);
+        }
         else
         {
             var dt = Options.ComputeDtype;
@@ -282,12 +287,17 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var dt = Options.ComputeDtype;
+        var shape = gradOutput.shape.ToArray();
+        shape[^1] = InFeatures;
+        if (TiledProduct.Applies(this, dt))
+        {
+            var tiled = TiledProduct.InputGradient(this, gradOutput.to(dt).reshape(-1, OutFeatures)).reshape(shape);
+            return (tiled.dtype == inputDtype ? tiled : tiled.to(inputDtype)).MoveToOuterDisposeScope();
+        }
         using var w = Dequantize(dt);
         // An explicit 2-D product: matmul of a non-contiguous [s, b, N] gradient (what a permute after the layer gives
         // back, e.g. ChatGLM's head) takes libtorch's batched path, which expands W to [s, N, K] and materializes it —
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
-        var shape = gradOutput.shape.ToArray();
-        shape[^1] = InFeatures;
         var g = gradOutput.to(dt).reshape(-1, OutFeatures).mm(w).reshape(shape);
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
     }
