@@ -101,6 +101,21 @@ public class TiledProductTests
         AssertWithin(x.grad!.to(ScalarType.BFloat16), expected, gradMagnitude, $"{format} input gradient");
     }
 
+    /// <summary>No rows in, no rows out: empty products of the right shape, forward and backward.</summary>
+    [Fact]
+    public void ZeroRows_GiveEmptyResultsOfTheRightShape()
+    {
+        manual_seed(64);
+        using var linear = nn.Linear(96, 70);
+        using var layer = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow);
+        using var x = empty(0, 96, dtype: ScalarType.BFloat16);
+        using var y = TiledProduct.Forward(layer, x, linear.bias!, tileElements: 64 * 96);
+        Assert.Equal(new long[] { 0, 70 }, y.shape);
+        using var g = empty(0, 70, dtype: ScalarType.BFloat16);
+        using var gx = TiledProduct.InputGradient(layer, g, tileElements: 64 * 96);
+        Assert.Equal(new long[] { 0, 96 }, gx.shape);
+    }
+
     private static void AssertWithin(Tensor actual, Tensor reference, Tensor magnitude, string what)
     {
         using var a = actual.to(ScalarType.Float64);
