@@ -99,18 +99,24 @@ internal static unsafe class FastDequantize
         /// <see cref="Dequantize(long, long, long, long, ushort*)"/> split by rows over the cores (one block each); the
         /// calling thread takes a share.
         /// </summary>
-        internal void DequantizeParallel(long r0, long r1, long c0, long c1, ushort* destination)
+        /// <param name="r0">First row.</param>
+        /// <param name="r1">Row past the last.</param>
+        /// <param name="c0">First column.</param>
+        /// <param name="c1">Column past the last.</param>
+        /// <param name="destination">(r1 − r0)·(c1 − c0) elements, row-major.</param>
+        /// <param name="blocks">Number of row blocks; null: one per core, fewer for small blocks (tests force several).</param>
+        internal void DequantizeParallel(long r0, long r1, long c0, long c1, ushort* destination, int? blocks = null)
         {
             long rows = r1 - r0, width = c1 - c0;
-            int blocks = (int)Math.Min(Environment.ProcessorCount, Math.Max(1, rows * width / MinimumParallelElements));
-            if (blocks <= 1)
+            int count = (int)Math.Min(blocks ?? Math.Min(Environment.ProcessorCount, Math.Max(1, rows * width / MinimumParallelElements)), Math.Max(1, rows));
+            if (count <= 1)
             {
                 Dequantize(r0, r1, c0, c1, destination);
                 return;
             }
-            long perBlock = (rows + blocks - 1) / blocks;
+            long perBlock = (rows + count - 1) / count;
             nint address = (nint)destination;
-            Parallel.For(0, blocks, b =>
+            Parallel.For(0, count, b =>
             {
                 long a = r0 + b * perBlock, e = Math.Min(r1, a + perBlock);
                 if (a < e) Dequantize(a, e, c0, c1, (ushort*)address + (a - r0) * width);

@@ -37,7 +37,8 @@ public sealed record QuantizedLinearOptions
 
     /// <summary>
     /// Up to this many rows (tokens) per call the fused kernel is used; above it the weight is dequantized to
-    /// <see cref="ComputeDtype"/> and multiplied with <c>linear</c>, which is faster for large batches. Null picks the
+    /// <see cref="ComputeDtype"/> and multiplied by a GEMM (on the CPU in bfloat16, one tile of the weight at a time),
+    /// which is faster for large batches. Null picks the
     /// measured crossover for the device: 32 rows on the CPU (4096×4096, 2 cores: int8 kernel 4.9 ms vs dequantize +
     /// linear 4.8 ms at 32 rows), 8 on CUDA (H100: int4 tinygemm 0.8–1.4× bf16 linear at 16 rows).
     /// </summary>
@@ -291,14 +292,14 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         shape[^1] = InFeatures;
         if (TiledProduct.Applies(this, dt))
         {
-            var tiled = TiledProduct.InputGradient(this, gradOutput.to(dt).reshape(-1, OutFeatures)).reshape(shape);
+            var tiled = TiledProduct.InputGradient(this, gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures)).reshape(shape);
             return (tiled.dtype == inputDtype ? tiled : tiled.to(inputDtype)).MoveToOuterDisposeScope();
         }
         using var w = Dequantize(dt);
         // An explicit 2-D product: matmul of a non-contiguous [s, b, N] gradient (what a permute after the layer gives
         // back, e.g. ChatGLM's head) takes libtorch's batched path, which expands W to [s, N, K] and materializes it —
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
-        var g = gradOutput.to(dt).reshape(-1, OutFeatures).mm(w).reshape(shape);
+        var g = gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures).mm(w).reshape(shape);
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
     }
 

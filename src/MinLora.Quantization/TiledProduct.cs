@@ -5,8 +5,9 @@ namespace MinLora.Quantization;
 
 /// <summary>
 /// Products with a quantized CPU weight for many rows (prompts, training) that never hold the weight in bfloat16
-/// as a whole: the weight is dequantized a tile at a time into one buffer of about 16 MB, reused for every tile,
-/// and each tile goes through libtorch's bfloat16 GEMM (oneDNN).
+/// as a whole: the weight is dequantized a tile at a time into one buffer of about 16 MB (at least 64 rows or 256
+/// columns: 67 MB for the input gradient of ChatGLM's 130,528-row head), reused for every tile, and each tile goes
+/// through libtorch's bfloat16 GEMM (oneDNN where the CPU has AVX-512; float32 accumulation either way).
 /// </summary>
 /// <remarks>
 /// Dequantizing the whole weight per call (ChatGLM-6B's <c>dense_h_to_4h</c>: 128 MB of bfloat16; a quantized ChatGLM
@@ -36,6 +37,7 @@ internal static unsafe class TiledProduct
     {
         using var source = new FastDequantize.Source(layer.QuantizedWeight);
         long n = source.Rows, k = source.Columns, m = x.shape[0];
+        if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
         long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
         using var tile = empty(new[] { tileRows, k }, dtype: ScalarType.BFloat16);
         var tileAddress = (ushort*)TensorMemory.Pointer(tile);
@@ -66,9 +68,11 @@ internal static unsafe class TiledProduct
     {
         using var source = new FastDequantize.Source(layer.QuantizedWeight);
         long n = source.Rows, k = source.Columns, m = g.shape[0];
+        if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
         // Column tiles of W (all N rows, a window of K): each element of dL/dx is one GEMM over the whole N. Windows are
-        // multiples of 256 columns, which every int4 group size divides (and even, as packed int4 needs).
-        long align = 256;
+        // even (packed int4) and whole groups: multiples of 256 columns, or of the group size where that does not divide 256.
+        long group = layer.Format == QuantizationFormat.Int4Grouped ? layer.GroupSize : 1;
+        long align = 256 % group == 0 ? 256 : group * (256 / Gcd(256, group));
         long tileColumns = Math.Min(k, Math.Max(align, tileElements / n / align * align));
         using var tile = empty(new[] { n, tileColumns }, dtype: ScalarType.BFloat16);
         var tileAddress = (ushort*)TensorMemory.Pointer(tile);
@@ -88,4 +92,6 @@ internal static unsafe class TiledProduct
         using var gx = gxt.t();
         return gx.contiguous();
     }
+
+    private static long Gcd(long a, long b) => b == 0 ? a : Gcd(b, a % b);
 }

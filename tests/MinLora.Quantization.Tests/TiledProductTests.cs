@@ -116,6 +116,45 @@ public class TiledProductTests
         Assert.Equal(new long[] { 0, 96 }, gx.shape);
     }
 
+    /// <summary>
+    /// A block of rows × a column window, dequantized in several row blocks on the thread pool, is bit for bit that
+    /// block of the whole-matrix bfloat16 dequantization (itself checked against libtorch's rounding elsewhere).
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public unsafe void ParallelBlockWindow_IsThatBlockOfTheWholeDequantization(QuantizationFormat format, long n, long k, int group)
+    {
+        manual_seed(65);
+        using var linear = nn.Linear(k, n, hasBias: false);
+        using var layer = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group);
+        var q = layer.QuantizedWeight;
+        using var whole = QuantizationMath.Dequantize(q, ScalarType.BFloat16);
+        using var source = new FastDequantize.Source(q);
+        long r0 = 5, r1 = n - 3, c0 = 256, c1 = k;
+        foreach (var blocks in new[] { 1, 3, 7 })
+        {
+            using var block = full(new[] { r1 - r0, c1 - c0 }, float.NaN, dtype: ScalarType.BFloat16);
+            source.DequantizeParallel(r0, r1, c0, c1, (ushort*)TensorMemory.Pointer(block), blocks);
+            using var expected = whole.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
+            using var e = expected.contiguous();
+            Assert.True(block.bytes.SequenceEqual(e.bytes), $"{format} {n}x{k}, {blocks} blocks: the window differs");
+        }
+    }
+
+    /// <summary>A backward through the layer with no rows (an empty batch) gives an empty input gradient.</summary>
+    [Fact]
+    public void Layer_ZeroRows_BackwardGivesAnEmptyGradient()
+    {
+        manual_seed(66);
+        using var linear = nn.Linear(64, 48);
+        using var layer = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm);
+        using var x = zeros(new long[] { 0, 2, 64 }).requires_grad_();
+        using var y = layer.call(x);
+        Assert.Equal(new long[] { 0, 2, 48 }, y.shape);
+        y.sum().backward();
+        Assert.Equal(new long[] { 0, 2, 64 }, x.grad!.shape);
+    }
+
     private static void AssertWithin(Tensor actual, Tensor reference, Tensor magnitude, string what)
     {
         using var a = actual.to(ScalarType.Float64);
