@@ -653,9 +653,21 @@ public sealed class DataParallel : IDisposable
         }
         var first = new[] { difference is null ? double.MaxValue : Rank };
         fixed (double* p = first) mpi.AllreduceInPlace(p, 1, sizeof(double), mpi.Double, mpi.Min, Timeout, $"check of the {what}");
+        if (first[0] < WorldSize)
+        {
+            // Every rank reports the first differing rank's finding: mpirun ends the job when the first rank exits, so
+            // the message must not depend on which rank gets to print.
+            int source = (int)first[0];
+            var text = Rank == source ? Encoding.UTF8.GetBytes(difference!) : Array.Empty<byte>();
+            var textLength = new[] { (double)text.Length };
+            fixed (double* p = textLength) mpi.Broadcast(p, sizeof(double), source, Timeout, $"check of the {what}");
+            if (Rank != source) text = new byte[(int)textLength[0]];
+            fixed (byte* p = text) mpi.Broadcast(p, text.Length, source, Timeout, $"check of the {what}");
+            difference = Encoding.UTF8.GetString(text);
+        }
         throw new DistributedMismatchException(difference is not null
             ? $"The ranks hold different {what}: {difference}. Every rank must build the same model and adapter."
-            : $"The ranks hold different {what}: {(first[0] < WorldSize ? $"rank {(int)first[0]}" : "a rank")} differs from rank {root} (see its error). Every rank must build the same model and adapter.");
+            : $"The ranks hold different {what}: a rank differs from rank {root}. Every rank must build the same model and adapter.");
     }
 
     private static string Describe(string line)
