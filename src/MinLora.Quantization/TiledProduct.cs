@@ -17,7 +17,7 @@ namespace MinLora.Quantization;
 /// 512 rows: 0.85× against 0.70×); where the allocator hands back memory already mapped (the benchmark's model
 /// process: 8–10 ms for that weight) the two agree within the host's noise. Either way the transient memory is one
 /// tile instead of a whole bfloat16 copy. Each output element still comes from one GEMM over the whole K (forward) or
-/// N (input gradient), accumulated by oneDNN in float32 and rounded once, so the values are those of
+/// N (input gradient), accumulated in float32 and rounded once, so the values are those of
 /// <c>linear(x, dequant(W))</c> up to the GEMM's blocking.
 /// </remarks>
 internal static unsafe class TiledProduct
