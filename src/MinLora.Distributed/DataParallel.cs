@@ -633,10 +633,7 @@ public sealed class DataParallel : IDisposable
         fixed (double* p = pair) mpi.AllreduceInPlace(p, 2, sizeof(double), mpi.Double, mpi.Max, Timeout, $"check of the {what}");
         if (pair[0] == -pair[1]) return;
 
-        var length = new[] { (double)bytes.Length };
-        fixed (double* p = length) mpi.Broadcast(p, sizeof(double), root, Timeout, $"check of the {what}");
-        var rootBytes = Rank == root ? bytes : new byte[(int)length[0]];
-        fixed (byte* p = rootBytes) mpi.Broadcast(p, rootBytes.Length, root, Timeout, $"check of the {what}");
+        var rootBytes = BroadcastBytes(bytes, root, $"check of the {what}");
         var rootLines = Encoding.UTF8.GetString(rootBytes).Split('\n', StringSplitOptions.RemoveEmptyEntries);
         var mine = layout.Split('\n', StringSplitOptions.RemoveEmptyEntries);
         string? difference = null;
@@ -658,16 +655,23 @@ public sealed class DataParallel : IDisposable
             // Every rank reports the first differing rank's finding: mpirun ends the job when the first rank exits, so
             // the message must not depend on which rank gets to print.
             int source = (int)first[0];
-            var text = Rank == source ? Encoding.UTF8.GetBytes(difference!) : Array.Empty<byte>();
-            var textLength = new[] { (double)text.Length };
-            fixed (double* p = textLength) mpi.Broadcast(p, sizeof(double), source, Timeout, $"check of the {what}");
-            if (Rank != source) text = new byte[(int)textLength[0]];
-            fixed (byte* p = text) mpi.Broadcast(p, text.Length, source, Timeout, $"check of the {what}");
+            var text = BroadcastBytes(Rank == source ? Encoding.UTF8.GetBytes(difference!) : Array.Empty<byte>(), source, $"check of the {what}");
             difference = Encoding.UTF8.GetString(text);
         }
         throw new DistributedMismatchException(difference is not null
             ? $"The ranks hold different {what}: {difference}. Every rank must build the same model and adapter."
             : $"The ranks hold different {what}: a rank differs from rank {root}. Every rank must build the same model and adapter.");
+    }
+
+    /// <summary>Rank <paramref name="source"/>'s bytes on every rank (its length first); the others pass anything.</summary>
+    private unsafe byte[] BroadcastBytes(byte[] mine, int source, string what)
+    {
+        var mpi = _mpi!;
+        var length = new[] { (double)mine.Length };
+        fixed (double* p = length) mpi.Broadcast(p, sizeof(double), source, Timeout, what);
+        var bytes = Rank == source ? mine : new byte[(int)length[0]];
+        fixed (byte* p = bytes) mpi.Broadcast(p, bytes.Length, source, Timeout, what);
+        return bytes;
     }
 
     private static string Describe(string line)

@@ -138,7 +138,10 @@ internal static unsafe class CpuGemv
         }
     }
 
-    /// <summary>True when the int8-activation int4 kernel can run (AVX-VNNI, 256-bit).</summary>
+    /// <summary>
+    /// True when the int8-activation kernels (int4 × int8 and int8 × int8) can run: AVX-VNNI (256-bit), and AVX-512VL for
+    /// the int4 loop's <c>vpternlogd</c>.
+    /// </summary>
     internal static bool VnniSupported => IsSupported && AvxVnni.IsSupported && Avx2.IsSupported && Avx512F.VL.IsSupported;
 
     /// <summary>

@@ -20,16 +20,8 @@ internal static unsafe class FastDequantize
     {
         using var source = new Source(q);
         var output = empty(new[] { source.Rows, source.Columns }, dtype: ScalarType.BFloat16);
-        ushort* dst = (ushort*)Pointer(output);
-        nint dstAddr = (nint)dst;
-        long n = source.Rows;
-        int blocks = (int)Math.Min(n, Environment.ProcessorCount * 8L);
-        long rowsPerBlock = (n + blocks - 1) / blocks;
-        Parallel.For(0, blocks, b =>
-        {
-            long r0 = b * rowsPerBlock, r1 = Math.Min(n, r0 + rowsPerBlock);
-            source.Dequantize(r0, r1, (ushort*)dstAddr + r0 * source.Columns);
-        });
+        // Eight blocks per core: rows of a fresh tensor page-fault, and smaller blocks balance that better.
+        source.DequantizeParallel(0, source.Rows, 0, source.Columns, (ushort*)Pointer(output), Environment.ProcessorCount * 8);
         return output;
     }
 
@@ -64,9 +56,6 @@ internal static unsafe class FastDequantize
 
         /// <summary>K, the input features.</summary>
         internal long Columns { get; }
-
-        /// <summary>Writes rows [r0, r1) as bfloat16 to <paramref name="destination"/> ((r1 − r0)·K elements, row-major).</summary>
-        internal void Dequantize(long r0, long r1, ushort* destination) => Dequantize(r0, r1, 0, Columns, destination);
 
         /// <summary>
         /// Writes the block rows [r0, r1) × columns [c0, c1) as bfloat16 to <paramref name="destination"/>, row-major
@@ -159,6 +148,14 @@ internal static unsafe class FastDequantize
         return Vector256.ShiftRightLogical(bits + Vector256.Create(0x7FFFu) + lsb, 16); // finite inputs only
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<uint> RoundToBf16(Vector512<float> f)
+    {
+        var bits = f.AsUInt32();
+        var lsb = Vector512.ShiftRightLogical(bits, 16) & Vector512.Create(1u);
+        return Vector512.ShiftRightLogical(bits + Vector512.Create(0x7FFFu) + lsb, 16); // finite inputs only
+    }
+
     // AggressiveOptimization: SIMD kernels must not run as unoptimised tier-0 code (measured 6× slower).
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Int8Row(sbyte* q, ushort* o, long k, float scale)
@@ -169,14 +166,12 @@ internal static unsafe class FastDequantize
             // 16 weights per step: sign-extend, convert, scale, round to bf16 in the integer lanes, narrow with vpmovdw
             // (10 instructions; the 256-bit path below needs about twice that per 16). Same value, bit for bit.
             var s = Vector512.Create(scale);
-            var half = Vector512.Create(0x7FFFu);
-            var one = Vector512.Create(1u);
             for (; j + 32 <= k; j += 32)
             {
-                var b0 = (Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j))) * s).AsUInt32();
-                var b1 = (Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j + 16))) * s).AsUInt32();
-                Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(b0 + half + (Vector512.ShiftRightLogical(b0, 16) & one), 16)).Store(o + j);
-                Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(b1 + half + (Vector512.ShiftRightLogical(b1, 16) & one), 16)).Store(o + j + 16);
+                var b0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j))) * s;
+                var b1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + j + 16))) * s;
+                Avx512F.ConvertToVector256UInt16(RoundToBf16(b0)).Store(o + j);
+                Avx512F.ConvertToVector256UInt16(RoundToBf16(b1)).Store(o + j + 16);
             }
         }
         else if (Vector256.IsHardwareAccelerated)

@@ -290,16 +290,21 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         var dt = Options.ComputeDtype;
         var shape = gradOutput.shape.ToArray();
         shape[^1] = InFeatures;
-        if (TiledProduct.Applies(this, dt))
-        {
-            var tiled = TiledProduct.InputGradient(this, gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures)).reshape(shape);
-            return (tiled.dtype == inputDtype ? tiled : tiled.to(inputDtype)).MoveToOuterDisposeScope();
-        }
-        using var w = Dequantize(dt);
         // An explicit 2-D product: matmul of a non-contiguous [s, b, N] gradient (what a permute after the layer gives
         // back, e.g. ChatGLM's head) takes libtorch's batched path, which expands W to [s, N, K] and materializes it —
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
-        var g = gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures).mm(w).reshape(shape);
+        var g2d = gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures);
+        Tensor g;
+        if (TiledProduct.Applies(this, dt))
+        {
+            g = TiledProduct.InputGradient(this, g2d);
+        }
+        else
+        {
+            using var w = Dequantize(dt);
+            g = g2d.mm(w);
+        }
+        g = g.reshape(shape);
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();
     }
 

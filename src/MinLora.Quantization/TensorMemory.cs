@@ -13,7 +13,8 @@ internal static unsafe class TensorMemory
         // the first element's one-element view starts at the same address.
         if (t.numel() * t.element_size() > int.MaxValue)
         {
-            using var first = t.view(-1).narrow(0, 0, 1);
+            using var flat = t.view(-1);
+            using var first = flat.narrow(0, 0, 1);
             return Pointer(first);
         }
         fixed (byte* p = &MemoryMarshal.GetReference(t.bytes)) return (nint)p;

@@ -72,7 +72,7 @@ internal static unsafe class TiledProduct
         // Column tiles of W (all N rows, a window of K): each element of dL/dx is one GEMM over the whole N. Windows are
         // even (packed int4) and whole groups: multiples of 256 columns, or of the group size where that does not divide 256.
         long group = layer.Format == QuantizationFormat.Int4Grouped ? layer.GroupSize : 1;
-        long align = 256 % group == 0 ? 256 : group * (256 / Gcd(256, group));
+        long align = 256 / Gcd(256, group) * group; // lcm(256, group)
         long tileColumns = Math.Min(k, Math.Max(align, tileElements / n / align * align));
         using var tile = empty(new[] { n, tileColumns }, dtype: ScalarType.BFloat16);
         var tileAddress = (ushort*)TensorMemory.Pointer(tile);
