@@ -8,7 +8,7 @@ using static TorchSharp.torch;
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load [--rounds N] [--quick] [--default-malloc]
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--train] [--steps N]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm] [--train] [--steps N]
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
 var argsList = args.ToList();
 string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";

@@ -54,6 +54,12 @@ public sealed record SpoOptions
     /// <summary>Weight bits of the base (8, 4, or 0 for float).</summary>
     public int Bits { get; init; } = 8;
 
+    /// <summary>
+    /// With 8 bits: many-row products (training batches, prompts) multiply int8 × int8, the activations quantized per
+    /// token (<see cref="QuantizedLinearOptions.Int8Gemm"/>).
+    /// </summary>
+    public bool Int8Gemm { get; init; }
+
     /// <summary>Random seed.</summary>
     public int Seed { get; init; } = 42;
 
@@ -82,6 +88,7 @@ public sealed record SpoOptions
         if (MaxSourceLength < 8) throw new ArgumentException($"--max-source must be at least 8, got {MaxSourceLength}");
         if (MaxTargetLength < 1) throw new ArgumentException($"--max-target must be at least 1, got {MaxTargetLength}");
         if (Bits is not (0 or 4 or 8)) throw new ArgumentException($"--bits must be 0, 4 or 8, got {Bits}");
+        if (Int8Gemm && Bits != 8) throw new ArgumentException($"--int8-gemm needs --bits 8, got --bits {Bits}");
         if (MaxTrainExamples is < 1) throw new ArgumentException($"--max-train must be at least 1, got {MaxTrainExamples}");
         if (MaxTestExamples is < 1) throw new ArgumentException($"--max-test must be at least 1, got {MaxTestExamples}");
         if (!Directory.Exists(ModelDirectory)) throw new ArgumentException($"--model: no directory '{ModelDirectory}'");
@@ -218,9 +225,9 @@ public static class SpoPipeline
         var (model, report) = GlmCheckpoint.FromPretrained(o.ModelDirectory, new GlmLoadOptions
         {
             QuantizationBit = o.Bits == 0 ? null : o.Bits,
-            Quantization = new QuantizeOptions { GroupSize = 32, Int4Format = QuantizationFormat.Int4Grouped },
+            Quantization = new QuantizeOptions { GroupSize = 32, Int4Format = QuantizationFormat.Int4Grouped, Layer = new QuantizedLinearOptions { Int8Gemm = o.Int8Gemm } },
         });
-        log.WriteLine($"base: {o.ModelDirectory} ({report.LoadedKeys} tensors, {(o.Bits == 0 ? "float32" : $"INT{o.Bits}")}, {model.GetSizeInBytes() / 1e6:F1} MB)");
+        log.WriteLine($"base: {o.ModelDirectory} ({report.LoadedKeys} tensors, {(o.Bits == 0 ? "float32" : $"INT{o.Bits}")}{(o.Int8Gemm && o.Bits == 8 ? ", int8 GEMM" : "")}, {model.GetSizeInBytes() / 1e6:F1} MB)");
         return model;
     }
 

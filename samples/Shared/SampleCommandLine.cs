@@ -26,6 +26,9 @@ internal static class SampleCommandLine
     public static Option<string> Text(string name, string description, string fallback) =>
         new(name) { Description = description, DefaultValueFactory = _ => fallback };
 
+    /// <summary>A switch (false when absent; present alone or as <c>--name true|false</c>).</summary>
+    public static Option<bool> Flag(string name, string description) => new(name) { Description = description };
+
     /// <summary>An integer option with a default and a lower bound.</summary>
     public static Option<int> Integer(string name, string description, int fallback, int min = int.MinValue) => new(name)
     {

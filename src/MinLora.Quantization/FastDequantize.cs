@@ -133,7 +133,7 @@ internal static unsafe class FastDequantize
     private static nint Pointer(Tensor t) => TensorMemory.Pointer(t);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static ushort RoundToBf16(float f)
+    internal static ushort RoundToBf16(float f)
     {
         uint bits = BitConverter.SingleToUInt32Bits(f);
         if ((bits & 0x7FFFFFFF) > 0x7F800000) return (ushort)((bits >> 16) | 0x40); // NaN stays NaN
@@ -149,7 +149,7 @@ internal static unsafe class FastDequantize
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<uint> RoundToBf16(Vector512<float> f)
+    internal static Vector512<uint> RoundToBf16(Vector512<float> f)
     {
         var bits = f.AsUInt32();
         var lsb = Vector512.ShiftRightLogical(bits, 16) & Vector512.Create(1u);

@@ -8,13 +8,17 @@ namespace MinLora.Quantization;
 /// libtorch's weight-only quantized matmul kernels, which TorchSharp does not bind, reached through a TorchScript
 /// compilation unit compiled once: <c>_weight_int8pack_mm</c> (CPU, CUDA),
 /// <c>_convert_weight_to_int4pack_for_cpu</c> + <c>_weight_int4pack_mm_for_cpu</c> (CPU) and
-/// <c>_convert_weight_to_int4pack</c> + <c>_weight_int4pack_mm</c> (CUDA, sm80+).
+/// <c>_convert_weight_to_int4pack</c> + <c>_weight_int4pack_mm</c> (CUDA, sm80+), and <c>_int_mm</c> (int8 × int8 → int32;
+/// oneDNN's integer GEMM on the CPU).
 /// </summary>
 internal static class QuantizationKernels
 {
     private const string Source = @"
 def int8_mm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     return torch._weight_int8pack_mm(x, w, scales)
+
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    return torch._int_mm(a, b)
 
 def int4_pack_cpu(u: Tensor) -> Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(u, 1)
@@ -50,6 +54,8 @@ def int4_mm_cuda(x: Tensor, w: Tensor, group: int, scales_and_zeros: Tensor) -> 
     private static Tensor Invoke(string name, params object[] args) => (Tensor)Unit.Value!.invoke(name, args);
 
     internal static Tensor Int8Mm(Tensor x, Tensor w, Tensor scales) => Invoke("int8_mm", x, w, scales);
+
+    internal static Tensor IntMm(Tensor a, Tensor b) => Invoke("int_mm", a, b);
 
     internal static Tensor Int4PackCpu(Tensor u) => Invoke("int4_pack_cpu", u);
 

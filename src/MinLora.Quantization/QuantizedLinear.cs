@@ -69,6 +69,20 @@ public sealed record QuantizedLinearOptions
     /// <value>The default value is true.</value>
     public bool Int8Activations { get; init; } = true;
 
+    /// <summary>
+    /// For <see cref="QuantizationFormat.Int8PerRow"/> layers on the CPU, products with more rows than the decoding
+    /// kernel takes (prompts, training) multiply int8 by int8: each row of activations (forward) or of the output
+    /// gradient (backward) is quantized to int8 with its own scale max|row|/127, and libtorch's integer GEMM (oneDNN:
+    /// AMX or VNNI where the CPU has them) replaces dequantizing the weight and a bfloat16 GEMM. An opt-in accuracy
+    /// trade (W8A8, per token): the added error is at most max|row|/254 per activation, of the order of the int8 weights'
+    /// own rounding, where the default path adds only bfloat16 rounding. Measured on ChatGLM-6B's projections (2-core
+    /// Xeon with AMX): the integer GEMM takes about half the bfloat16 GEMM's time; see docs/measurements/cpu-model-6b.md.
+    /// Ignored for other formats, for a float32 <see cref="ComputeDtype"/> and on CUDA; a call whose rows are not
+    /// finite takes the bfloat16 path.
+    /// </summary>
+    /// <value>The default value is false.</value>
+    public bool Int8Gemm { get; init; }
+
     /// <summary>Use libtorch's fused kernels where they apply (false: always dequantize).</summary>
     /// <value>The default value is true.</value>
     public bool UseKernels { get; init; } = true;
@@ -268,6 +282,10 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
+        else if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.Forward(this, Rows(input, rows, InFeatures), bias) is { } product)
+        {
+            y = product.reshape(outShape);
+        }
         else if (TiledProduct.Applies(this, Options.ComputeDtype))
         {
             var x = input.reshape(rows, InFeatures).to(ScalarType.BFloat16).contiguous();
@@ -280,6 +298,13 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             y = nn.functional.linear(input.to(dt), w, bias?.to(dt));
         }
         return (y.dtype == input.dtype ? y : y.to(input.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>[rows, width] in float32 or bfloat16 (the input's own type where it is one of them), contiguous.</summary>
+    private static Tensor Rows(Tensor t, long rows, long width)
+    {
+        var r = t.reshape(rows, width);
+        return (r.dtype is ScalarType.Float32 or ScalarType.BFloat16 ? r : r.to(ScalarType.Float32)).contiguous();
     }
 
     /// <summary>dL/dx = dL/dy · dequant(W), the weight dequantized again for this call only.</summary>
@@ -295,7 +320,11 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
         var g2d = gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures);
         Tensor g;
-        if (TiledProduct.Applies(this, dt))
+        if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.InputGradient(this, Rows(gradOutput, g2d.shape[0], OutFeatures)) is { } product)
+        {
+            g = product;
+        }
+        else if (TiledProduct.Applies(this, dt))
         {
             g = TiledProduct.InputGradient(this, g2d);
         }

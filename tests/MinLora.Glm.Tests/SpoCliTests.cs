@@ -112,6 +112,9 @@ public sealed class SpoCommandLineTests
         Assert.Equal((0.001, 5, 4, 0.0, -3), (o.LearningRate, o.MaxTrainExamples!.Value, o.Bits, o.Dropout, o.Seed));
         Assert.Equal((defaults.Rank, defaults.Alpha, defaults.BatchSize, defaults.ModelDirectory, defaults.OutputDirectory), (o.Rank, o.Alpha, o.BatchSize, o.ModelDirectory, o.OutputDirectory));
         Assert.Null(o.MaxTestExamples);
+        Assert.False(o.Int8Gemm);
+        Assert.True(command.Options(command.Parse(["--int8-gemm"])).Int8Gemm);
+        Assert.Equal("--int8-gemm needs --bits 8, got --bits 4", Assert.Throws<ArgumentException>(() => command.Options(command.Parse(["--int8-gemm", "--bits", "4"])).Validate()).Message);
 
         Assert.IsType<System.CommandLine.Help.HelpAction>(command.Parse(["--help"]).Action);
         Assert.Equal("--lr needs a finite number, got '1,5'", command.FirstError(command.Parse(["--lr", "1,5"])));

@@ -1,0 +1,220 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MinLora.Quantization;
+
+/// <summary>
+/// Many-row products of an <see cref="QuantizationFormat.Int8PerRow"/> CPU layer through an integer GEMM
+/// (<see cref="QuantizedLinearOptions.Int8Gemm"/>): the left operand is quantized per row to symmetric int8
+/// (scale max|row|/127, round to nearest even), multiplied with the stored int8 codes by libtorch's <c>_int_mm</c>
+/// (oneDNN's s8 × s8 → s32 GEMM, AMX or VNNI where the CPU has them), and the exact int32 sums are scaled back in
+/// float32 and rounded once to bfloat16.
+/// </summary>
+/// <remarks>
+/// Forward: y[m, n] = s_x[m]·s_w[n]·Σ_k q_x[m, k]·q_w[n, k] + b[n]. Input gradient: the weight's row scales lie along
+/// the summed dimension, so they are folded into the gradient before it is quantized:
+/// dx[m, k] = s_g[m]·Σ_n q_g[m, n]·q_w[n, k] with q_g = round(g[m, n]·s_w[n] / s_g[m]). The only error beyond the
+/// stored weights' own is the rounding of the quantized operand: at most s/2 = max|row|/254 per element.
+/// </remarks>
+internal static unsafe class Int8Gemm
+{
+    /// <summary>Rows per parallel block of the quantize and scale passes.</summary>
+    private const int RowsPerBlock = 16;
+
+    /// <summary>True when <paramref name="layer"/>'s many-row products take this path.</summary>
+    internal static bool Applies(QuantizedLinear layer) =>
+        layer.Options.Int8Gemm && layer.Format == QuantizationFormat.Int8PerRow && layer.Options.ComputeDtype == ScalarType.BFloat16
+        && layer.WeightBuffer.device_type == DeviceType.CPU && Avx512F.IsSupported && Avx512BW.IsSupported && QuantizationKernels.Available;
+
+    /// <summary>
+    /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
+    /// or null when a row is not finite (the caller then takes the bfloat16 path, which propagates it as IEEE does).
+    /// </summary>
+    internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias)
+    {
+        long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
+        if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        using var b = bias?.detach().to(ScalarType.Float32).contiguous();
+        using var q = Quantize(x, null, out var rowScales);
+        if (q is null) return null;
+        using var wt = layer.WeightBuffer.t();
+        using var acc = QuantizationKernels.IntMm(q, wt);
+        return Rescale(acc, rowScales, scales, b);
+    }
+
+    /// <summary>
+    /// dL/dx = g·dequant(W) for <paramref name="g"/> [M, N] (float32 or bfloat16, contiguous); returns [M, K] bfloat16, or
+    /// null when a row is not finite.
+    /// </summary>
+    internal static Tensor? InputGradient(QuantizedLinear layer, Tensor g)
+    {
+        long m = g.shape[0], k = layer.InFeatures;
+        if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        using var q = Quantize(g, scales, out var rowScales);
+        if (q is null) return null;
+        using var acc = QuantizationKernels.IntMm(q, layer.WeightBuffer);
+        return Rescale(acc, rowScales, null, null);
+    }
+
+    /// <summary>
+    /// Quantizes each row of <paramref name="a"/> [M, C] (times <paramref name="columnScales"/> [C] when given) to int8
+    /// with its own scale max|row|/127 (0 for an all-zero row). Returns the codes [M, C], or null when a row is not finite.
+    /// </summary>
+    internal static Tensor? Quantize(Tensor a, Tensor? columnScales, out float[] rowScales)
+    {
+        if (a.dtype is not (ScalarType.Float32 or ScalarType.BFloat16) || a.dim() != 2 || !a.is_contiguous())
+            throw new ArgumentException($"Int8Gemm quantizes contiguous 2-D float32 or bfloat16 tensors, got {a.dtype} [{string.Join(", ", a.shape)}].", nameof(a));
+        int m = checked((int)a.shape[0]), c = checked((int)a.shape[1]);
+        var codes = empty(new long[] { m, c }, dtype: ScalarType.Int8);
+        var scales = new float[m];
+        bool bf16 = a.dtype == ScalarType.BFloat16;
+        nint src = TensorMemory.Pointer(a), dst = TensorMemory.Pointer(codes);
+        nint column = columnScales is null ? 0 : TensorMemory.Pointer(columnScales);
+        int finite = 1;
+        ForRowBlocks(m, (long)m * c, (r0, r1) =>
+        {
+            fixed (float* s = scales)
+            {
+                for (int r = r0; r < r1; r++)
+                {
+                    if (!QuantizeRow((void*)(src + (long)r * c * (bf16 ? 2 : 4)), bf16, c, (float*)column, (sbyte*)(dst + (long)r * c), out s[r]))
+                        Volatile.Write(ref finite, 0);
+                }
+            }
+        });
+        GC.KeepAlive(a);
+        GC.KeepAlive(columnScales);
+        rowScales = scales;
+        if (finite == 0)
+        {
+            codes.Dispose();
+            return null;
+        }
+        return codes;
+    }
+
+    /// <summary>out[m, j] = bf16(acc[m, j]·rowScales[m]·columnScales[j] + bias[j]) for int32 <paramref name="acc"/> [M, J].</summary>
+    internal static Tensor Rescale(Tensor acc, float[] rowScales, Tensor? columnScales, Tensor? bias)
+    {
+        int m = checked((int)acc.shape[0]), width = checked((int)acc.shape[1]);
+        using var contiguous = acc.contiguous();
+        var y = empty(new long[] { m, width }, dtype: ScalarType.BFloat16);
+        nint src = TensorMemory.Pointer(contiguous), dst = TensorMemory.Pointer(y);
+        nint column = columnScales is null ? 0 : TensorMemory.Pointer(columnScales);
+        nint add = bias is null ? 0 : TensorMemory.Pointer(bias);
+        ForRowBlocks(m, (long)m * width, (r0, r1) =>
+        {
+            for (int r = r0; r < r1; r++)
+                RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add, (ushort*)(dst + (long)r * width * 2));
+        });
+        GC.KeepAlive(contiguous);
+        GC.KeepAlive(columnScales);
+        GC.KeepAlive(bias);
+        return y;
+    }
+
+    private static void ForRowBlocks(int rows, long elements, Action<int, int> body)
+    {
+        int blocks = (rows + RowsPerBlock - 1) / RowsPerBlock;
+        if (blocks <= 1 || elements < (256L << 10))
+        {
+            body(0, rows);
+            return;
+        }
+        Parallel.For(0, blocks, b => body(b * RowsPerBlock, Math.Min(rows, (b + 1) * RowsPerBlock)));
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Load(void* row, bool bf16, int j) => bf16
+        ? Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)row + j)), 16).AsSingle()
+        : Vector512.Load((float*)row + j);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Element(void* row, bool bf16, int j) =>
+        bf16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)row)[j] << 16) : ((float*)row)[j];
+
+    // AggressiveOptimization: SIMD kernels must not run as unoptimised tier-0 code.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static bool QuantizeRow(void* row, bool bf16, int c, float* columnScales, sbyte* q, out float scale)
+    {
+        var vmax = Vector512<float>.Zero;
+        int j = 0;
+        for (; j + 16 <= c; j += 16)
+        {
+            var v = Load(row, bf16, j);
+            if (columnScales != null) v *= Vector512.Load(columnScales + j);
+            vmax = Avx512F.Max(vmax, Vector512.Abs(v));
+        }
+        float amax = HorizontalMax(vmax);
+        for (int t = j; t < c; t++)
+        {
+            float v = Element(row, bf16, t) * (columnScales != null ? columnScales[t] : 1f);
+            amax = MathF.Max(amax, MathF.Abs(v));
+        }
+        // vmaxps returns its second operand when either is NaN, so a NaN element can hide; a check of the sum of the
+        // row's magnitudes catches NaN and ±∞ alike.
+        if (!float.IsFinite(amax) || !RowFinite(row, bf16, c))
+        {
+            scale = float.NaN;
+            return false;
+        }
+        scale = amax / 127f;
+        float inverse = amax > 0 ? 127f / amax : 0f;
+        var vinv = Vector512.Create(inverse);
+        for (j = 0; j + 16 <= c; j += 16)
+        {
+            var v = Load(row, bf16, j);
+            if (columnScales != null) v *= Vector512.Load(columnScales + j);
+            // vcvtps2dq rounds to nearest even (the default MXCSR mode); vpmovsdb saturates (|v·inverse| ≤ 127 up to rounding).
+            Avx512F.ConvertToVector128SByteWithSaturation(Avx512F.ConvertToVector512Int32(v * vinv)).Store(q + j);
+        }
+        for (; j < c; j++)
+        {
+            float v = Element(row, bf16, j) * (columnScales != null ? columnScales[j] : 1f);
+            q[j] = (sbyte)Math.Clamp((int)MathF.Round(v * inverse), -127, 127);
+        }
+        return true;
+    }
+
+    private static bool RowFinite(void* row, bool bf16, int c)
+    {
+        var acc = Vector512<float>.Zero;
+        int j = 0;
+        for (; j + 16 <= c; j += 16) acc += Load(row, bf16, j) * Vector512<float>.Zero;
+        float tail = 0;
+        for (; j < c; j++) tail += Element(row, bf16, j) * 0f;
+        // x·0 is 0 for finite x and NaN for NaN or ±∞.
+        return Vector512.Sum(acc) + tail == 0f;
+    }
+
+    private static float HorizontalMax(Vector512<float> v)
+    {
+        var m = Vector256.Max(v.GetLower(), v.GetUpper());
+        var h = Vector128.Max(m.GetLower(), m.GetUpper());
+        return MathF.Max(MathF.Max(h[0], h[1]), MathF.Max(h[2], h[3]));
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void RescaleRow(int* acc, int width, float rowScale, float* columnScales, float* bias, ushort* y)
+    {
+        var vs = Vector512.Create(rowScale);
+        int j = 0;
+        for (; j + 16 <= width; j += 16)
+        {
+            var v = Avx512F.ConvertToVector512Single(Vector512.Load(acc + j)) * (columnScales != null ? Vector512.Load(columnScales + j) * vs : vs);
+            if (bias != null) v += Vector512.Load(bias + j);
+            Avx512F.ConvertToVector256UInt16(FastDequantize.RoundToBf16(v)).Store(y + j);
+        }
+        for (; j < width; j++)
+        {
+            float v = acc[j] * (columnScales != null ? columnScales[j] * rowScale : rowScale);
+            if (bias != null) v += bias[j];
+            y[j] = FastDequantize.RoundToBf16(v);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MinLora.Quantization.Tests;
+
+/// <summary>
+/// The opt-in int8 × int8 many-row products (<see cref="QuantizedLinearOptions.Int8Gemm"/>): per-row activation
+/// quantization, libtorch's integer GEMM and the rescale, each against a float64 reference on odd shapes.
+/// </summary>
+public class Int8GemmTests
+{
+    private static bool Supported
+    {
+        get
+        {
+            using var layer = MakeLayer(8, 16, out var linear, int8Gemm: true);
+            using var _ = linear;
+            return Int8Gemm.Applies(layer);   // AVX-512 CPU (the dev and CI machines); elsewhere the option is ignored
+        }
+    }
+
+    private static QuantizedLinear MakeLayer(long n, long k, out Linear linear, bool int8Gemm, bool bias = true)
+    {
+        linear = nn.Linear(k, n, hasBias: bias);
+        return QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+    }
+
+    /// <summary>
+    /// Each row gets the scale max|x·c|/127 of its own (float32, exactly as computed from the same float32 products), and
+    /// each code is that row's value divided by it, rounded: |q·s − x·c| ≤ s/2 (plus float32 rounding of x·c·127/max: 127·2⁻²² steps), |q| ≤ 127,
+    /// and some code reaches ±127. An all-zero row gets scale 0 and zero codes. Widths with a scalar tail, both input types.
+    /// </summary>
+    [Theory]
+    [InlineData(ScalarType.BFloat16, 301, false)]
+    [InlineData(ScalarType.Float32, 301, false)]
+    [InlineData(ScalarType.BFloat16, 64, true)]
+    [InlineData(ScalarType.Float32, 45, true)]
+    public void Quantize_RoundsEachRowToItsOwnScale(ScalarType dtype, long width, bool columnScaled)
+    {
+        if (!Supported) return;
+        manual_seed(71);
+        using var x32 = randn(40, width).mul(arange(40).add(1).unsqueeze(1));   // rows of very different magnitude
+        x32[5].zero_();
+        using var x = x32.to(dtype);
+        using var c = columnScaled ? rand(width).add(0.01) : null;
+        using var codes = Int8Gemm.Quantize(x, c, out var scales);
+        Assert.NotNull(codes);
+        Assert.Equal(new[] { 40L, width }, codes!.shape);
+        using var product = c is null ? x.to(ScalarType.Float32) : x.to(ScalarType.Float32).mul(c);
+        using var expectedScale = product.abs().amax(new long[] { 1 }).div(127f);
+        var expected = expectedScale.data<float>().ToArray();
+        Assert.Equal(expected, scales);
+        Assert.Equal(0f, scales[5]);
+        using var q = codes.to(ScalarType.Float64);
+        Assert.Equal(0, q[5].abs().sum().item<double>());
+        Assert.True(q.abs().max().item<double>() <= 127);
+        using var s = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+        using var error = q.mul(s).sub(product.to(ScalarType.Float64)).abs();
+        using var bound = s.mul(0.5 + Math.Pow(2, -14));   // x·(127/amax) in float32: |error| ≤ 127·2⁻²² steps
+        Assert.True((error - bound).max().item<double>() <= 0, "a code is more than half a step from its value");
+        using var rowMax = q.abs().amax(new long[] { 1 });
+        Assert.Equal(39, rowMax.eq(127).sum().item<long>());   // every row but the zero one reaches ±127
+    }
+
+    /// <summary>
+    /// Forward: y = s_x·s_w·Σ q_x·q_w + b equals that expression in float64 from the same codes within bfloat16's
+    /// rounding of the output (2⁻⁸ relative) plus float32 rounding of the int32 sum and the scale products (a few 2⁻²⁴
+    /// of Σ|terms|): the integer sum itself is exact. Odd N and K (no multiple of 16), 1, 3, 8 and 130 rows.
+    /// </summary>
+    [Theory]
+    [InlineData(67, 301)]
+    [InlineData(130, 64)]
+    public void Forward_IsTheExactIntegerProductRescaled(long n, long k)
+    {
+        if (!Supported) return;
+        manual_seed(72);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var _ = linear;
+        using var w64 = layer.WeightBuffer.to(ScalarType.Float64);
+        using var sw = layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64);
+        foreach (long rows in new[] { 1L, 3L, 8L, 130L })
+        {
+            using var x = randn(rows, k).to(ScalarType.BFloat16);
+            using var y = Int8Gemm.Forward(layer, x, layer.Bias);
+            Assert.NotNull(y);
+            Assert.Equal(new[] { rows, n }, y!.shape);
+            Assert.Equal(ScalarType.BFloat16, y.dtype);
+            using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
+            using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+            using var terms = codes.to(ScalarType.Float64).matmul(w64.t());
+            using var reference = terms.mul(sx).mul(sw).add(layer.Bias!.to(ScalarType.Float64));
+            using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs().t()).mul(sx).mul(sw);
+            AssertWithin(y, reference, magnitude, $"{n}x{k} rows {rows}");
+        }
+    }
+
+    /// <summary>
+    /// Input gradient: the weight's row scales are folded into the gradient before it is quantized, so
+    /// dx = s_g·Σ_n q_g·q_w with q_g the codes of g·s_w; the same bound against float64 from the same codes.
+    /// </summary>
+    [Theory]
+    [InlineData(67, 301)]
+    [InlineData(130, 64)]
+    public void InputGradient_IsTheExactIntegerProductRescaled(long n, long k)
+    {
+        if (!Supported) return;
+        manual_seed(73);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false);
+        using var _ = linear;
+        using var w64 = layer.WeightBuffer.to(ScalarType.Float64);
+        using var sw = layer.ScaleBuffer.to(ScalarType.Float32);
+        foreach (long rows in new[] { 1L, 8L, 130L })
+        {
+            using var g = randn(rows, n).to(ScalarType.BFloat16);
+            using var gx = Int8Gemm.InputGradient(layer, g);
+            Assert.NotNull(gx);
+            Assert.Equal(new[] { rows, k }, gx!.shape);
+            using var codes = Int8Gemm.Quantize(g, sw, out var scales)!;
+            using var sg = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+            using var reference = codes.to(ScalarType.Float64).matmul(w64).mul(sg);
+            using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs()).mul(sg);
+            AssertWithin(gx, reference, magnitude, $"{n}x{k} rows {rows}");
+        }
+    }
+
+    /// <summary>
+    /// The accuracy trade against the exact product of the stored weights: rounding a row to int8 moves each activation
+    /// by at most s/2 = max|row|/254, so |y − x·dequant(W)ᵀ| ≤ (s/2)·Σ_k|w| plus the output's bfloat16 rounding. Through
+    /// the layer ([4, 10, K]: more rows than the decoding kernel takes), forward and backward.
+    /// </summary>
+    [Fact]
+    public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding()
+    {
+        if (!Supported) return;
+        manual_seed(74);
+        long n = 96, k = 200;
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var _ = linear;
+        using var wd = layer.Dequantize(ScalarType.Float64);
+        using var x = randn(4, 10, k).to(ScalarType.BFloat16).requires_grad_(true);
+        using var y = layer.forward(x);
+        using var x64 = x.detach().to(ScalarType.Float64).reshape(40, k);
+        using var exact = x64.matmul(wd.t()).add(layer.Bias!.to(ScalarType.Float64));
+        using var step = x64.abs().amax(new long[] { 1 }, keepdim: true).div(127);
+        using var bound = step.mul(0.5).matmul(wd.abs().sum(1).unsqueeze(0)).add(exact.abs().mul(Math.Pow(2, -8))).mul(1.001);
+        using var y2 = y.detach().to(ScalarType.Float64).reshape(40, n);
+        Assert.True(((y2 - exact).abs() - bound).max().item<double>() <= 0, "forward error beyond the activation rounding");
+        // It is the int8 path (the bfloat16 path's error is ~100× smaller than this bound, and these differ from it).
+        using var viaGemm = Int8Gemm.Forward(layer, x.detach().reshape(40, k), layer.Bias)!;
+        Assert.Equal(0, (viaGemm.reshape(4, 10, n) - y.detach()).abs().max().to(ScalarType.Float32).item<float>());
+
+        using var r = randn(4, 10, n).to(ScalarType.BFloat16);
+        using var loss = y.mul(r).sum();
+        loss.backward();
+        using var r64 = r.to(ScalarType.Float64).reshape(40, n);
+        using var exactGrad = r64.matmul(wd);
+        using var scaled = r64.mul(layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64));
+        using var gStep = scaled.abs().amax(new long[] { 1 }, keepdim: true).div(127);
+        // |Δ(g·s_w)| ≤ s_g/2 per element, times |q_w[n, k]| summed over n.
+        using var gBound = gStep.mul(0.5).mul(layer.WeightBuffer.to(ScalarType.Float64).abs().sum(new long[] { 0 }).unsqueeze(0)).add(exactGrad.abs().mul(Math.Pow(2, -8))).mul(1.001);
+        using var grad = x.grad!.to(ScalarType.Float64).reshape(40, k);
+        Assert.True(((grad - exactGrad).abs() - gBound).max().item<double>() <= 0, "input-gradient error beyond the activation rounding");
+    }
+
+    /// <summary>Without the option (the default) the same layer takes the bfloat16 path: its output differs from the int8 one.</summary>
+    [Fact]
+    public void IsOptIn()
+    {
+        if (!Supported) return;
+        manual_seed(75);
+        using var layer = MakeLayer(64, 128, out var linear, int8Gemm: false);
+        using var _ = linear;
+        Assert.False(Int8Gemm.Applies(layer));
+        using var x = randn(40, 128).to(ScalarType.BFloat16);
+        using var y = layer.forward(x);
+        using var tiled = TiledProduct.Forward(layer, x, layer.Bias);
+        Assert.Equal(0, (y - tiled).abs().max().to(ScalarType.Float32).item<float>());
+        using var viaGemm = Int8Gemm.Forward(layer, x, layer.Bias)!;
+        Assert.True((y - viaGemm).abs().max().to(ScalarType.Float32).item<float>() > 0);
+        using var int4 = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm, options: new QuantizedLinearOptions { Int8Gemm = true });
+        Assert.False(Int8Gemm.Applies(int4));
+    }
+
+    /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>
+    [Fact]
+    public void NonFiniteRows_TakeTheBf16Path()
+    {
+        if (!Supported) return;
+        manual_seed(76);
+        using var layer = MakeLayer(48, 80, out var linear, int8Gemm: true);
+        using var _ = linear;
+        foreach (var bad in new[] { float.NaN, float.PositiveInfinity })
+        {
+            using var x = randn(20, 80);
+            x[7, 33] = bad;
+            Assert.Null(Int8Gemm.Forward(layer, x, null));
+            using var y = layer.forward(x);
+            using var finite = y.isfinite();
+            Assert.Equal(0, finite[7].sum().item<long>());
+            Assert.Equal(19 * 48, finite.sum().item<long>());
+        }
+    }
+
+    [Fact]
+    public void ZeroRows_GiveEmptyResults()
+    {
+        if (!Supported) return;
+        using var layer = MakeLayer(24, 40, out var linear, int8Gemm: true);
+        using var _ = linear;
+        using var y = Int8Gemm.Forward(layer, empty(0, 40, dtype: ScalarType.BFloat16), null);
+        Assert.Equal(new long[] { 0, 24 }, y!.shape);
+        using var gx = Int8Gemm.InputGradient(layer, empty(0, 24, dtype: ScalarType.BFloat16));
+        Assert.Equal(new long[] { 0, 40 }, gx!.shape);
+    }
+
+    private static void AssertWithin(Tensor actual, Tensor reference, Tensor magnitude, string what)
+    {
+        using var a = actual.to(ScalarType.Float64);
+        using var bound = reference.abs().mul(Math.Pow(2, -8)).add(magnitude.mul(Math.Pow(2, -20)));
+        var excess = ((a - reference).abs() - bound).max().item<double>();
+        Assert.True(excess <= 0, $"{what}: an element is {excess} beyond the bound");
+    }
+}
