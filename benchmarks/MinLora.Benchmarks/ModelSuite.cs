@@ -82,9 +82,9 @@ internal static class ModelSuite
             : quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
         if (args.Contains("--layers")) config = config with { NumLayers = Int(args, "--layers", config.NumLayers) };   // for probes, not figures
-        // --int8-gemm: int8 × int8 products for prompts and training (QuantizedLinearOptions.Int8Gemm; int8 only).
+        // --int8-gemm: int8 × int8 products for prompts and training (QuantizedLinearOptions.Int8Gemm; per-row formats).
         bool int8Gemm = args.Contains("--int8-gemm");
-        if (int8Gemm && bits != 8) { Console.Error.WriteLine("--int8-gemm needs --bits 8"); return 2; }
+        if (int8Gemm && !(bits == 8 || (bits == 4 && int4 == "chatglm"))) { Console.Error.WriteLine("--int8-gemm needs --bits 8, or --bits 4 with the chatglm int4 format"); return 2; }
         string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "") +
             (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "") + (int8Gemm ? " + int8 GEMM" : "");
         Console.WriteLine($"{(v2 ? "ChatGLM3-6B" : "ChatGLM-6B")} shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.ModelVocabSize}{(v2 ? $", {config.KvGroups} KV groups" : "")}; weights {label}, activations bf16; {get_num_threads()} threads");

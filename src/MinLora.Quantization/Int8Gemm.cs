@@ -7,11 +7,13 @@ using static TorchSharp.torch;
 namespace MinLora.Quantization;
 
 /// <summary>
-/// Many-row products of an <see cref="QuantizationFormat.Int8PerRow"/> CPU layer through an integer GEMM
-/// (<see cref="QuantizedLinearOptions.Int8Gemm"/>): the left operand is quantized per row to symmetric int8
-/// (scale max|row|/127, round to nearest even), multiplied with the stored int8 codes by libtorch's <c>_int_mm</c>
-/// (oneDNN's s8 × s8 → s32 GEMM, AMX or VNNI where the CPU has them), and the exact int32 sums are scaled back in
-/// float32 and rounded once to bfloat16.
+/// Many-row products of a per-row quantized CPU layer (<see cref="QuantizationFormat.Int8PerRow"/>,
+/// <see cref="QuantizationFormat.Int4PerRowChatGlm"/>) through an integer GEMM (<see cref="QuantizedLinearOptions.Int8Gemm"/>):
+/// the left operand is quantized per row to symmetric int8 (scale max|row|/127, round to nearest even), multiplied with
+/// the stored codes by libtorch's <c>_int_mm</c> (oneDNN's s8 × s8 → s32 GEMM, AMX or VNNI where the CPU has them), and
+/// the exact int32 sums are scaled back in float32 and rounded once to bfloat16. int8 codes go in as stored; int4 codes
+/// are widened to int8 a tile at a time (about 8 MB) into one reused buffer, as <see cref="TiledProduct"/> does with
+/// bfloat16.
 /// </summary>
 /// <remarks>
 /// Forward: y[m, n] = s_x[m]·s_w[n]·Σ_k q_x[m, k]·q_w[n, k] + b[n]. Input gradient: the weight's row scales lie along
@@ -24,16 +26,20 @@ internal static unsafe class Int8Gemm
     /// <summary>Rows per parallel block of the quantize and scale passes.</summary>
     private const int RowsPerBlock = 16;
 
+    /// <summary>Elements (int8 codes) per widened int4 tile: 8 MB.</summary>
+    internal const long TileElements = 8L << 20;
+
     /// <summary>True when <paramref name="layer"/>'s many-row products take this path.</summary>
     internal static bool Applies(QuantizedLinear layer) =>
-        layer.Options.Int8Gemm && layer.Format == QuantizationFormat.Int8PerRow && layer.Options.ComputeDtype == ScalarType.BFloat16
+        layer.Options.Int8Gemm && layer.Format is QuantizationFormat.Int8PerRow or QuantizationFormat.Int4PerRowChatGlm
+        && layer.Options.ComputeDtype == ScalarType.BFloat16
         && layer.WeightBuffer.device_type == DeviceType.CPU && Avx512F.IsSupported && Avx512BW.IsSupported && QuantizationKernels.Available;
 
     /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
     /// or null when a row is not finite (the caller then takes the bfloat16 path, which propagates it as IEEE does).
     /// </summary>
-    internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias)
+    internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias, long tileElements = TileElements)
     {
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
@@ -41,24 +47,123 @@ internal static unsafe class Int8Gemm
         using var b = bias?.detach().to(ScalarType.Float32).contiguous();
         using var q = Quantize(x, null, out var rowScales);
         if (q is null) return null;
-        using var wt = layer.WeightBuffer.t();
-        using var acc = QuantizationKernels.IntMm(q, wt);
-        return Rescale(acc, rowScales, scales, b);
+        var y = empty(new[] { m, n }, dtype: ScalarType.BFloat16);
+        float* sw = (float*)TensorMemory.Pointer(scales);
+        float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
+        ushort* py = (ushort*)TensorMemory.Pointer(y);
+        if (layer.Format == QuantizationFormat.Int8PerRow)
+        {
+            using var wt = layer.WeightBuffer.t();
+            using var acc = QuantizationKernels.IntMm(q, wt);
+            RescaleInto(acc, rowScales, sw, pb, py, n);
+        }
+        else
+        {
+            // Row tiles of W widened to int8: each tile gives a block of output columns, each over the whole K.
+            long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
+            using var tile = empty(new[] { tileRows, k }, dtype: ScalarType.Int8);
+            var packed = (byte*)TensorMemory.Pointer(layer.WeightBuffer);
+            var tileAddress = (sbyte*)TensorMemory.Pointer(tile);
+            for (long r0 = 0; r0 < n; r0 += tileRows)
+            {
+                long rows = Math.Min(tileRows, n - r0);
+                WidenInt4(packed, k, r0, r0 + rows, 0, k, tileAddress);
+                using var w = tile.narrow(0, 0, rows);
+                using var wt = w.t();
+                using var acc = QuantizationKernels.IntMm(q, wt);
+                RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n);
+            }
+        }
+        GC.KeepAlive(scales);
+        GC.KeepAlive(b);
+        return y;
     }
 
     /// <summary>
     /// dL/dx = g·dequant(W) for <paramref name="g"/> [M, N] (float32 or bfloat16, contiguous); returns [M, K] bfloat16, or
     /// null when a row is not finite.
     /// </summary>
-    internal static Tensor? InputGradient(QuantizedLinear layer, Tensor g)
+    internal static Tensor? InputGradient(QuantizedLinear layer, Tensor g, long tileElements = TileElements)
     {
-        long m = g.shape[0], k = layer.InFeatures;
+        long m = g.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
         using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
         using var q = Quantize(g, scales, out var rowScales);
         if (q is null) return null;
-        using var acc = QuantizationKernels.IntMm(q, layer.WeightBuffer);
-        return Rescale(acc, rowScales, null, null);
+        var dx = empty(new[] { m, k }, dtype: ScalarType.BFloat16);
+        ushort* pdx = (ushort*)TensorMemory.Pointer(dx);
+        if (layer.Format == QuantizationFormat.Int8PerRow)
+        {
+            using var acc = QuantizationKernels.IntMm(q, layer.WeightBuffer);
+            RescaleInto(acc, rowScales, null, null, pdx, k);
+        }
+        else
+        {
+            // Column windows of W (all N rows) widened to int8: each element of dL/dx is still one GEMM over the whole N.
+            long tileColumns = Math.Min(k, Math.Max(64, tileElements / n / 64 * 64));
+            using var tile = empty(new[] { n * tileColumns }, dtype: ScalarType.Int8);
+            var packed = (byte*)TensorMemory.Pointer(layer.WeightBuffer);
+            var tileAddress = (sbyte*)TensorMemory.Pointer(tile);
+            for (long c0 = 0; c0 < k; c0 += tileColumns)
+            {
+                long columns = Math.Min(tileColumns, k - c0);
+                WidenInt4(packed, k, 0, n, c0, c0 + columns, tileAddress);
+                using var used = tile.narrow(0, 0, n * columns);
+                using var w = used.view(n, columns);
+                using var acc = QuantizationKernels.IntMm(q, w);
+                RescaleInto(acc, rowScales, null, null, pdx + c0, k);
+            }
+        }
+        return dx;
+    }
+
+    /// <summary>
+    /// Widens ChatGLM int4 codes (two signed values per byte, even column in the high nibble; rows of k/2 bytes) of rows
+    /// [r0, r1) and columns [c0, c1) (c0 even) to int8, row after row of c1 − c0 values, on all cores.
+    /// </summary>
+    internal static void WidenInt4(byte* packed, long k, long r0, long r1, long c0, long c1, sbyte* destination)
+    {
+        long rows = r1 - r0, width = c1 - c0, bytesPerRow = (k + 1) / 2;
+        nint src = (nint)packed, dst = (nint)destination;
+        int blocks = (int)Math.Min(Environment.ProcessorCount * 2, Math.Max(1, rows * width / (256L << 10)));
+        blocks = (int)Math.Min(blocks, rows);
+        long per = (rows + blocks - 1) / blocks;
+        void Block(long b)
+        {
+            for (long r = r0 + b * per, end = Math.Min(r1, r0 + (b + 1) * per); r < end; r++)
+                WidenRow((byte*)src + r * bytesPerRow + c0 / 2, width, (sbyte*)dst + (r - r0) * width);
+        }
+        if (blocks == 1) Block(0);
+        else Parallel.For(0, blocks, b => Block(b));
+    }
+
+    /// <summary>ChatGLM's signed nibble values: u for u ≤ 7, u − 16 above.</summary>
+    private static readonly Vector512<sbyte> SignedNibbles =
+        Vector512.Create(Enumerable.Range(0, 64).Select(i => (sbyte)(i % 16 < 8 ? i % 16 : i % 16 - 16)).ToArray());
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void WidenRow(byte* src, long width, sbyte* dst)
+    {
+        long j = 0;
+        if (Avx512BW.IsSupported)
+        {
+            // 32 packed bytes → 32 words b; index word (b >> 4) | (b & 15) << 8 puts column 2i's nibble in the low byte and
+            // column 2i+1's in the high one; vpshufb maps each nibble to its signed value: 64 columns in order.
+            var lut = SignedNibbles;
+            var mask = Vector512.Create((ushort)0x0F);
+            for (; j + 64 <= width; j += 64)
+            {
+                var w = Avx512BW.ConvertToVector512UInt16(Vector256.Load(src + j / 2));
+                var index = Avx512BW.ShiftRightLogical(w, 4) | Avx512BW.ShiftLeftLogical(w & mask, 8);
+                Avx512BW.Shuffle(lut, index.AsSByte()).Store(dst + j);
+            }
+        }
+        for (; j < width; j++)
+        {
+            byte b = src[j / 2];
+            int u = (j & 1) == 0 ? b >> 4 : b & 15;
+            dst[j] = (sbyte)(u >= 8 ? u - 16 : u);
+        }
     }
 
     /// <summary>
@@ -98,24 +203,22 @@ internal static unsafe class Int8Gemm
         return codes;
     }
 
-    /// <summary>out[m, j] = bf16(acc[m, j]·rowScales[m]·columnScales[j] + bias[j]) for int32 <paramref name="acc"/> [M, J].</summary>
-    internal static Tensor Rescale(Tensor acc, float[] rowScales, Tensor? columnScales, Tensor? bias)
+    /// <summary>
+    /// destination[m·stride + j] = bf16(acc[m, j]·rowScales[m]·columnScales[j] + bias[j]) for int32 <paramref name="acc"/>
+    /// [M, J] (column scales and bias optional).
+    /// </summary>
+    internal static void RescaleInto(Tensor acc, float[] rowScales, float* columnScales, float* bias, ushort* destination, long stride)
     {
         int m = checked((int)acc.shape[0]), width = checked((int)acc.shape[1]);
         using var contiguous = acc.contiguous();
-        var y = empty(new long[] { m, width }, dtype: ScalarType.BFloat16);
-        nint src = TensorMemory.Pointer(contiguous), dst = TensorMemory.Pointer(y);
-        nint column = columnScales is null ? 0 : TensorMemory.Pointer(columnScales);
-        nint add = bias is null ? 0 : TensorMemory.Pointer(bias);
+        nint src = TensorMemory.Pointer(contiguous), dst = (nint)destination;
+        nint column = (nint)columnScales, add = (nint)bias;
         ForRowBlocks(m, (long)m * width, (r0, r1) =>
         {
             for (int r = r0; r < r1; r++)
-                RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add, (ushort*)(dst + (long)r * width * 2));
+                RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add, (ushort*)dst + r * stride);
         });
         GC.KeepAlive(contiguous);
-        GC.KeepAlive(columnScales);
-        GC.KeepAlive(bias);
-        return y;
     }
 
     private static void ForRowBlocks(int rows, long elements, Action<int, int> body)

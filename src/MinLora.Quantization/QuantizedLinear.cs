@@ -70,15 +70,16 @@ public sealed record QuantizedLinearOptions
     public bool Int8Activations { get; init; } = true;
 
     /// <summary>
-    /// For <see cref="QuantizationFormat.Int8PerRow"/> layers on the CPU, products with more rows than the decoding
-    /// kernel takes (prompts, training) multiply int8 by int8: each row of activations (forward) or of the output
-    /// gradient (backward) is quantized to int8 with its own scale max|row|/127, and libtorch's integer GEMM (oneDNN:
-    /// AMX or VNNI where the CPU has them) replaces dequantizing the weight and a bfloat16 GEMM. An opt-in accuracy
-    /// trade (W8A8, per token): the added error is at most max|row|/254 per activation, of the order of the int8 weights'
-    /// own rounding, where the default path adds only bfloat16 rounding. Measured on ChatGLM-6B's projections (2-core
-    /// Xeon with AMX): the integer GEMM takes about half the bfloat16 GEMM's time; see docs/measurements/cpu-model-6b.md.
-    /// Ignored for other formats, for a float32 <see cref="ComputeDtype"/> and on CUDA; a call whose rows are not
-    /// finite takes the bfloat16 path.
+    /// For per-row formats (<see cref="QuantizationFormat.Int8PerRow"/>, <see cref="QuantizationFormat.Int4PerRowChatGlm"/>)
+    /// on the CPU, products with more rows than the decoding kernel takes (prompts, training) multiply int8 by int8: each
+    /// row of activations (forward) or of the output gradient (backward) is quantized to int8 with its own scale
+    /// max|row|/127, and libtorch's integer GEMM (oneDNN: AMX or VNNI where the CPU has them) replaces dequantizing the
+    /// weight and a bfloat16 GEMM (int4 codes are widened to int8 a tile at a time). An opt-in accuracy trade (W8A8 per
+    /// token): the added error is at most max|row|/254 per activation, of the order of the int8 weights' own rounding,
+    /// where the default path adds only bfloat16 rounding. Measured at ChatGLM-6B's shape on a 2-core Xeon with AMX: int8
+    /// prefill 1.2–2.2× the bfloat16 model's, against 0.5–0.8× without it (docs/measurements/cpu-model-6b.md).
+    /// Ignored for group-wise int4 (its scales vary along K), for a float32 <see cref="ComputeDtype"/> and on CUDA; a call
+    /// whose rows are not finite takes the bfloat16 path.
     /// </summary>
     /// <value>The default value is false.</value>
     public bool Int8Gemm { get; init; }

@@ -20,11 +20,28 @@ public class Int8GemmTests
         }
     }
 
-    private static QuantizedLinear MakeLayer(long n, long k, out Linear linear, bool int8Gemm, bool bias = true)
+    private static QuantizedLinear MakeLayer(long n, long k, out Linear linear, bool int8Gemm, bool bias = true, QuantizationFormat format = QuantizationFormat.Int8PerRow)
     {
         linear = nn.Linear(k, n, hasBias: bias);
-        return QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+        return QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
     }
+
+    /// <summary>The stored codes as float64 [N, K]: dequant(W)/s_w is exact in float64 (q·s is, and so is its quotient).</summary>
+    private static Tensor Codes(QuantizedLinear layer)
+    {
+        using var w = layer.Dequantize(ScalarType.Float64);
+        using var s = layer.ScaleBuffer.to(ScalarType.Float64).unsqueeze(1);
+        return w.div(s);
+    }
+
+    public static TheoryData<QuantizationFormat, long, long> Shapes => new()
+    {
+        { QuantizationFormat.Int8PerRow, 67, 302 },
+        { QuantizationFormat.Int8PerRow, 130, 64 },
+        { QuantizationFormat.Int8PerRow, 33, 301 },          // odd K
+        { QuantizationFormat.Int4PerRowChatGlm, 67, 302 },   // tiles of 64 rows / 64 columns: several, and short last ones
+        { QuantizationFormat.Int4PerRowChatGlm, 130, 192 },
+    };
 
     /// <summary>
     /// Each row gets the scale max|x·c|/127 of its own (float32, exactly as computed from the same float32 products), and
@@ -66,23 +83,23 @@ public class Int8GemmTests
     /// <summary>
     /// Forward: y = s_x·s_w·Σ q_x·q_w + b equals that expression in float64 from the same codes within bfloat16's
     /// rounding of the output (2⁻⁸ relative) plus float32 rounding of the int32 sum and the scale products (a few 2⁻²⁴
-    /// of Σ|terms|): the integer sum itself is exact. Odd N and K (no multiple of 16), 1, 3, 8 and 130 rows.
+    /// of Σ|terms|): the integer sum itself is exact. Odd N and K (no multiple of 16), 1, 3, 8 and 130 rows; int4 codes
+    /// widened in tiles of 64 rows.
     /// </summary>
     [Theory]
-    [InlineData(67, 301)]
-    [InlineData(130, 64)]
-    public void Forward_IsTheExactIntegerProductRescaled(long n, long k)
+    [MemberData(nameof(Shapes))]
+    public void Forward_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
         if (!Supported) return;
         manual_seed(72);
-        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
-        using var w64 = layer.WeightBuffer.to(ScalarType.Float64);
+        using var w64 = Codes(layer);
         using var sw = layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64);
         foreach (long rows in new[] { 1L, 3L, 8L, 130L })
         {
             using var x = randn(rows, k).to(ScalarType.BFloat16);
-            using var y = Int8Gemm.Forward(layer, x, layer.Bias);
+            using var y = Int8Gemm.Forward(layer, x, layer.Bias, tileElements: 64 * k);
             Assert.NotNull(y);
             Assert.Equal(new[] { rows, n }, y!.shape);
             Assert.Equal(ScalarType.BFloat16, y.dtype);
@@ -100,20 +117,19 @@ public class Int8GemmTests
     /// dx = s_g·Σ_n q_g·q_w with q_g the codes of g·s_w; the same bound against float64 from the same codes.
     /// </summary>
     [Theory]
-    [InlineData(67, 301)]
-    [InlineData(130, 64)]
-    public void InputGradient_IsTheExactIntegerProductRescaled(long n, long k)
+    [MemberData(nameof(Shapes))]
+    public void InputGradient_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
         if (!Supported) return;
         manual_seed(73);
-        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false, format: format);
         using var _ = linear;
-        using var w64 = layer.WeightBuffer.to(ScalarType.Float64);
+        using var w64 = Codes(layer);
         using var sw = layer.ScaleBuffer.to(ScalarType.Float32);
         foreach (long rows in new[] { 1L, 8L, 130L })
         {
             using var g = randn(rows, n).to(ScalarType.BFloat16);
-            using var gx = Int8Gemm.InputGradient(layer, g);
+            using var gx = Int8Gemm.InputGradient(layer, g, tileElements: 64 * n);
             Assert.NotNull(gx);
             Assert.Equal(new[] { rows, k }, gx!.shape);
             using var codes = Int8Gemm.Quantize(g, sw, out var scales)!;
@@ -129,13 +145,15 @@ public class Int8GemmTests
     /// by at most s/2 = max|row|/254, so |y − x·dequant(W)ᵀ| ≤ (s/2)·Σ_k|w| plus the output's bfloat16 rounding. Through
     /// the layer ([4, 10, K]: more rows than the decoding kernel takes), forward and backward.
     /// </summary>
-    [Fact]
-    public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding()
+    [Theory]
+    [InlineData(QuantizationFormat.Int8PerRow)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding(QuantizationFormat format)
     {
         if (!Supported) return;
         manual_seed(74);
         long n = 96, k = 200;
-        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
         using var wd = layer.Dequantize(ScalarType.Float64);
         using var x = randn(4, 10, k).to(ScalarType.BFloat16).requires_grad_(true);
@@ -158,12 +176,16 @@ public class Int8GemmTests
         using var scaled = r64.mul(layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64));
         using var gStep = scaled.abs().amax(new long[] { 1 }, keepdim: true).div(127);
         // |Δ(g·s_w)| ≤ s_g/2 per element, times |q_w[n, k]| summed over n.
-        using var gBound = gStep.mul(0.5).mul(layer.WeightBuffer.to(ScalarType.Float64).abs().sum(new long[] { 0 }).unsqueeze(0)).add(exactGrad.abs().mul(Math.Pow(2, -8))).mul(1.001);
+        using var codes = Codes(layer);
+        using var gBound = gStep.mul(0.5).mul(codes.abs().sum(new long[] { 0 }).unsqueeze(0)).add(exactGrad.abs().mul(Math.Pow(2, -8))).mul(1.001);
         using var grad = x.grad!.to(ScalarType.Float64).reshape(40, k);
         Assert.True(((grad - exactGrad).abs() - gBound).max().item<double>() <= 0, "input-gradient error beyond the activation rounding");
     }
 
-    /// <summary>Without the option (the default) the same layer takes the bfloat16 path: its output differs from the int8 one.</summary>
+    /// <summary>
+    /// Without the option (the default) the same layer takes the bfloat16 path: its output differs from the int8 one.
+    /// Group-wise int4 never takes it.
+    /// </summary>
     [Fact]
     public void IsOptIn()
     {
@@ -178,8 +200,8 @@ public class Int8GemmTests
         Assert.Equal(0, (y - tiled).abs().max().to(ScalarType.Float32).item<float>());
         using var viaGemm = Int8Gemm.Forward(layer, x, layer.Bias)!;
         Assert.True((y - viaGemm).abs().max().to(ScalarType.Float32).item<float>() > 0);
-        using var int4 = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm, options: new QuantizedLinearOptions { Int8Gemm = true });
-        Assert.False(Int8Gemm.Applies(int4));
+        using var grouped = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4Grouped, options: new QuantizedLinearOptions { Int8Gemm = true });
+        Assert.False(Int8Gemm.Applies(grouped));   // group scales along K do not factor out of one integer GEMM
     }
 
     /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>
@@ -199,6 +221,27 @@ public class Int8GemmTests
             using var finite = y.isfinite();
             Assert.Equal(0, finite[7].sum().item<long>());
             Assert.Equal(19 * 48, finite.sum().item<long>());
+        }
+    }
+
+    /// <summary>Widening int4 codes: every nibble value, any column window with an even start, against the reference unpacking.</summary>
+    [Fact]
+    public unsafe void WidenInt4_GivesTheSignedNibblesInColumnOrder()
+    {
+        manual_seed(77);
+        long n = 5, k = 300;
+        using var codes = randint(-7, 8, new long[] { n, k });
+        using var linear = nn.Linear(k, n, hasBias: false);
+        using (no_grad()) linear.weight!.copy_(codes.to(ScalarType.Float32));
+        using var layer = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm);
+        using var expected = Codes(layer).round().to(ScalarType.Int8);
+        Assert.Equal(7, expected.max().item<sbyte>());
+        foreach (var (c0, c1) in new[] { (0L, 300L), (64L, 192L), (2L, 131L) })
+        {
+            using var dst = empty(new[] { 3, c1 - c0 }, dtype: ScalarType.Int8);
+            Int8Gemm.WidenInt4((byte*)TensorMemory.Pointer(layer.WeightBuffer), k, 1, 4, c0, c1, (sbyte*)TensorMemory.Pointer(dst));
+            using var want = expected.narrow(0, 1, 3).narrow(1, c0, c1 - c0);
+            Assert.True(dst.equal(want).all().item<bool>(), $"columns {c0}..{c1}");
         }
     }
 
