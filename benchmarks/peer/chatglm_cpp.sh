@@ -1,0 +1,53 @@
+#!/bin/bash
+# Builds chatglm.cpp (the peer in issue 9) and times it on ChatGLM-6B with random weights, on this machine.
+#
+#   benchmarks/peer/chatglm_cpp.sh SRC WORK [f16|q8_0|q4_0 ...]
+#
+# SRC: a chatglm.cpp checkout with its third_party/ggml submodule (measured: li-plus/chatglm.cpp f86777c, ggml
+# f4ee239). WORK: a scratch directory (the build and one model file at a time: 3.5 GB q4_0, 6.6 GB q8_0, 12.4 GB f16).
+# The SentencePiece proto comes from CHATGLM_TOKENIZER (default ../shared/data/chatglm-6b/ice_text.model).
+# Needs: cmake, g++, libsentencepiece-dev, libre2-dev (Debian 12), numpy for /usr/bin/python3.
+#
+# Two local changes to the copy that is built, neither on ChatGLM-6B's path: Debian's sentencepiece and re2 libraries
+# instead of the vendored sentencepiece, abseil and re2 submodules, and GLM-4's tokenizer (which needs protobuf's
+# Base64Unescape) made to throw. ggml is built with -march=native and 2 threads are used (chatglm.cpp's default on a
+# 2-core machine), as in the issue's measurement. Each type: a 16-token and a ~130-token prompt, 64 new tokens, greedy.
+set -euo pipefail
+SRC=$(realpath "$1"); WORK=$(realpath -m "$2"); shift 2
+TYPES=${*:-q4_0 q8_0 f16}
+HERE=$(dirname "$(realpath "$0")")
+TOKENIZER=${CHATGLM_TOKENIZER:-$HERE/../../../shared/data/chatglm-6b/ice_text.model}
+mkdir -p "$WORK"
+if [ ! -x "$WORK/build/bin/main" ]; then
+  rm -rf "$WORK/src" && cp -r "$SRC" "$WORK/src"
+  python3 - "$WORK/src" <<'PY'
+import re, sys
+root = sys.argv[1]
+cm = open(f"{root}/CMakeLists.txt").read()
+cm = cm.replace("add_subdirectory(third_party/sentencepiece)", "")
+cm = cm.replace("add_subdirectory(third_party/abseil-cpp)", "").replace("add_subdirectory(third_party/re2)", "")
+cm = cm.replace("target_link_libraries(chatglm PUBLIC ggml sentencepiece-static re2)", "target_link_libraries(chatglm PUBLIC ggml sentencepiece re2)")
+open(f"{root}/CMakeLists.txt", "w").write(cm)
+src = open(f"{root}/chatglm.cpp").read()
+src = src.replace("#include <google/protobuf/stubs/strutil.h>\n", "")
+src = src.replace("CHATGLM_CHECK(google::protobuf::Base64Unescape(base64_token, &token));", 'CHATGLM_THROW << "GLM-4 tokenizer not built (peer benchmark)";')
+open(f"{root}/chatglm.cpp", "w").write(src)
+PY
+  cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native \
+    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON > "$WORK/cmake.log"
+  cmake --build "$WORK/build" -j 2 --target main > "$WORK/build.log"
+fi
+SHORT="请从下面的句子中抽取三元组：车主反映刹车片烧蚀。"
+LONG=$(python3 -c "print('请从下面的句子中抽取主语、谓语和宾语组成的三元组，并按照主语_谓语_宾语的格式逐行输出。' * 4)")
+for T in $TYPES; do
+  MODEL="$WORK/chatglm-6b-random-$T.bin"
+  /usr/bin/python3 "$HERE/write_random_chatglm_ggml.py" "$MODEL" "$T" "$TOKENIZER"
+  cat "$MODEL" > /dev/null   # into the page cache: chatglm.cpp maps the file
+  for P in "$SHORT" "$LONG"; do
+    echo "=== $T, prompt of $(echo -n "$P" | wc -m) characters"
+    /usr/bin/time -v "$WORK/build/bin/main" -m "$MODEL" --mode generate -p "$P" --max_new_tokens 64 --top_k 1 --temp 0 -v 2>"$WORK/time.log" \
+      | grep -E "ms/token|tokens" || true
+    grep -E "Maximum resident" "$WORK/time.log"
+  done
+  rm -f "$MODEL"
+done
