@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load [--rounds N] [--quick] [--default-malloc]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--rounds N] [--quick] [--default-malloc]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm] [--train] [--steps N]
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
 var argsList = args.ToList();
@@ -24,10 +24,11 @@ if (suite == "model") return ModelSuite.Run(argsList);
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
+if (suite == "prompt-products") { QuantSuite.RunPrompt(rounds); return 0; }
 if (suite == "tokenizer") return TokenizerSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover, prompt-products)");
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +

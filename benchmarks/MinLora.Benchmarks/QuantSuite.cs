@@ -86,6 +86,71 @@ internal static class QuantSuite
         }
     }
 
+    /// <summary>
+    /// Many-row products (prompts, training) at ChatGLM-6B's four projection shapes: bf16 <c>linear</c> against the
+    /// quantized layer's default path (bf16 tiles) and <see cref="QuantizedLinearOptions.Int8Gemm"/>, int8 and ChatGLM
+    /// int4, forward alone and forward + input gradient through autograd (a training step's use of a frozen layer),
+    /// interleaved rounds; and each path's relative error (mean |y − ref| ÷ mean |ref|)
+    /// against the float64 product of its own stored weights, on Gaussian activations.
+    /// </summary>
+    public static void RunPrompt(int rounds)
+    {
+        var shapes = new[] { (K: 4096L, N: 12288L), (K: 4096L, N: 4096L), (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) };
+        Console.WriteLine();
+        Console.WriteLine("| K→N | rows | path | forward | ratio to bf16 | forward + input gradient (autograd) | ratio to bf16 | forward error |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        foreach (var (k, n) in shapes)
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(5);
+            using var w = randn(n, k).mul(0.02);
+            var wbf = w.to(ScalarType.BFloat16);
+            // A training step's use of a frozen layer: forward, then the input gradient through autograd.
+            Func<Tensor, Tensor> Step(Func<Tensor, Tensor> forward) => g =>
+            {
+                using var x = zeros(g.shape[0], k, dtype: ScalarType.BFloat16).requires_grad_(true);
+                using var y = forward(x);
+                y.backward(new[] { g });
+                return x.grad!.detach().clone();
+            };
+            Tensor Bf16(Tensor x) => nn.functional.linear(x, wbf);
+            var paths = new List<(string Name, Func<Tensor, Tensor> Forward, Func<Tensor, Tensor> Step, Tensor Reference)>
+            {
+                ("bf16 linear", Bf16, Step(Bf16), wbf),
+            };
+            foreach (var format in new[] { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4PerRowChatGlm })
+            {
+                foreach (bool int8Gemm in new[] { false, true })
+                {
+                    using var linear = nn.Linear(k, n, hasBias: false);
+                    using (no_grad()) linear.weight!.copy_(w);
+                    var layer = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+                    string name = (format == QuantizationFormat.Int8PerRow ? "int8" : "int4 ChatGLM") + (int8Gemm ? " Int8Gemm" : " default (bf16 tiles)");
+                    paths.Add((name, layer.call, Step(layer.call), layer.Dequantize(ScalarType.Float64)));
+                }
+            }
+            foreach (long rows in new[] { 16L, 128L, 512L })
+            {
+                using var x = randn(rows, k).to(ScalarType.BFloat16);
+                using var g = randn(rows, n).to(ScalarType.BFloat16);
+                var forward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var noGrad = no_grad(); using var y = p.Forward(x); }))).ToArray();
+                var backward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var gx = p.Step(g); }))).ToArray();
+                var tf = LoraSuite.Measure(rounds, forward, 1);
+                var tb = LoraSuite.Measure(rounds, backward, 1);
+                using var x64 = x.to(ScalarType.Float64);
+                for (int i = 0; i < paths.Count; i++)
+                {
+                    using var noGrad = no_grad();
+                    using var y = paths[i].Forward(x);
+                    using var reference = x64.matmul(paths[i].Reference.to(ScalarType.Float64).t());
+                    double error = (y.to(ScalarType.Float64) - reference).abs().mean().item<double>() / reference.abs().mean().item<double>();
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"| {k}→{n} | {rows} | {paths[i].Name} | {tf[i]:F1} ms | {tf[0] / tf[i]:F2} | {tb[i]:F1} ms | {tb[0] / tb[i]:F2} | {error:E1} |"));
+                }
+            }
+        }
+    }
+
     private static int Copies(long bytes) => (int)Math.Max(2, (CacheBytes + bytes - 1) / bytes);
 
     private static void AddFloat(List<(string, Func<Tensor, Tensor>, long, Func<double>)> list, string name, long k, long n, ScalarType dtype, int? copies = null)

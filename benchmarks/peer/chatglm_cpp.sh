@@ -21,17 +21,29 @@ mkdir -p "$WORK"
 if [ ! -x "$WORK/build/bin/main" ]; then
   rm -rf "$WORK/src" && cp -r "$SRC" "$WORK/src"
   python3 - "$WORK/src" <<'PY'
-import re, sys
+import sys
 root = sys.argv[1]
-cm = open(f"{root}/CMakeLists.txt").read()
-cm = cm.replace("add_subdirectory(third_party/sentencepiece)", "")
-cm = cm.replace("add_subdirectory(third_party/abseil-cpp)", "").replace("add_subdirectory(third_party/re2)", "")
-cm = cm.replace("target_link_libraries(chatglm PUBLIC ggml sentencepiece-static re2)", "target_link_libraries(chatglm PUBLIC ggml sentencepiece re2)")
-open(f"{root}/CMakeLists.txt", "w").write(cm)
-src = open(f"{root}/chatglm.cpp").read()
-src = src.replace("#include <google/protobuf/stubs/strutil.h>\n", "")
-src = src.replace("CHATGLM_CHECK(google::protobuf::Base64Unescape(base64_token, &token));", 'CHATGLM_THROW << "GLM-4 tokenizer not built (peer benchmark)";')
-open(f"{root}/chatglm.cpp", "w").write(src)
+
+def patch(path, pairs):
+    text = open(path).read()
+    for old, new in pairs:
+        if old not in text:
+            sys.exit(f"{path}: '{old}' not found: this chatglm.cpp differs from the measured one (f86777c)")
+        text = text.replace(old, new)
+    open(path, "w").write(text)
+
+patch(f"{root}/CMakeLists.txt", [
+    ("include_directories(third_party/sentencepiece/src)", ""),   # Debian's headers, matching its library
+    ("add_subdirectory(third_party/sentencepiece)", ""),
+    ("include_directories(third_party/sentencepiece/third_party/protobuf-lite)", ""),
+    ("add_subdirectory(third_party/abseil-cpp)", ""),
+    ("add_subdirectory(third_party/re2)", ""),
+    ("target_link_libraries(chatglm PUBLIC ggml sentencepiece-static re2)", "target_link_libraries(chatglm PUBLIC ggml sentencepiece re2)"),
+])
+patch(f"{root}/chatglm.cpp", [
+    ("#include <google/protobuf/stubs/strutil.h>\n", ""),
+    ("CHATGLM_CHECK(google::protobuf::Base64Unescape(base64_token, &token));", 'CHATGLM_THROW << "GLM-4 tokenizer not built (peer benchmark)";'),
+])
 PY
   cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native \
     -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON > "$WORK/cmake.log"
@@ -45,8 +57,9 @@ for T in $TYPES; do
   cat "$MODEL" > /dev/null   # into the page cache: chatglm.cpp maps the file
   for P in "$SHORT" "$LONG"; do
     echo "=== $T, prompt of $(echo -n "$P" | wc -m) characters"
-    /usr/bin/time -v "$WORK/build/bin/main" -m "$MODEL" --mode generate -p "$P" --max_new_tokens 64 --top_k 1 --temp 0 -v 2>"$WORK/time.log" \
-      | grep -E "ms/token|tokens" || true
+    /usr/bin/time -v "$WORK/build/bin/main" -m "$MODEL" --mode generate -p "$P" --max_new_tokens 64 --top_k 1 --temp 0 -v \
+      >"$WORK/out.log" 2>"$WORK/time.log" || { echo "chatglm.cpp failed:"; tail -5 "$WORK/out.log" "$WORK/time.log"; exit 1; }
+    grep -E "ms/token" "$WORK/out.log"
     grep -E "Maximum resident" "$WORK/time.log"
   done
   rm -f "$MODEL"

@@ -213,14 +213,14 @@ internal static unsafe class CpuGemv
             for (int half = 0; half < 2; half++)
             {
                 float* src = x + p * 64 + half * 32;
-                var (scale, inv) = BlockScale(src);
+                var (scale, pre, inv) = BlockScale(src);
                 int qsum = 0;
                 sbyte* even = q + p * 64 + half * 16;
                 sbyte* odd = q + p * 64 + 32 + half * 16;
                 for (int i = 0; i < 16; i++)
                 {
-                    int a = (int)MathF.Round(src[2 * i] * inv);
-                    int b = (int)MathF.Round(src[2 * i + 1] * inv);
+                    int a = (int)MathF.Round(src[2 * i] * pre * inv);
+                    int b = (int)MathF.Round(src[2 * i + 1] * pre * inv);
                     even[i] = (sbyte)a;
                     odd[i] = (sbyte)b;
                     qsum += a + b;
@@ -323,13 +323,24 @@ internal static unsafe class CpuGemv
         }
     }
 
-    /// <summary>A 32-column activation block's symmetric int8 scale (max|x|/127) and its inverse (0 for an all-zero block).</summary>
-    private static (float Scale, float Inverse) BlockScale(float* src)
+    /// <summary>A 32-column activation block's symmetric int8 quantizer (see <see cref="Int8Scale"/>).</summary>
+    private static (float Scale, float Pre, float Inverse) BlockScale(float* src)
     {
         var m = Vector256.Max(Vector256.Max(Vector256.Abs(Vector256.Load(src)), Vector256.Abs(Vector256.Load(src + 8))),
             Vector256.Max(Vector256.Abs(Vector256.Load(src + 16)), Vector256.Abs(Vector256.Load(src + 24))));
         float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
-        return (amax / 127f, amax > 0 ? 127f / amax : 0f);
+        return Int8Scale(amax);
+    }
+
+    /// <summary>
+    /// The symmetric int8 quantizer of values whose largest magnitude is <paramref name="amax"/>: scale max/127 and
+    /// q = round(v·Pre·Inverse). Pre is 1, or 2⁶⁴ (exact) when 127/amax would overflow float32 (amax below ~3.7e-37);
+    /// Inverse is 0 for an all-zero block.
+    /// </summary>
+    internal static (float Scale, float Pre, float Inverse) Int8Scale(float amax)
+    {
+        float pre = amax < 1e-30f ? 18446744073709551616f : 1f; // 2⁶⁴
+        return (amax / 127f, pre, amax > 0 ? 127f / (amax * pre) : 0f);
     }
 
     /// <summary>One row of activations → int8 per 32-column block in column order, the block scales, and Σ_b 128·s_b·Σ xq_b.</summary>
@@ -339,11 +350,11 @@ internal static unsafe class CpuGemv
         for (int b = 0; b < blocks; b++)
         {
             float* src = x + b * 32;
-            var (scale, inv) = BlockScale(src);
+            var (scale, pre, inv) = BlockScale(src);
             int sum = 0;
             for (int i = 0; i < 32; i++)
             {
-                int v = (int)MathF.Round(src[i] * inv);
+                int v = (int)MathF.Round(src[i] * pre * inv);
                 q[b * 32 + i] = (sbyte)v;
                 sum += v;
             }

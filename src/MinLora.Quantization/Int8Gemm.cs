@@ -26,94 +26,104 @@ internal static unsafe class Int8Gemm
     /// <summary>Rows per parallel block of the quantize and scale passes.</summary>
     private const int RowsPerBlock = 16;
 
-    /// <summary>Elements (int8 codes) per widened int4 tile: 8 MB.</summary>
-    internal const long TileElements = 8L << 20;
+    /// <summary>Elements per parallel block below which a pass runs on the calling thread.</summary>
+    private const long MinimumParallelElements = 256L << 10;
+
+    /// <summary>
+    /// The longest sum the int32 accumulator holds exactly: |q_x·q_w| ≤ 127·128 per term. Longer ones (a quantized
+    /// GLM-4 head's input gradient: 151,552) take the bfloat16 path.
+    /// </summary>
+    internal const long MaxDepth = int.MaxValue / (127 * 128);
 
     /// <summary>True when <paramref name="layer"/>'s many-row products take this path.</summary>
+    /// <remarks>
+    /// Needs integer dot products that cannot saturate: oneDNN's s8 × s8 GEMM on AVX-512 without VNNI goes through
+    /// <c>vpmaddubsw</c>, whose 16-bit pair sums saturate, so the option is ignored on such CPUs.
+    /// </remarks>
     internal static bool Applies(QuantizedLinear layer) =>
         layer.Options.Int8Gemm && layer.Format is QuantizationFormat.Int8PerRow or QuantizationFormat.Int4PerRowChatGlm
         && layer.Options.ComputeDtype == ScalarType.BFloat16
-        && layer.WeightBuffer.device_type == DeviceType.CPU && Avx512F.IsSupported && Avx512BW.IsSupported && QuantizationKernels.Available;
+        && layer.WeightBuffer.device_type == DeviceType.CPU && layer.WeightBuffer.is_contiguous()
+        && Avx512F.IsSupported && Avx512BW.IsSupported && Vnni && QuantizationKernels.Available;
+
+    /// <summary>AVX512-VNNI (CPUID.7.0:ECX bit 11) or AVX-VNNI: integer dot products without 16-bit saturation.</summary>
+    private static bool Vnni => AvxVnni.IsSupported || (X86Base.IsSupported && (X86Base.CpuId(7, 0).Ecx & (1 << 11)) != 0);
 
     /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
-    /// or null when a row is not finite (the caller then takes the bfloat16 path, which propagates it as IEEE does).
+    /// or null when a row is not finite or K is beyond <see cref="MaxDepth"/> (the caller then takes the bfloat16 path,
+    /// which propagates NaN and ∞ as IEEE does). The GEMM runs in row tiles of W of about <paramref name="tileElements"/>
+    /// codes (int4 codes widened to int8 into one reused tile), so the int32 result is one tile wide, not N.
     /// </summary>
-    internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias, long tileElements = TileElements)
+    internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias, long tileElements = TiledProduct.TileElements)
     {
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
-        using var b = bias?.detach().to(ScalarType.Float32).contiguous();
+        if (k > MaxDepth) return null;
         using var q = Quantize(x, null, out var rowScales);
         if (q is null) return null;
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32);
+        using var detached = bias?.detach();
+        using var b = detached?.to(ScalarType.Float32);
         var y = empty(new[] { m, n }, dtype: ScalarType.BFloat16);
         float* sw = (float*)TensorMemory.Pointer(scales);
         float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
         ushort* py = (ushort*)TensorMemory.Pointer(y);
-        if (layer.Format == QuantizationFormat.Int8PerRow)
+        bool int4 = layer.Format == QuantizationFormat.Int4PerRowChatGlm;
+        var weight = layer.WeightBuffer;
+        long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
+        using var tile = int4 ? empty(new[] { tileRows, k }, dtype: ScalarType.Int8) : null;
+        for (long r0 = 0; r0 < n; r0 += tileRows)
         {
-            using var wt = layer.WeightBuffer.t();
+            long rows = Math.Min(tileRows, n - r0);
+            if (int4) WidenInt4((byte*)TensorMemory.Pointer(weight), k, r0, r0 + rows, 0, k, (sbyte*)TensorMemory.Pointer(tile!));
+            using var w = int4 ? tile!.narrow(0, 0, rows) : weight.narrow(0, r0, rows);
+            using var wt = w.t();
             using var acc = QuantizationKernels.IntMm(q, wt);
-            RescaleInto(acc, rowScales, sw, pb, py, n);
-        }
-        else
-        {
-            // Row tiles of W widened to int8: each tile gives a block of output columns, each over the whole K.
-            long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
-            using var tile = empty(new[] { tileRows, k }, dtype: ScalarType.Int8);
-            var packed = (byte*)TensorMemory.Pointer(layer.WeightBuffer);
-            var tileAddress = (sbyte*)TensorMemory.Pointer(tile);
-            for (long r0 = 0; r0 < n; r0 += tileRows)
-            {
-                long rows = Math.Min(tileRows, n - r0);
-                WidenInt4(packed, k, r0, r0 + rows, 0, k, tileAddress);
-                using var w = tile.narrow(0, 0, rows);
-                using var wt = w.t();
-                using var acc = QuantizationKernels.IntMm(q, wt);
-                RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n);
-            }
+            RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n);
         }
         GC.KeepAlive(scales);
         GC.KeepAlive(b);
+        GC.KeepAlive(weight);
         return y;
     }
 
     /// <summary>
     /// dL/dx = g·dequant(W) for <paramref name="g"/> [M, N] (float32 or bfloat16, contiguous); returns [M, K] bfloat16, or
-    /// null when a row is not finite.
+    /// null when a row is not finite or N is beyond <see cref="MaxDepth"/>. int4 codes are widened in column windows
+    /// over all N rows, so each element of dL/dx is still one integer sum over the whole N.
     /// </summary>
-    internal static Tensor? InputGradient(QuantizedLinear layer, Tensor g, long tileElements = TileElements)
+    internal static Tensor? InputGradient(QuantizedLinear layer, Tensor g, long tileElements = TiledProduct.TileElements)
     {
         long m = g.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        if (n > MaxDepth) return null;
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32);
         using var q = Quantize(g, scales, out var rowScales);
         if (q is null) return null;
         var dx = empty(new[] { m, k }, dtype: ScalarType.BFloat16);
         ushort* pdx = (ushort*)TensorMemory.Pointer(dx);
+        var weight = layer.WeightBuffer;
         if (layer.Format == QuantizationFormat.Int8PerRow)
         {
-            using var acc = QuantizationKernels.IntMm(q, layer.WeightBuffer);
+            using var acc = QuantizationKernels.IntMm(q, weight);
             RescaleInto(acc, rowScales, null, null, pdx, k);
         }
         else
         {
-            // Column windows of W (all N rows) widened to int8: each element of dL/dx is still one GEMM over the whole N.
             long tileColumns = Math.Min(k, Math.Max(64, tileElements / n / 64 * 64));
             using var tile = empty(new[] { n * tileColumns }, dtype: ScalarType.Int8);
-            var packed = (byte*)TensorMemory.Pointer(layer.WeightBuffer);
-            var tileAddress = (sbyte*)TensorMemory.Pointer(tile);
             for (long c0 = 0; c0 < k; c0 += tileColumns)
             {
                 long columns = Math.Min(tileColumns, k - c0);
-                WidenInt4(packed, k, 0, n, c0, c0 + columns, tileAddress);
+                WidenInt4((byte*)TensorMemory.Pointer(weight), k, 0, n, c0, c0 + columns, (sbyte*)TensorMemory.Pointer(tile));
                 using var used = tile.narrow(0, 0, n * columns);
                 using var w = used.view(n, columns);
                 using var acc = QuantizationKernels.IntMm(q, w);
                 RescaleInto(acc, rowScales, null, null, pdx + c0, k);
             }
         }
+        GC.KeepAlive(weight);
         return dx;
     }
 
@@ -123,18 +133,13 @@ internal static unsafe class Int8Gemm
     /// </summary>
     internal static void WidenInt4(byte* packed, long k, long r0, long r1, long c0, long c1, sbyte* destination)
     {
-        long rows = r1 - r0, width = c1 - c0, bytesPerRow = (k + 1) / 2;
+        long width = c1 - c0, bytesPerRow = (k + 1) / 2;
         nint src = (nint)packed, dst = (nint)destination;
-        int blocks = (int)Math.Min(Environment.ProcessorCount * 2, Math.Max(1, rows * width / (256L << 10)));
-        blocks = (int)Math.Min(blocks, rows);
-        long per = (rows + blocks - 1) / blocks;
-        void Block(long b)
+        ForRowBlocks(checked((int)(r1 - r0)), (r1 - r0) * width, (a, b) =>
         {
-            for (long r = r0 + b * per, end = Math.Min(r1, r0 + (b + 1) * per); r < end; r++)
+            for (long r = r0 + a; r < r0 + b; r++)
                 WidenRow((byte*)src + r * bytesPerRow + c0 / 2, width, (sbyte*)dst + (r - r0) * width);
-        }
-        if (blocks == 1) Block(0);
-        else Parallel.For(0, blocks, b => Block(b));
+        });
     }
 
     /// <summary>ChatGLM's signed nibble values: u for u ≤ 7, u − 16 above.</summary>
@@ -221,10 +226,11 @@ internal static unsafe class Int8Gemm
         GC.KeepAlive(contiguous);
     }
 
+    /// <summary>Runs <paramref name="body"/>(first, end) over blocks of at least <see cref="RowsPerBlock"/> rows on all cores.</summary>
     private static void ForRowBlocks(int rows, long elements, Action<int, int> body)
     {
         int blocks = (rows + RowsPerBlock - 1) / RowsPerBlock;
-        if (blocks <= 1 || elements < (256L << 10))
+        if (blocks <= 1 || elements < MinimumParallelElements)
         {
             body(0, rows);
             return;
@@ -266,20 +272,20 @@ internal static unsafe class Int8Gemm
             scale = float.NaN;
             return false;
         }
-        scale = amax / 127f;
-        float inverse = amax > 0 ? 127f / amax : 0f;
+        (scale, float pre, float inverse) = CpuGemv.Int8Scale(amax);
+        var vpre = Vector512.Create(pre);
         var vinv = Vector512.Create(inverse);
         for (j = 0; j + 16 <= c; j += 16)
         {
             var v = Load(row, bf16, j);
             if (columnScales != null) v *= Vector512.Load(columnScales + j);
             // vcvtps2dq rounds to nearest even (the default MXCSR mode); vpmovsdb saturates (|v·inverse| ≤ 127 up to rounding).
-            Avx512F.ConvertToVector128SByteWithSaturation(Avx512F.ConvertToVector512Int32(v * vinv)).Store(q + j);
+            Avx512F.ConvertToVector128SByteWithSaturation(Avx512F.ConvertToVector512Int32(v * vpre * vinv)).Store(q + j);
         }
         for (; j < c; j++)
         {
             float v = Element(row, bf16, j) * (columnScales != null ? columnScales[j] : 1f);
-            q[j] = (sbyte)Math.Clamp((int)MathF.Round(v * inverse), -127, 127);
+            q[j] = (sbyte)Math.Clamp((int)MathF.Round(v * pre * inverse), -127, 127);
         }
         return true;
     }

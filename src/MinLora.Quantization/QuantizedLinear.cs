@@ -71,15 +71,17 @@ public sealed record QuantizedLinearOptions
 
     /// <summary>
     /// For per-row formats (<see cref="QuantizationFormat.Int8PerRow"/>, <see cref="QuantizationFormat.Int4PerRowChatGlm"/>)
-    /// on the CPU, products with more rows than the decoding kernel takes (prompts, training) multiply int8 by int8: each
-    /// row of activations (forward) or of the output gradient (backward) is quantized to int8 with its own scale
-    /// max|row|/127, and libtorch's integer GEMM (oneDNN: AMX or VNNI where the CPU has them) replaces dequantizing the
+    /// on the CPU, products with more rows than the decoding kernel takes (prompts, training), and every input gradient,
+    /// multiply int8 by int8: each row of activations (forward) or of the output gradient (backward) is quantized to
+    /// int8 with its own scale max|row|/127, and libtorch's integer GEMM (oneDNN: AMX or VNNI) replaces dequantizing the
     /// weight and a bfloat16 GEMM (int4 codes are widened to int8 a tile at a time). An opt-in accuracy trade (W8A8 per
     /// token): the added error is at most max|row|/254 per activation, of the order of the int8 weights' own rounding,
     /// where the default path adds only bfloat16 rounding. Measured at ChatGLM-6B's shape on a 2-core Xeon with AMX: int8
     /// prefill 1.2–2.2× the bfloat16 model's, against 0.5–0.8× without it (docs/measurements/cpu-model-6b.md).
-    /// Ignored for group-wise int4 (its scales vary along K), for a float32 <see cref="ComputeDtype"/> and on CUDA; a call
-    /// whose rows are not finite takes the bfloat16 path.
+    /// Applies only with a bfloat16 <see cref="ComputeDtype"/>, on CPUs with AVX-512 and integer dot products (VNNI or
+    /// AMX: without them oneDNN's int8 GEMM can saturate), and where libtorch's TorchScript kernels load; ignored for
+    /// group-wise int4 (its scales vary along K) and on CUDA. A call whose rows are not finite, or whose summed length
+    /// exceeds what an int32 sum holds exactly (132,103), takes the bfloat16 path.
     /// </summary>
     /// <value>The default value is false.</value>
     public bool Int8Gemm { get; init; }
@@ -319,20 +321,24 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         // An explicit 2-D product: matmul of a non-contiguous [s, b, N] gradient (what a permute after the layer gives
         // back, e.g. ChatGLM's head) takes libtorch's batched path, which expands W to [s, N, K] and materializes it —
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
-        var g2d = gradOutput.to(dt).reshape(gradOutput.numel() / OutFeatures, OutFeatures);
+        long rows = gradOutput.numel() / OutFeatures;
         Tensor g;
-        if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.InputGradient(this, Rows(gradOutput, g2d.shape[0], OutFeatures)) is { } product)
+        if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.InputGradient(this, Rows(gradOutput, rows, OutFeatures)) is { } product)
         {
             g = product;
         }
-        else if (TiledProduct.Applies(this, dt))
-        {
-            g = TiledProduct.InputGradient(this, g2d);
-        }
         else
         {
-            using var w = Dequantize(dt);
-            g = g2d.mm(w);
+            var g2d = gradOutput.to(dt).reshape(rows, OutFeatures);
+            if (TiledProduct.Applies(this, dt))
+            {
+                g = TiledProduct.InputGradient(this, g2d);
+            }
+            else
+            {
+                using var w = Dequantize(dt);
+                g = g2d.mm(w);
+            }
         }
         g = g.reshape(shape);
         return (g.dtype == inputDtype ? g : g.to(inputDtype)).MoveToOuterDisposeScope();

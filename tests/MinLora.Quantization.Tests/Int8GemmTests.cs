@@ -179,6 +179,8 @@ public class Int8GemmTests
         using var codes = Codes(layer);
         using var gBound = gStep.mul(0.5).mul(codes.abs().sum(new long[] { 0 }).unsqueeze(0)).add(exactGrad.abs().mul(Math.Pow(2, -8))).mul(1.001);
         using var grad = x.grad!.to(ScalarType.Float64).reshape(40, k);
+        using var viaGradient = Int8Gemm.InputGradient(layer, r.reshape(40, n))!;
+        Assert.Equal(0, (viaGradient.to(ScalarType.Float64) - grad).abs().max().item<double>());   // the int8 path
         Assert.True(((grad - exactGrad).abs() - gBound).max().item<double>() <= 0, "input-gradient error beyond the activation rounding");
     }
 
@@ -224,25 +226,96 @@ public class Int8GemmTests
         }
     }
 
-    /// <summary>Widening int4 codes: every nibble value, any column window with an even start, against the reference unpacking.</summary>
+    /// <summary>
+    /// Widening int4 codes: every byte value 0..255 (so every nibble, −8 included) in every row, any column window with an
+    /// even start and vector and scalar parts, against a scalar decoding of the same bytes.
+    /// </summary>
     [Fact]
     public unsafe void WidenInt4_GivesTheSignedNibblesInColumnOrder()
     {
-        manual_seed(77);
-        long n = 5, k = 300;
-        using var codes = randint(-7, 8, new long[] { n, k });
+        long n = 5, k = 600;
         using var linear = nn.Linear(k, n, hasBias: false);
-        using (no_grad()) linear.weight!.copy_(codes.to(ScalarType.Float32));
         using var layer = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm);
-        using var expected = Codes(layer).round().to(ScalarType.Int8);
-        Assert.Equal(7, expected.max().item<sbyte>());
-        foreach (var (c0, c1) in new[] { (0L, 300L), (64L, 192L), (2L, 131L) })
+        var bytes = new byte[n * k / 2];
+        for (int i = 0; i < bytes.Length; i++) bytes[i] = (byte)((i * 7 + i / 300) % 256);
+        using (no_grad()) layer.WeightBuffer.copy_(tensor(bytes.Select(b => (sbyte)b).ToArray()).view(n, k / 2));
+        static sbyte Nibble(int u) => (sbyte)(u >= 8 ? u - 16 : u);
+        foreach (var (c0, c1) in new[] { (0L, 600L), (64L, 192L), (2L, 131L), (128L, 600L) })
         {
-            using var dst = empty(new[] { 3, c1 - c0 }, dtype: ScalarType.Int8);
-            Int8Gemm.WidenInt4((byte*)TensorMemory.Pointer(layer.WeightBuffer), k, 1, 4, c0, c1, (sbyte*)TensorMemory.Pointer(dst));
-            using var want = expected.narrow(0, 1, 3).narrow(1, c0, c1 - c0);
-            Assert.True(dst.equal(want).all().item<bool>(), $"columns {c0}..{c1}");
+            var dst = new sbyte[3 * (c1 - c0)];
+            fixed (sbyte* pd = dst)
+                Int8Gemm.WidenInt4((byte*)TensorMemory.Pointer(layer.WeightBuffer), k, 1, 4, c0, c1, pd);
+            for (long r = 1; r < 4; r++)
+            {
+                for (long c = c0; c < c1; c++)
+                {
+                    byte b = bytes[r * k / 2 + c / 2];
+                    var expected = Nibble((c & 1) == 0 ? b >> 4 : b & 15);
+                    Assert.True(expected == dst[(r - 1) * (c1 - c0) + c - c0], $"row {r} column {c} (window {c0}..{c1})");
+                }
+            }
         }
+        Assert.Contains(bytes, b => b >> 4 == 8);
+    }
+
+    /// <summary>
+    /// Calls large enough for the quantize, widen and rescale passes to run in parallel blocks (300 × 1024: beyond their
+    /// 256 K-element threshold), whole-K tiles as in production: the same float64 check from the same codes.
+    /// </summary>
+    [Theory]
+    [InlineData(QuantizationFormat.Int8PerRow)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    public void LargeCalls_RunInParallelBlocks_AndAgree(QuantizationFormat format)
+    {
+        if (!Supported) return;
+        manual_seed(78);
+        long n = 1024, k = 1024, rows = 300;
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
+        using var _ = linear;
+        using var w64 = Codes(layer);
+        using var sw32 = layer.ScaleBuffer.to(ScalarType.Float32);
+        using var sw = sw32.to(ScalarType.Float64);
+        using var x = randn(rows, k).to(ScalarType.BFloat16);
+        using var y = Int8Gemm.Forward(layer, x, layer.Bias)!;
+        using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
+        using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+        using var reference = codes.to(ScalarType.Float64).matmul(w64.t()).mul(sx).mul(sw).add(layer.Bias!.to(ScalarType.Float64));
+        using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs().t()).mul(sx).mul(sw);
+        AssertWithin(y, reference, magnitude, $"{format} forward");
+
+        using var g = randn(rows, n).to(ScalarType.BFloat16);
+        using var gx = Int8Gemm.InputGradient(layer, g)!;
+        using var gCodes = Int8Gemm.Quantize(g, sw32, out var gScales)!;
+        using var sg = tensor(gScales).to(ScalarType.Float64).unsqueeze(1);
+        using var gReference = gCodes.to(ScalarType.Float64).matmul(w64).mul(sg);
+        using var gMagnitude = gCodes.to(ScalarType.Float64).abs().matmul(w64.abs()).mul(sg);
+        AssertWithin(gx, gReference, gMagnitude, $"{format} input gradient");
+    }
+
+    /// <summary>
+    /// Rows of tiny values (127/max overflows float32 below ~3.7e-37) still get codes within ±127 that reach ±127, and
+    /// scales max/127: they are multiplied by 2⁶⁴ before they are quantized.
+    /// </summary>
+    [Fact]
+    public void TinyRows_AreQuantizedLikeOthers()
+    {
+        if (!Supported) return;
+        manual_seed(79);
+        using var x = randn(3, 70);
+        x[0].mul_(1e-38f);
+        x[1].mul_(1e-36f);
+        x[2].mul_(1e-20f);
+        using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
+        using var q = codes.to(ScalarType.Float64);
+        using var rowMax = q.abs().amax(new long[] { 1 });
+        Assert.Equal(new[] { 127.0, 127.0, 127.0 }, rowMax.data<double>().ToArray());
+        using var expected = x.abs().amax(new long[] { 1 }).div(127f);
+        Assert.Equal(expected.data<float>().ToArray(), scales);
+        using var s = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+        using var error = q.mul(s).sub(x.to(ScalarType.Float64)).abs();
+        // Where max/127 is subnormal (row 0) the scale itself is rounded to a multiple of 2⁻¹⁴⁹: allow 127 of those.
+        using var bound = s.mul(0.5 + Math.Pow(2, -14)).add(127 * Math.Pow(2, -149));
+        Assert.True((error - bound).max().item<double>() <= 0);
     }
 
     [Fact]
