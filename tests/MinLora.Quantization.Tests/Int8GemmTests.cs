@@ -94,8 +94,6 @@ public class Int8GemmTests
         manual_seed(72);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
-        using var w64 = Codes(layer);
-        using var sw = layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64);
         foreach (long rows in new[] { 1L, 3L, 8L, 130L })
         {
             using var x = randn(rows, k).to(ScalarType.BFloat16);
@@ -103,12 +101,7 @@ public class Int8GemmTests
             Assert.NotNull(y);
             Assert.Equal(new[] { rows, n }, y!.shape);
             Assert.Equal(ScalarType.BFloat16, y.dtype);
-            using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
-            using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
-            using var terms = codes.to(ScalarType.Float64).matmul(w64.t());
-            using var reference = terms.mul(sx).mul(sw).add(layer.Bias!.to(ScalarType.Float64));
-            using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs().t()).mul(sx).mul(sw);
-            AssertWithin(y, reference, magnitude, $"{n}x{k} rows {rows}");
+            AssertForwardFromCodes(layer, x, y, $"{n}x{k} rows {rows}");
         }
     }
 
@@ -124,19 +117,13 @@ public class Int8GemmTests
         manual_seed(73);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false, format: format);
         using var _ = linear;
-        using var w64 = Codes(layer);
-        using var sw = layer.ScaleBuffer.to(ScalarType.Float32);
         foreach (long rows in new[] { 1L, 8L, 130L })
         {
             using var g = randn(rows, n).to(ScalarType.BFloat16);
             using var gx = Int8Gemm.InputGradient(layer, g, tileElements: 64 * n);
             Assert.NotNull(gx);
             Assert.Equal(new[] { rows, k }, gx!.shape);
-            using var codes = Int8Gemm.Quantize(g, sw, out var scales)!;
-            using var sg = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
-            using var reference = codes.to(ScalarType.Float64).matmul(w64).mul(sg);
-            using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs()).mul(sg);
-            AssertWithin(gx, reference, magnitude, $"{n}x{k} rows {rows}");
+            AssertGradientFromCodes(layer, g, gx, $"{n}x{k} rows {rows}");
         }
     }
 
@@ -272,24 +259,12 @@ public class Int8GemmTests
         long n = 1024, k = 1024, rows = 300;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
-        using var w64 = Codes(layer);
-        using var sw32 = layer.ScaleBuffer.to(ScalarType.Float32);
-        using var sw = sw32.to(ScalarType.Float64);
         using var x = randn(rows, k).to(ScalarType.BFloat16);
         using var y = Int8Gemm.Forward(layer, x, layer.Bias)!;
-        using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
-        using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
-        using var reference = codes.to(ScalarType.Float64).matmul(w64.t()).mul(sx).mul(sw).add(layer.Bias!.to(ScalarType.Float64));
-        using var magnitude = codes.to(ScalarType.Float64).abs().matmul(w64.abs().t()).mul(sx).mul(sw);
-        AssertWithin(y, reference, magnitude, $"{format} forward");
-
+        AssertForwardFromCodes(layer, x, y, $"{format} forward");
         using var g = randn(rows, n).to(ScalarType.BFloat16);
         using var gx = Int8Gemm.InputGradient(layer, g)!;
-        using var gCodes = Int8Gemm.Quantize(g, sw32, out var gScales)!;
-        using var sg = tensor(gScales).to(ScalarType.Float64).unsqueeze(1);
-        using var gReference = gCodes.to(ScalarType.Float64).matmul(w64).mul(sg);
-        using var gMagnitude = gCodes.to(ScalarType.Float64).abs().matmul(w64.abs()).mul(sg);
-        AssertWithin(gx, gReference, gMagnitude, $"{format} input gradient");
+        AssertGradientFromCodes(layer, g, gx, $"{format} input gradient");
     }
 
     /// <summary>
@@ -328,6 +303,32 @@ public class Int8GemmTests
         Assert.Equal(new long[] { 0, 24 }, y!.shape);
         using var gx = Int8Gemm.InputGradient(layer, empty(0, 24, dtype: ScalarType.BFloat16));
         Assert.Equal(new long[] { 0, 40 }, gx!.shape);
+    }
+
+    /// <summary>y against s_x·s_w·Σ q_x·q_w + b in float64, from the codes <see cref="Int8Gemm.Quantize"/> gives for x.</summary>
+    private static void AssertForwardFromCodes(QuantizedLinear layer, Tensor x, Tensor y, string what)
+    {
+        using var w64 = Codes(layer);
+        using var sw = layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64);
+        using var codes = Int8Gemm.Quantize(x, null, out var scales)!;
+        using var q = codes.to(ScalarType.Float64);
+        using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+        using var reference = q.matmul(w64.t()).mul(sx).mul(sw).add(layer.Bias!.to(ScalarType.Float64));
+        using var magnitude = q.abs().matmul(w64.abs().t()).mul(sx).mul(sw);
+        AssertWithin(y, reference, magnitude, what);
+    }
+
+    /// <summary>dx against s_g·Σ_n q_g·q_w in float64, q_g the codes of g·s_w.</summary>
+    private static void AssertGradientFromCodes(QuantizedLinear layer, Tensor g, Tensor gx, string what)
+    {
+        using var w64 = Codes(layer);
+        using var sw = layer.ScaleBuffer.to(ScalarType.Float32);
+        using var codes = Int8Gemm.Quantize(g, sw, out var scales)!;
+        using var q = codes.to(ScalarType.Float64);
+        using var sg = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+        using var reference = q.matmul(w64).mul(sg);
+        using var magnitude = q.abs().matmul(w64.abs()).mul(sg);
+        AssertWithin(gx, reference, magnitude, what);
     }
 
     private static void AssertWithin(Tensor actual, Tensor reference, Tensor magnitude, string what)
