@@ -47,7 +47,8 @@ internal static unsafe class Int8Gemm
         && Avx512F.IsSupported && Avx512BW.IsSupported && Vnni && QuantizationKernels.Available;
 
     /// <summary>AVX512-VNNI (CPUID.7.0:ECX bit 11) or AVX-VNNI: integer dot products without 16-bit saturation.</summary>
-    private static bool Vnni => AvxVnni.IsSupported || (X86Base.IsSupported && (X86Base.CpuId(7, 0).Ecx & (1 << 11)) != 0);
+    /// <remarks>Read once: CPUID traps to the hypervisor in a VM.</remarks>
+    private static readonly bool Vnni = AvxVnni.IsSupported || (X86Base.IsSupported && (X86Base.CpuId(7, 0).Ecx & (1 << 11)) != 0);
 
     /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
