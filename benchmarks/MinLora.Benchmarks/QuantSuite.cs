@@ -114,10 +114,12 @@ internal static class QuantSuite
                 return x.grad!.detach().clone();
             };
             Tensor Bf16(Tensor x) => nn.functional.linear(x, wbf);
+            // Each path's float64 reference weight, made once per shape.
             var paths = new List<(string Name, Func<Tensor, Tensor> Forward, Func<Tensor, Tensor> Step, Tensor Reference)>
             {
-                ("bf16 linear", Bf16, Step(Bf16), wbf),
+                ("bf16 linear", Bf16, Step(Bf16), wbf.to(ScalarType.Float64)),
             };
+            var layers = new List<QuantizedLinear>();
             foreach (var format in new[] { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4PerRowChatGlm })
             {
                 foreach (bool int8Gemm in new[] { false, true })
@@ -125,6 +127,7 @@ internal static class QuantSuite
                     using var linear = nn.Linear(k, n, hasBias: false);
                     using (no_grad()) linear.weight!.copy_(w);
                     var layer = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+                    layers.Add(layer);
                     string name = (format == QuantizationFormat.Int8PerRow ? "int8" : "int4 ChatGLM") + (int8Gemm ? " Int8Gemm" : " default (bf16 tiles)");
                     paths.Add((name, layer.call, Step(layer.call), layer.Dequantize(ScalarType.Float64)));
                 }
@@ -142,12 +145,13 @@ internal static class QuantSuite
                 {
                     using var noGrad = no_grad();
                     using var y = paths[i].Forward(x);
-                    using var reference = x64.matmul(paths[i].Reference.to(ScalarType.Float64).t());
+                    using var reference = x64.matmul(paths[i].Reference.t());
                     double error = (y.to(ScalarType.Float64) - reference).abs().mean().item<double>() / reference.abs().mean().item<double>();
                     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                         $"| {k}→{n} | {rows} | {paths[i].Name} | {tf[i]:F1} ms | {tf[0] / tf[i]:F2} | {tb[i]:F1} ms | {tb[0] / tb[i]:F2} | {error:E1} |"));
                 }
             }
+            foreach (var layer in layers) layer.Dispose();
         }
     }
 

@@ -227,7 +227,7 @@ public static class SpoPipeline
             QuantizationBit = o.Bits == 0 ? null : o.Bits,
             Quantization = new QuantizeOptions { GroupSize = 32, Int4Format = QuantizationFormat.Int4Grouped, Layer = new QuantizedLinearOptions { Int8Gemm = o.Int8Gemm } },
         });
-        log.WriteLine($"base: {o.ModelDirectory} ({report.LoadedKeys} tensors, {(o.Bits == 0 ? "float32" : $"INT{o.Bits}")}{(o.Int8Gemm && o.Bits == 8 ? ", int8 GEMM" : "")}, {model.GetSizeInBytes() / 1e6:F1} MB)");
+        log.WriteLine($"base: {o.ModelDirectory} ({report.LoadedKeys} tensors, {(o.Bits == 0 ? "float32" : $"INT{o.Bits}")}{(o.Int8Gemm ? ", int8 GEMM" : "")}, {model.GetSizeInBytes() / 1e6:F1} MB)");
         return model;
     }
 

@@ -620,7 +620,7 @@ public sealed class DataParallel : IDisposable
     /// <summary>
     /// Compares this rank's layout with the others' through a 48-bit hash (max of h and of −h: equal everywhere iff
     /// max = min); on a difference rank <paramref name="root"/>'s layout text is broadcast so each differing rank can
-    /// name its first differing line, and every rank throws.
+    /// name its first differing line, then the first differing rank's message is broadcast, and every rank throws it.
     /// </summary>
     private unsafe void VerifySameLayout(string layout, string what, int root)
     {

@@ -15,6 +15,9 @@ namespace MinLora.Quantization;
 /// </summary>
 internal static unsafe class FastDequantize
 {
+    /// <summary>Below this many elements per core a block is not worth a thread hand-off (~0.1 ms of work).</summary>
+    internal const long MinimumParallelElements = 256L << 10;
+
     /// <summary>Dequantizes <paramref name="q"/> (CPU, contiguous) into a new bfloat16 tensor [N, K].</summary>
     internal static Tensor ToBFloat16(QuantizedWeight q)
     {
@@ -31,9 +34,6 @@ internal static unsafe class FastDequantize
     /// </summary>
     internal sealed class Source : IDisposable
     {
-        /// <summary>Below this many elements per core a block is not worth a thread hand-off (~0.1 ms of work).</summary>
-        private const long MinimumParallelElements = 256L << 10;
-
         private readonly QuantizedWeight _q;
         private readonly Tensor _codes;
         private readonly nint _address;
@@ -115,7 +115,7 @@ internal static unsafe class FastDequantize
         /// <inheritdoc />
         public void Dispose()
         {
-            if (!ReferenceEquals(_codes, _q.Weight)) _codes.Dispose();
+            _codes.Dispose();   // contiguous() returns a new handle even for a contiguous weight
         }
     }
 

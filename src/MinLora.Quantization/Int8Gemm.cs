@@ -26,14 +26,12 @@ internal static unsafe class Int8Gemm
     /// <summary>Rows per parallel block of the quantize and scale passes.</summary>
     private const int RowsPerBlock = 16;
 
-    /// <summary>Elements per parallel block below which a pass runs on the calling thread.</summary>
-    private const long MinimumParallelElements = 256L << 10;
-
     /// <summary>
-    /// The longest sum the int32 accumulator holds exactly: |q_x·q_w| ≤ 127·128 per term. Longer ones (a quantized
-    /// GLM-4 head's input gradient: 151,552) take the bfloat16 path.
+    /// The longest sum the int32 accumulator holds exactly: |q_x·q_w| ≤ 127·128 per term for int8 codes (132,104 terms),
+    /// ≤ 127·8 for ChatGLM's int4 codes (2.1 M terms). Longer ones (an int8 GLM-4 head's input gradient: 151,552 terms)
+    /// take the bfloat16 path.
     /// </summary>
-    internal const long MaxDepth = int.MaxValue / (127 * 128);
+    internal static long MaxDepth(QuantizationFormat format) => int.MaxValue / (127 * (format == QuantizationFormat.Int8PerRow ? 128 : 8));
 
     /// <summary>True when <paramref name="layer"/>'s many-row products take this path.</summary>
     /// <remarks>
@@ -44,7 +42,7 @@ internal static unsafe class Int8Gemm
         layer.Options.Int8Gemm && layer.Format is QuantizationFormat.Int8PerRow or QuantizationFormat.Int4PerRowChatGlm
         && layer.Options.ComputeDtype == ScalarType.BFloat16
         && layer.WeightBuffer.device_type == DeviceType.CPU && layer.WeightBuffer.is_contiguous()
-        && Avx512F.IsSupported && Avx512BW.IsSupported && Vnni && QuantizationKernels.Available;
+        && CpuGemv.IsSupported && Vnni && QuantizationKernels.Available;
 
     /// <summary>AVX512-VNNI (CPUID.7.0:ECX bit 11) or AVX-VNNI: integer dot products without 16-bit saturation.</summary>
     /// <remarks>Read once: CPUID traps to the hypervisor in a VM.</remarks>
@@ -52,7 +50,7 @@ internal static unsafe class Int8Gemm
 
     /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
-    /// or null when a row is not finite or K is beyond <see cref="MaxDepth"/> (the caller then takes the bfloat16 path,
+    /// or null when a row is not finite or K is beyond <see cref="MaxDepth"/> for the format (the caller then takes the bfloat16 path,
     /// which propagates NaN and ∞ as IEEE does). The GEMM runs in row tiles of W of about <paramref name="tileElements"/>
     /// codes (int4 codes widened to int8 into one reused tile), so the int32 result is one tile wide, not N.
     /// </summary>
@@ -60,32 +58,31 @@ internal static unsafe class Int8Gemm
     {
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
-        if (k > MaxDepth) return null;
+        if (k > MaxDepth(layer.Format)) return null;
         using var q = Quantize(x, null, out var rowScales);
         if (q is null) return null;
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32);
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
         using var detached = bias?.detach();
-        using var b = detached?.to(ScalarType.Float32);
+        using var b = detached?.to(ScalarType.Float32).contiguous();
         var y = empty(new[] { m, n }, dtype: ScalarType.BFloat16);
         float* sw = (float*)TensorMemory.Pointer(scales);
         float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
         ushort* py = (ushort*)TensorMemory.Pointer(y);
         bool int4 = layer.Format == QuantizationFormat.Int4PerRowChatGlm;
         var weight = layer.WeightBuffer;
-        long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
+        long tileRows = TiledProduct.TileRows(n, k, tileElements);
         using var tile = int4 ? empty(new[] { tileRows, k }, dtype: ScalarType.Int8) : null;
+        var packed = int4 ? (byte*)TensorMemory.Pointer(weight) : null;
+        var tileAddress = int4 ? (sbyte*)TensorMemory.Pointer(tile!) : null;
         for (long r0 = 0; r0 < n; r0 += tileRows)
         {
             long rows = Math.Min(tileRows, n - r0);
-            if (int4) WidenInt4((byte*)TensorMemory.Pointer(weight), k, r0, r0 + rows, 0, k, (sbyte*)TensorMemory.Pointer(tile!));
+            if (int4) WidenInt4(packed, k, r0, r0 + rows, 0, k, tileAddress);
             using var w = int4 ? tile!.narrow(0, 0, rows) : weight.narrow(0, r0, rows);
             using var wt = w.t();
             using var acc = QuantizationKernels.IntMm(q, wt);
             RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n);
         }
-        GC.KeepAlive(scales);
-        GC.KeepAlive(b);
-        GC.KeepAlive(weight);
         return y;
     }
 
@@ -98,8 +95,8 @@ internal static unsafe class Int8Gemm
     {
         long m = g.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
-        if (n > MaxDepth) return null;
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32);
+        if (n > MaxDepth(layer.Format)) return null;
+        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
         using var q = Quantize(g, scales, out var rowScales);
         if (q is null) return null;
         var dx = empty(new[] { m, k }, dtype: ScalarType.BFloat16);
@@ -112,19 +109,20 @@ internal static unsafe class Int8Gemm
         }
         else
         {
-            long tileColumns = Math.Min(k, Math.Max(64, tileElements / n / 64 * 64));
+            long tileColumns = TiledProduct.TileRows(k, n, tileElements);
             using var tile = empty(new[] { n * tileColumns }, dtype: ScalarType.Int8);
+            var packed = (byte*)TensorMemory.Pointer(weight);
+            var tileAddress = (sbyte*)TensorMemory.Pointer(tile);
             for (long c0 = 0; c0 < k; c0 += tileColumns)
             {
                 long columns = Math.Min(tileColumns, k - c0);
-                WidenInt4((byte*)TensorMemory.Pointer(weight), k, 0, n, c0, c0 + columns, (sbyte*)TensorMemory.Pointer(tile));
+                WidenInt4(packed, k, 0, n, c0, c0 + columns, tileAddress);
                 using var used = tile.narrow(0, 0, n * columns);
                 using var w = used.view(n, columns);
                 using var acc = QuantizationKernels.IntMm(q, w);
                 RescaleInto(acc, rowScales, null, null, pdx + c0, k);
             }
         }
-        GC.KeepAlive(weight);
         return dx;
     }
 
@@ -134,7 +132,7 @@ internal static unsafe class Int8Gemm
     /// </summary>
     internal static void WidenInt4(byte* packed, long k, long r0, long r1, long c0, long c1, sbyte* destination)
     {
-        long width = c1 - c0, bytesPerRow = (k + 1) / 2;
+        long width = c1 - c0, bytesPerRow = k / 2;   // int4 K is even
         nint src = (nint)packed, dst = (nint)destination;
         ForRowBlocks(checked((int)(r1 - r0)), (r1 - r0) * width, (a, b) =>
         {
@@ -224,14 +222,13 @@ internal static unsafe class Int8Gemm
             for (int r = r0; r < r1; r++)
                 RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add, (ushort*)dst + r * stride);
         });
-        GC.KeepAlive(contiguous);
     }
 
     /// <summary>Runs <paramref name="body"/>(first, end) over blocks of at least <see cref="RowsPerBlock"/> rows on all cores.</summary>
     private static void ForRowBlocks(int rows, long elements, Action<int, int> body)
     {
         int blocks = (rows + RowsPerBlock - 1) / RowsPerBlock;
-        if (blocks <= 1 || elements < MinimumParallelElements)
+        if (blocks <= 1 || elements < FastDequantize.MinimumParallelElements)
         {
             body(0, rows);
             return;
@@ -252,23 +249,26 @@ internal static unsafe class Int8Gemm
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static bool QuantizeRow(void* row, bool bf16, int c, float* columnScales, sbyte* q, out float scale)
     {
+        // vmaxps returns its second operand when either is NaN, so a NaN element can hide from the maximum: the same pass
+        // sums v·0, which is 0 for finite v and NaN for NaN or ±∞.
         var vmax = Vector512<float>.Zero;
+        var vnan = Vector512<float>.Zero;
         int j = 0;
         for (; j + 16 <= c; j += 16)
         {
             var v = Load(row, bf16, j);
             if (columnScales != null) v *= Vector512.Load(columnScales + j);
             vmax = Avx512F.Max(vmax, Vector512.Abs(v));
+            vnan += v * Vector512<float>.Zero;
         }
-        float amax = HorizontalMax(vmax);
+        float amax = HorizontalMax(vmax), nan = Vector512.Sum(vnan);
         for (int t = j; t < c; t++)
         {
             float v = Element(row, bf16, t) * (columnScales != null ? columnScales[t] : 1f);
             amax = MathF.Max(amax, MathF.Abs(v));
+            nan += v * 0f;
         }
-        // vmaxps returns its second operand when either is NaN, so a NaN element can hide; a check of the sum of the
-        // row's magnitudes catches NaN and ±∞ alike.
-        if (!float.IsFinite(amax) || !RowFinite(row, bf16, c))
+        if (!float.IsFinite(amax) || nan != 0f)
         {
             scale = float.NaN;
             return false;
@@ -289,17 +289,6 @@ internal static unsafe class Int8Gemm
             q[j] = (sbyte)Math.Clamp((int)MathF.Round(v * pre * inverse), -127, 127);
         }
         return true;
-    }
-
-    private static bool RowFinite(void* row, bool bf16, int c)
-    {
-        var acc = Vector512<float>.Zero;
-        int j = 0;
-        for (; j + 16 <= c; j += 16) acc += Load(row, bf16, j) * Vector512<float>.Zero;
-        float tail = 0;
-        for (; j < c; j++) tail += Element(row, bf16, j) * 0f;
-        // x·0 is 0 for finite x and NaN for NaN or ±∞.
-        return Vector512.Sum(acc) + tail == 0f;
     }
 
     private static float HorizontalMax(Vector512<float> v)

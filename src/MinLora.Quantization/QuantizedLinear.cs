@@ -81,7 +81,7 @@ public sealed record QuantizedLinearOptions
     /// Applies only with a bfloat16 <see cref="ComputeDtype"/>, on CPUs with AVX-512 and integer dot products (VNNI or
     /// AMX: without them oneDNN's int8 GEMM can saturate), and where libtorch's TorchScript kernels load; ignored for
     /// group-wise int4 (its scales vary along K) and on CUDA. A call whose rows are not finite, or whose summed length
-    /// exceeds what an int32 sum holds exactly (132,103), takes the bfloat16 path.
+    /// exceeds what an int32 sum holds exactly (132,104 terms for int8 codes), takes the bfloat16 path.
     /// </summary>
     /// <value>The default value is false.</value>
     public bool Int8Gemm { get; init; }
@@ -285,11 +285,11 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
             if (_kernel.Bias is not null) y = y.add(_kernel.Bias);
             y = y.reshape(outShape);
         }
-        else if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.Forward(this, Rows(input, rows, InFeatures), bias) is { } product)
+        else if (Int8Gemm.Applies(this) && Int8Gemm.Forward(this, Rows(input, rows, InFeatures), bias) is { } product)
         {
             y = product.reshape(outShape);
         }
-        else if (TiledProduct.Applies(this, Options.ComputeDtype))
+        else if (TiledProduct.Applies(this))
         {
             var x = input.reshape(rows, InFeatures).to(ScalarType.BFloat16).contiguous();
             y = TiledProduct.Forward(this, x, bias).reshape(outShape);
@@ -323,14 +323,15 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
         // 17 GB for ChatGLM's head at 64 tokens instead of 0.13 GB.
         long rows = gradOutput.numel() / OutFeatures;
         Tensor g;
-        if (MinLora.Quantization.Int8Gemm.Applies(this) && MinLora.Quantization.Int8Gemm.InputGradient(this, Rows(gradOutput, rows, OutFeatures)) is { } product)
+        if (Int8Gemm.Applies(this) && Int8Gemm.InputGradient(this, Rows(gradOutput, rows, OutFeatures)) is { } product)
         {
             g = product;
         }
         else
         {
-            var g2d = gradOutput.to(dt).reshape(rows, OutFeatures);
-            if (TiledProduct.Applies(this, dt))
+            // Contiguous once: a broadcast gradient (e.g. of a sum) would otherwise be copied again for every column window.
+            var g2d = gradOutput.to(dt).reshape(rows, OutFeatures).contiguous();
+            if (TiledProduct.Applies(this))
             {
                 g = TiledProduct.InputGradient(this, g2d);
             }

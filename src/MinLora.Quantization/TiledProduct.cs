@@ -26,8 +26,11 @@ internal static unsafe class TiledProduct
     internal const long TileElements = 8L << 20;
 
     /// <summary>True when <paramref name="layer"/>'s product can take this path: CPU weights, bfloat16 compute.</summary>
-    internal static bool Applies(QuantizedLinear layer, ScalarType computeDtype) =>
-        computeDtype == ScalarType.BFloat16 && layer.WeightBuffer.device_type == DeviceType.CPU;
+    internal static bool Applies(QuantizedLinear layer) =>
+        layer.Options.ComputeDtype == ScalarType.BFloat16 && layer.WeightBuffer.device_type == DeviceType.CPU;
+
+    /// <summary>Rows of an [<paramref name="n"/>, <paramref name="k"/>] weight per tile of about <paramref name="tileElements"/> elements: a multiple of 64, at least 64.</summary>
+    internal static long TileRows(long n, long k, long tileElements) => Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
 
     /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (bfloat16); returns [M, N] bfloat16, contiguous. The bias
@@ -38,7 +41,7 @@ internal static unsafe class TiledProduct
         using var source = new FastDequantize.Source(layer.QuantizedWeight);
         long n = source.Rows, k = source.Columns, m = x.shape[0];
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
-        long tileRows = Math.Min(n, Math.Max(64, tileElements / k / 64 * 64));
+        long tileRows = TileRows(n, k, tileElements);
         using var tile = empty(new[] { tileRows, k }, dtype: ScalarType.BFloat16);
         var tileAddress = (ushort*)TensorMemory.Pointer(tile);
         // Rows of yᵀ are contiguous, so each tile's GEMM writes its [rows, M] block in place.

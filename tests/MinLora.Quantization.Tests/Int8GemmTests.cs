@@ -293,6 +293,34 @@ public class Int8GemmTests
         Assert.True((error - bound).max().item<double>() <= 0);
     }
 
+    /// <summary>
+    /// Sums longer than an int32 holds exactly for int8 codes (132,105 terms and more) take the bfloat16 path, forward (over K) and
+    /// backward (over N); ChatGLM's int4 codes (|q| ≤ 8) allow 16× longer sums, so the same K stays on the int8 path.
+    /// </summary>
+    [Fact]
+    public void SumsBeyondTheExactInt32Depth_TakeTheBf16Path()
+    {
+        if (!Supported) return;
+        manual_seed(80);
+        long depth = Int8Gemm.MaxDepth(QuantizationFormat.Int8PerRow) + 2;   // even, for the int4 layer below
+        Assert.Equal(132_106, depth);
+        using var wide = MakeLayer(16, depth, out var linear, int8Gemm: true);
+        using var x = randn(20, depth).to(ScalarType.BFloat16);
+        Assert.Null(Int8Gemm.Forward(wide, x, wide.Bias));
+        using var y = wide.forward(x);
+        using var tiled = TiledProduct.Forward(wide, x, wide.Bias);
+        Assert.Equal(0, (y - tiled).abs().max().to(ScalarType.Float32).item<float>());
+        using var int4 = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4PerRowChatGlm, options: new QuantizedLinearOptions { Int8Gemm = true });
+        using var y4 = Int8Gemm.Forward(int4, x, null);
+        Assert.NotNull(y4);
+        linear.Dispose();
+
+        using var tall = MakeLayer(depth, 16, out var linear2, int8Gemm: true, bias: false);
+        using var _ = linear2;
+        using var g = randn(20, depth).to(ScalarType.BFloat16);
+        Assert.Null(Int8Gemm.InputGradient(tall, g));
+    }
+
     [Fact]
     public void ZeroRows_GiveEmptyResults()
     {
