@@ -21,11 +21,15 @@ public class CpuGemvTests
         { QuantizationFormat.Int4Grouped, 67, 512, 256 },
         { QuantizationFormat.Int4Grouped, 300, 192, 64 },
         { QuantizationFormat.Int4Grouped, 40, 4096, 128 },
+        { QuantizationFormat.Int4Grouped, 21, 384, 128 },  // three groups of one 128-column quad (the 512-bit loop)
+        { QuantizationFormat.Int4Grouped, 13, 640, 64 },   // groups of one 64-column pair: the 256-bit loop
         { QuantizationFormat.Int4PerRowChatGlm, 37, 40, 0 },  // K % 32 != 0: byte tail
         { QuantizationFormat.Int4PerRowChatGlm, 9, 2, 0 },    // K = 2: one byte
         { QuantizationFormat.Int4PerRowChatGlm, 33, 4098, 0 },
         { QuantizationFormat.Int4PerRowChatGlm, 257, 160, 0 },    // 2 pairs of blocks + 32-column tail
         { QuantizationFormat.Int4PerRowChatGlm, 7, 64, 0 },
+        { QuantizationFormat.Int4PerRowChatGlm, 11, 456, 0 },     // 3 quads (odd), a last pair and an 8-column tail
+        { QuantizationFormat.Int4PerRowChatGlm, 6, 1024, 0 },     // 8 quads, no tail
     };
 
     /// <summary>
