@@ -43,11 +43,11 @@ public class CpuGemvTests
     /// bound gains Σₖ |w_nk|·max|x_block(k)|/254: the exact worst case of that rounding, still far below any layout
     /// mistake. The test also checks the int8 path is really taken (its error exceeds the float32 bound somewhere).
     /// </remarks>
-    [Theory]
+    [SkippableTheory]
     [MemberData(nameof(Shapes))]
     public void Kernel_EqualsFloat64Reference(QuantizationFormat format, long n, long k, int group)
     {
-        if (!CpuGemv.IsSupported) return; // libtorch's kernels run here instead (covered by QuantizedLinearTests)
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW (elsewhere libtorch's kernels run, covered by QuantizedLinearTests)");
         foreach (var int8Activations in new[] { false, true })
         {
             manual_seed(101 + n + k);
@@ -90,10 +90,10 @@ public class CpuGemvTests
         }
     }
 
-    [Fact]
+    [SkippableFact]
     public void BatchedInput_KeepsItsShapeAndType()
     {
-        if (!CpuGemv.IsSupported) return;
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW (elsewhere libtorch's kernels run, covered by QuantizedLinearTests)");
         manual_seed(102);
         using var linear = nn.Linear(64, 48);
         using var q = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4Grouped, 32);
@@ -105,10 +105,10 @@ public class CpuGemvTests
         Assert.True(T.Identical(flat.reshape(2, 3, 48), y));
     }
 
-    [Fact]
+    [SkippableFact]
     public void EmptySkeleton_UsesTheKernelRightAway_AndSeesLoadedValues()
     {
-        if (!CpuGemv.IsSupported) return;
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW (elsewhere libtorch's kernels run, covered by QuantizedLinearTests)");
         manual_seed(103);
         using var linear = nn.Linear(96, 40);
         using var source = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4Grouped, 32);

@@ -48,14 +48,14 @@ public class Int8GemmTests
     /// each code is that row's value divided by it, rounded: |q·s − x·c| ≤ s/2 (plus float32 rounding of x·c·127/max: 127·2⁻²² steps), |q| ≤ 127,
     /// and some code reaches ±127. An all-zero row gets scale 0 and zero codes. Widths with a scalar tail, both input types.
     /// </summary>
-    [Theory]
+    [SkippableTheory]
     [InlineData(ScalarType.BFloat16, 301, false)]
     [InlineData(ScalarType.Float32, 301, false)]
     [InlineData(ScalarType.BFloat16, 64, true)]
     [InlineData(ScalarType.Float32, 45, true)]
     public void Quantize_RoundsEachRowToItsOwnScale(ScalarType dtype, long width, bool columnScaled)
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(71);
         using var x32 = randn(40, width).mul(arange(40).add(1).unsqueeze(1));   // rows of very different magnitude
         x32[5].zero_();
@@ -86,11 +86,11 @@ public class Int8GemmTests
     /// of Σ|terms|): the integer sum itself is exact. Odd N and K (no multiple of 16), 1, 3, 8 and 130 rows; int4 codes
     /// widened in tiles of 64 rows.
     /// </summary>
-    [Theory]
+    [SkippableTheory]
     [MemberData(nameof(Shapes))]
     public void Forward_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(72);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
@@ -109,11 +109,11 @@ public class Int8GemmTests
     /// Input gradient: the weight's row scales are folded into the gradient before it is quantized, so
     /// dx = s_g·Σ_n q_g·q_w with q_g the codes of g·s_w; the same bound against float64 from the same codes.
     /// </summary>
-    [Theory]
+    [SkippableTheory]
     [MemberData(nameof(Shapes))]
     public void InputGradient_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(73);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false, format: format);
         using var _ = linear;
@@ -132,12 +132,12 @@ public class Int8GemmTests
     /// by at most s/2 = max|row|/254, so |y − x·dequant(W)ᵀ| ≤ (s/2)·Σ_k|w| plus the output's bfloat16 rounding. Through
     /// the layer ([4, 10, K]: more rows than the decoding kernel takes), forward and backward.
     /// </summary>
-    [Theory]
+    [SkippableTheory]
     [InlineData(QuantizationFormat.Int8PerRow)]
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
     public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding(QuantizationFormat format)
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(74);
         long n = 96, k = 200;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
@@ -175,10 +175,10 @@ public class Int8GemmTests
     /// Without the option (the default) the same layer takes the bfloat16 path: its output differs from the int8 one.
     /// Group-wise int4 never takes it.
     /// </summary>
-    [Fact]
+    [SkippableFact]
     public void IsOptIn()
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(75);
         using var layer = MakeLayer(64, 128, out var linear, int8Gemm: false);
         using var _ = linear;
@@ -194,10 +194,10 @@ public class Int8GemmTests
     }
 
     /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>
-    [Fact]
+    [SkippableFact]
     public void NonFiniteRows_TakeTheBf16Path()
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(76);
         using var layer = MakeLayer(48, 80, out var linear, int8Gemm: true);
         using var _ = linear;
@@ -249,12 +249,12 @@ public class Int8GemmTests
     /// Calls large enough for the quantize, widen and rescale passes to run in parallel blocks (300 × 1024: beyond their
     /// 256 K-element threshold), whole-K tiles as in production: the same float64 check from the same codes.
     /// </summary>
-    [Theory]
+    [SkippableTheory]
     [InlineData(QuantizationFormat.Int8PerRow)]
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
     public void LargeCalls_RunInParallelBlocks_AndAgree(QuantizationFormat format)
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(78);
         long n = 1024, k = 1024, rows = 300;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
@@ -271,10 +271,10 @@ public class Int8GemmTests
     /// Rows of tiny values (127/max overflows float32 below ~3.7e-37) still get codes within ±127 that reach ±127, and
     /// scales max/127: they are multiplied by 2⁶⁴ before they are quantized.
     /// </summary>
-    [Fact]
+    [SkippableFact]
     public void TinyRows_AreQuantizedLikeOthers()
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(79);
         using var x = randn(3, 70);
         x[0].mul_(1e-38f);
@@ -297,10 +297,10 @@ public class Int8GemmTests
     /// Sums longer than an int32 holds exactly for int8 codes (132,105 terms and more) take the bfloat16 path, forward (over K) and
     /// backward (over N); ChatGLM's int4 codes (|q| ≤ 8) allow 16× longer sums, so the same K stays on the int8 path.
     /// </summary>
-    [Fact]
+    [SkippableFact]
     public void SumsBeyondTheExactInt32Depth_TakeTheBf16Path()
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(80);
         long depth = Int8Gemm.MaxDepth(QuantizationFormat.Int8PerRow) + 2;   // even, for the int4 layer below
         Assert.Equal(132_106, depth);
@@ -321,10 +321,10 @@ public class Int8GemmTests
         Assert.Null(Int8Gemm.InputGradient(tall, g));
     }
 
-    [Fact]
+    [SkippableFact]
     public void ZeroRows_GiveEmptyResults()
     {
-        if (!Supported) return;
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         using var layer = MakeLayer(24, 40, out var linear, int8Gemm: true);
         using var _ = linear;
         using var y = Int8Gemm.Forward(layer, empty(0, 40, dtype: ScalarType.BFloat16), null);
