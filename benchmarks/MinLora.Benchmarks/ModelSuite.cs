@@ -117,6 +117,9 @@ internal static class ModelSuite
         var kernels = model.modules().OfType<QuantizedLinear>().Select(q => q.Kernel.ToString()).Distinct().ToList();
         rows.Add(new("build (random weights)", $"{buildS:F1} s", "", ""));
         rows.Add(new("model size (resident tensors)", Gb(size), "", kernels.Count > 0 ? "kernel " + string.Join("/", kernels) : ""));
+        // A figure labelled --int8-gemm must come from that path: say so when a layer ignores the option.
+        foreach (var reason in model.modules().OfType<QuantizedLinear>().Select(q => q.Int8GemmFallbackReason).OfType<string>().Distinct())
+            rows.Add(new("int8 GEMM ignored (--int8-gemm)", reason, "", ""));
         rows.Add(new("huge pages (GlmBuildOptions.HugePages)", (huge ? "on" : "off (--no-huge-pages)") + $": {Gb(hugeBytes)} of the process on 2 MiB pages", "", huge ? "read roofline on huge pages too" : "read roofline on 4 KiB pages"));
         rows.Add(new("RSS after build (peak)", $"{Gb(Rss.Current() - rssBefore)} ({Gb(Rss.Peak() - rssBefore)}) over the empty process", "", ""));
 

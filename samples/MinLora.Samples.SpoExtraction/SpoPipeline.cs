@@ -228,6 +228,8 @@ public static class SpoPipeline
             Quantization = new QuantizeOptions { GroupSize = 32, Int4Format = QuantizationFormat.Int4Grouped, Layer = new QuantizedLinearOptions { Int8Gemm = o.Int8Gemm } },
         });
         log.WriteLine($"base: {o.ModelDirectory} ({report.LoadedKeys} tensors, {(o.Bits == 0 ? "float32" : $"INT{o.Bits}")}{(o.Int8Gemm ? ", int8 GEMM" : "")}, {model.GetSizeInBytes() / 1e6:F1} MB)");
+        foreach (var reason in model.modules().OfType<QuantizedLinear>().Select(q => q.Int8GemmFallbackReason).OfType<string>().Distinct())
+            log.WriteLine($"note: --int8-gemm is ignored here: {reason}");
         return model;
     }
 

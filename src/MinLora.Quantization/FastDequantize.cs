@@ -126,7 +126,7 @@ internal static unsafe class FastDequantize
 
     private static float[] ToFloatArray(Tensor t)
     {
-        using var f = t.to(ScalarType.Float32).contiguous();
+        using var f = TensorMemory.ContiguousFloat32(t);
         return MemoryMarshal.Cast<byte, float>(f.bytes).ToArray();
     }
 

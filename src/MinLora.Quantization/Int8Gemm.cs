@@ -34,15 +34,27 @@ internal static unsafe class Int8Gemm
     internal static long MaxDepth(QuantizationFormat format) => int.MaxValue / (127 * (format == QuantizationFormat.Int8PerRow ? 128 : 8));
 
     /// <summary>True when <paramref name="layer"/>'s many-row products take this path.</summary>
+    internal static bool Applies(QuantizedLinear layer) => layer.Options.Int8Gemm && Unavailable(layer) is null;
+
+    /// <summary>
+    /// Why this path cannot run for <paramref name="layer"/> (whatever its options say), or null when it can. Constant
+    /// strings: <see cref="Applies"/> asks on every call.
+    /// </summary>
     /// <remarks>
     /// Needs integer dot products that cannot saturate: oneDNN's s8 × s8 GEMM on AVX-512 without VNNI goes through
     /// <c>vpmaddubsw</c>, whose 16-bit pair sums saturate, so the option is ignored on such CPUs.
     /// </remarks>
-    internal static bool Applies(QuantizedLinear layer) =>
-        layer.Options.Int8Gemm && layer.Format is QuantizationFormat.Int8PerRow or QuantizationFormat.Int4PerRowChatGlm
-        && layer.Options.ComputeDtype == ScalarType.BFloat16
-        && layer.WeightBuffer.device_type == DeviceType.CPU && layer.WeightBuffer.is_contiguous()
-        && CpuGemv.IsSupported && Vnni && QuantizationKernels.Available;
+    internal static string? Unavailable(QuantizedLinear layer)
+    {
+        if (layer.Format is not (QuantizationFormat.Int8PerRow or QuantizationFormat.Int4PerRowChatGlm))
+            return "group-wise int4 scales vary along the input dimension; only per-row formats (int8, ChatGLM int4) take the int8 GEMM";
+        if (layer.Options.ComputeDtype != ScalarType.BFloat16) return "the int8 GEMM needs a bfloat16 ComputeDtype";
+        if (layer.WeightBuffer.device_type != DeviceType.CPU) return "the int8 GEMM runs on the CPU only";
+        if (!layer.WeightBuffer.is_contiguous()) return "the int8 GEMM needs a contiguous weight";
+        if (!CpuGemv.IsSupported || !Vnni) return "this CPU lacks AVX-512 with integer dot products (VNNI or AMX)";
+        if (!QuantizationKernels.Available) return "libtorch's TorchScript kernels (torch._int_mm) did not load";
+        return null;
+    }
 
     /// <summary>AVX512-VNNI (CPUID.7.0:ECX bit 11) or AVX-VNNI: integer dot products without 16-bit saturation.</summary>
     /// <remarks>Read once: CPUID traps to the hypervisor in a VM.</remarks>
@@ -61,9 +73,9 @@ internal static unsafe class Int8Gemm
         if (k > MaxDepth(layer.Format)) return null;
         using var q = Quantize(x, null, out var rowScales);
         if (q is null) return null;
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        using var scales = TensorMemory.ContiguousFloat32(layer.ScaleBuffer);
         using var detached = bias?.detach();
-        using var b = detached?.to(ScalarType.Float32).contiguous();
+        using var b = detached is null ? null : TensorMemory.ContiguousFloat32(detached);
         var y = empty(new[] { m, n }, dtype: ScalarType.BFloat16);
         float* sw = (float*)TensorMemory.Pointer(scales);
         float* pb = b is null ? null : (float*)TensorMemory.Pointer(b);
@@ -96,7 +108,7 @@ internal static unsafe class Int8Gemm
         long m = g.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, k }, dtype: ScalarType.BFloat16);
         if (n > MaxDepth(layer.Format)) return null;
-        using var scales = layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        using var scales = TensorMemory.ContiguousFloat32(layer.ScaleBuffer);
         using var q = Quantize(g, scales, out var rowScales);
         if (q is null) return null;
         var dx = empty(new[] { m, k }, dtype: ScalarType.BFloat16);

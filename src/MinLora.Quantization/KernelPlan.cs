@@ -197,7 +197,7 @@ internal sealed class KernelPlan : IDisposable
         var format = layer.Format;
         // Row scales (ChatGLM float16, or bf16 after a dtype change) and the bias are read from the live buffers on
         // every call (N values: negligible), so writes into the buffers never leave a stale copy behind.
-        using var rowScales = format == QuantizationFormat.Int4Grouped ? null : layer.ScaleBuffer.to(ScalarType.Float32).contiguous();
+        using var rowScales = format == QuantizationFormat.Int4Grouped ? null : TensorMemory.ContiguousFloat32(layer.ScaleBuffer);
         var w = TensorMemory.Pointer(layer.WeightBuffer);
         var ps = rowScales is null ? 0 : TensorMemory.Pointer(rowScales);
         int group = layer.GroupSize;

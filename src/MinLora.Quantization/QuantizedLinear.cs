@@ -154,6 +154,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <summary>Why the fused kernel is not used, when <see cref="Kernel"/> is <see cref="QuantizedKernel.Dequantize"/>.</summary>
     public string? KernelFallbackReason => _kernel.Reason;
 
+    /// <summary>
+    /// Why <see cref="QuantizedLinearOptions.Int8Gemm"/> is ignored for this layer (format, compute type, device or CPU),
+    /// or null when the option is off or takes effect.
+    /// </summary>
+    public string? Int8GemmFallbackReason => Options.Int8Gemm ? MinLora.Quantization.Int8Gemm.Unavailable(this) : null;
+
     /// <inheritdoc />
     public Device WeightDevice => weight.device;
 

@@ -19,4 +19,15 @@ internal static unsafe class TensorMemory
         }
         fixed (byte* p = &MemoryMarshal.GetReference(t.bytes)) return (nint)p;
     }
+
+    /// <summary>
+    /// <paramref name="t"/> as a contiguous float32 tensor (a new handle, possibly sharing storage), with the
+    /// intermediate handle disposed here: a chained <c>t.to(…).contiguous()</c> outside a dispose scope leaves the
+    /// first result to the finalizer.
+    /// </summary>
+    internal static Tensor ContiguousFloat32(Tensor t)
+    {
+        using var f = t.to(ScalarType.Float32);
+        return f.contiguous();
+    }
 }

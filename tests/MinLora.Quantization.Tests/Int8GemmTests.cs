@@ -193,6 +193,28 @@ public class Int8GemmTests
         Assert.False(Int8Gemm.Applies(grouped));   // group scales along K do not factor out of one integer GEMM
     }
 
+    /// <summary>
+    /// The layer says why the option is ignored: null when it is off or takes effect, a reason naming the cause for
+    /// group-wise int4 and a float32 compute type (on any CPU), and on CPUs without the int8 GEMM for every layer.
+    /// </summary>
+    [Fact]
+    public void FallbackReason_NamesWhyTheOptionIsIgnored()
+    {
+        using var linear = nn.Linear(128, 16);
+        using var off = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow);
+        Assert.Null(off.Int8GemmFallbackReason);
+        using var on = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow, options: new QuantizedLinearOptions { Int8Gemm = true });
+        Assert.Equal(Supported, on.Int8GemmFallbackReason is null);
+        Assert.Equal(Int8Gemm.Applies(on), on.Int8GemmFallbackReason is null);
+        using var grouped = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int4Grouped, options: new QuantizedLinearOptions { Int8Gemm = true });
+        Assert.Contains("group-wise", grouped.Int8GemmFallbackReason, StringComparison.Ordinal);
+        Assert.False(Int8Gemm.Applies(grouped));
+        using var float32 = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow,
+            options: new QuantizedLinearOptions { Int8Gemm = true, ComputeDtype = ScalarType.Float32 });
+        Assert.Contains("bfloat16", float32.Int8GemmFallbackReason, StringComparison.Ordinal);
+        Assert.False(Int8Gemm.Applies(float32));
+    }
+
     /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>
     [SkippableFact]
     public void NonFiniteRows_TakeTheBf16Path()
