@@ -267,7 +267,7 @@ internal static class ModelSuite
         mask?.Dispose();
         positions.Dispose();
         var measured = times.Skip(1).ToList();
-        return (MedianOf(measured), measured.Min(), cacheBytes);
+        return (MedianOf(measured), measured.Count == 0 ? double.NaN : measured.Min(), cacheBytes);
     }
 
     /// <summary>Random ids ending in ChatGLM's <c>[gMASK] &lt;sop&gt;</c> (the layout generation starts from).</summary>

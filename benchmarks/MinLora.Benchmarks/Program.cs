@@ -9,18 +9,37 @@ using static TorchSharp.torch;
 // (medians), cycling over enough weight copies to exceed the last-level cache.
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--rounds N] [--quick] [--default-malloc]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm] [--train] [--steps N]
+//   any suite: [--default-malloc | --retain-below BYTES] (glibc policy: keep every freed block by default)
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
 var argsList = args.ToList();
-string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 int rounds = ReadInt("--rounds", 7);
 bool quick = argsList.Contains("--quick");
+// Keep freed native memory for reuse (see NativeAllocator): otherwise every large temporary pays page faults.
+// --retain-below BYTES: keep only freed blocks below that size (NativeAllocator.RetainFreedMemory(long)), e.g. for
+// training, whose peak the retained heap's holes inflate.
+long retainBelow = 0;
+if (argsList.IndexOf("--retain-below") is int rb and >= 0)
+{
+    if (rb + 1 >= argsList.Count || !long.TryParse(argsList[rb + 1], NumberStyles.None, CultureInfo.InvariantCulture, out retainBelow)
+        || retainBelow < 1 || retainBelow > NativeAllocator.MaxRetainedBlockBytes)
+    {
+        Console.Error.WriteLine($"--retain-below needs a size in bytes, 1 to {NativeAllocator.MaxRetainedBlockBytes}");
+        return 2;
+    }
+    argsList.RemoveRange(rb, 2);
+}
+string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "lora";
 // The model suite mostly decodes: before any TorchSharp call, libtorch's OpenMP threads must stop spinning on the
 // cores MinLora's kernels use (see CpuThreads). The other suites keep libgomp's default.
 if (suite == "model") MinLora.Quantization.CpuThreads.LimitOpenMpSpinning();
-// Keep freed native memory for reuse (see NativeAllocator): otherwise every large temporary pays page faults.
-bool retained = !argsList.Contains("--default-malloc") && NativeAllocator.RetainFreedMemory();
+bool retained = !argsList.Contains("--default-malloc") && (retainBelow > 0 ? NativeAllocator.RetainFreedMemory(retainBelow) : NativeAllocator.RetainFreedMemory());
+string allocator = !retained ? "default glibc allocator" : retainBelow > 0 ? $"glibc retaining freed blocks below {retainBelow} bytes" : "glibc retaining freed memory";
 if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"));
-if (suite == "model") return ModelSuite.Run(argsList);
+if (suite == "model")
+{
+    Console.WriteLine($"allocator: {allocator}");
+    return ModelSuite.Run(argsList);
+}
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
@@ -32,7 +51,7 @@ if (suite is not ("lora" or "quant" or "load"))
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +
-    (retained ? "glibc retaining freed memory" : "default glibc allocator"));
+    allocator);
 if (suite == "lora") LoraSuite.Run(rounds, quick);
 else if (suite == "quant") QuantSuite.Run(rounds, quick);
 else LoadSuite.Run(quick);

@@ -149,7 +149,7 @@ internal static unsafe class CpuGemv
     /// int4 × int8: the activations are quantized per 32-column block (symmetric, scale max|x|/127, round to nearest),
     /// then integer dot products multiply the unsigned nibbles by the signed activations into int32 lanes: per 128
     /// columns 512-bit <c>vpmaddubsw</c>/<c>vpmaddwd</c> (<see cref="QuadSum"/>, 9 instructions), per remaining 64
-    /// <c>vpdpbusd</c> (9 per 64), against 14 per 64 with float32 conversion. The error this adds is at most
+    /// <c>vpdpbusd</c> (7 per 64), against 14 per 64 with float32 conversion. The error this adds is at most
     /// max|x_block|/254 per activation (measured in the tests against that bound and in the model benchmark).
     /// Columns past the last full 64 (ChatGLM per-row layers only) are computed exactly in float32.
     /// </summary>
@@ -649,8 +649,8 @@ internal static unsafe class CpuGemv
     /// 2·15·127, exact in int16); the even- and odd-column halves add in int16 (≤ 7,620) and <c>vpmaddwd</c> with ones
     /// widens pairs to int32: 9 vector instructions per 128 weights, against 14 for two 256-bit <c>vpdpbusd</c> pairs
     /// (the 512-bit <c>vpdpbusd</c> is not reachable from .NET 10 short of AVX10). Measured over a 1.5 GB int4 matrix
-    /// set on the 2-core Xeon VM (9 interleaved rounds, huge pages): 26.0 GB/s best, 22.6 median, against 23.3 / 19.4
-    /// for the 256-bit loop and 27.5 / 22.5 for a plain read.
+    /// set on the 2-core Xeon VM (25 interleaved rounds, huge pages, two runs): best 27.5 / 26.2 GB/s, against 25.1 /
+    /// 24.8 for the 256-bit loop and 29.5 / 28.5 for a plain read (docs/measurements/cpu-model-6b.md).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> QuadSum(Vector512<byte> v, sbyte* xq, Vector512<byte> mask, Vector512<byte> flip, Vector512<short> ones)

@@ -51,7 +51,7 @@ internal static unsafe class Int8Gemm
         if (layer.Options.ComputeDtype != ScalarType.BFloat16) return "the int8 GEMM needs a bfloat16 ComputeDtype";
         if (layer.WeightBuffer.device_type != DeviceType.CPU) return "the int8 GEMM runs on the CPU only";
         if (!layer.WeightBuffer.is_contiguous()) return "the int8 GEMM needs a contiguous weight";
-        if (!CpuGemv.IsSupported || !Vnni) return "this CPU lacks AVX-512 with integer dot products (VNNI or AMX)";
+        if (!CpuGemv.IsSupported || !Vnni) return "this CPU lacks AVX-512 with VNNI integer dot products";
         if (!QuantizationKernels.Available) return "libtorch's TorchScript kernels (torch._int_mm) did not load";
         return null;
     }

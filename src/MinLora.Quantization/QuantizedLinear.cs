@@ -155,10 +155,22 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     public string? KernelFallbackReason => _kernel.Reason;
 
     /// <summary>
-    /// Why <see cref="QuantizedLinearOptions.Int8Gemm"/> is ignored for this layer (format, compute type, device or CPU),
-    /// or null when the option is off or takes effect.
+    /// Why <see cref="QuantizedLinearOptions.Int8Gemm"/> is ignored for this layer, wholly (format, compute type,
+    /// device or CPU) or for its forward or input-gradient products (a summed length beyond what an int32 sum holds
+    /// exactly), or null when the option is off or takes effect. Calls with non-finite rows fall back one by one.
     /// </summary>
-    public string? Int8GemmFallbackReason => Options.Int8Gemm ? MinLora.Quantization.Int8Gemm.Unavailable(this) : null;
+    public string? Int8GemmFallbackReason
+    {
+        get
+        {
+            if (!Options.Int8Gemm) return null;
+            if (MinLora.Quantization.Int8Gemm.Unavailable(this) is { } reason) return reason;
+            long depth = MinLora.Quantization.Int8Gemm.MaxDepth(Format);
+            if (InFeatures > depth) return $"the forward sums {InFeatures} terms, more than an int32 sum of these codes holds exactly ({depth})";
+            if (OutFeatures > depth) return $"the input gradient sums {OutFeatures} terms, more than an int32 sum of these codes holds exactly ({depth})";
+            return null;
+        }
+    }
 
     /// <inheritdoc />
     public Device WeightDevice => weight.device;

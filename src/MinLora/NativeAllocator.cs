@@ -9,7 +9,7 @@ namespace MinLora;
 /// glibc serves every allocation of 32 MiB or more with a fresh <c>mmap</c> and returns it to the system when freed,
 /// so the next large temporary (a dequantized weight, an attention score matrix, a gradient) is paid page by page
 /// again. Measured on a 2-core Debian 12 VM: allocating and filling a 32 MiB bfloat16 tensor took 9.9 ms by default
-/// and 0.65 ms after <see cref="RetainFreedMemory"/>; dequantizing a 4096×4096 int8 weight went from ~14 ms to ~2 ms.
+/// and 0.65 ms after <see cref="RetainFreedMemory()"/>; dequantizing a 4096×4096 int8 weight went from ~14 ms to ~2 ms.
 /// The cost: memory freed by libtorch stays with the process (as with jemalloc or tcmalloc, which PyTorch users
 /// often preload for the same reason). The same effect without code: start the process with
 /// <c>MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2000000000</c>.
@@ -17,7 +17,12 @@ namespace MinLora;
 public static partial class NativeAllocator
 {
     private const int M_TRIM_THRESHOLD = -1;
+    private const int M_MMAP_THRESHOLD = -3;
     private const int M_MMAP_MAX = -4;
+    private const int DefaultMmapMax = 65536;
+
+    /// <summary>The largest <c>M_MMAP_THRESHOLD</c> glibc accepts on 64-bit systems: 32 MiB.</summary>
+    public const long MaxRetainedBlockBytes = 32L << 20;
 
     /// <summary>
     /// Makes glibc keep freed memory for reuse instead of returning large blocks to the system (see remarks).
@@ -30,6 +35,43 @@ public static partial class NativeAllocator
         try
         {
             return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, int.MaxValue) == 1;
+        }
+        catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return false; // not glibc (e.g. musl)
+        }
+    }
+
+    /// <summary>
+    /// Makes glibc keep freed blocks smaller than <paramref name="largestRetainedBlockBytes"/> for reuse, and serve larger
+    /// ones with a fresh mapping that goes back to the system when freed. Call once at application start-up.
+    /// </summary>
+    /// <remarks>
+    /// <para>
+    /// <see cref="RetainFreedMemory()"/> keeps every freed block, so the heap only grows, and a training step's
+    /// temporaries of many sizes leave holes between the tensors it keeps: measured on ChatGLM-6B int4 with
+    /// <c>Int8Gemm</c> (LoRA step, 256 tokens, checkpointing), the peak RSS was 3.4–3.5 GB over the model, against 2.7–3.3 GB
+    /// with the largest retained block at 32 MiB, 1.5–1.6 GB at 8 and 4 MiB and 0.8 GB at 1 MiB, where the step got slower as
+    /// more temporaries were mapped and faulted in afresh (docs/measurements/cpu-model-6b.md).
+    /// </para>
+    /// <para>
+    /// Sets <c>M_MMAP_THRESHOLD</c> (which also stops glibc from raising it dynamically), allows mappings again
+    /// (<c>M_MMAP_MAX</c> back to glibc's default, which <see cref="RetainFreedMemory()"/> sets to 0) and keeps trimming
+    /// off. The same without code: <c>MALLOC_MMAP_THRESHOLD_=<i>bytes</i> MALLOC_TRIM_THRESHOLD_=2000000000</c>.
+    /// </para>
+    /// </remarks>
+    /// <param name="largestRetainedBlockBytes">Blocks of this size or more are mapped fresh; 1 to <see cref="MaxRetainedBlockBytes"/>.</param>
+    /// <returns>True when the setting was applied; false where glibc is not the C library.</returns>
+    /// <exception cref="ArgumentOutOfRangeException">The size is not in 1 … <see cref="MaxRetainedBlockBytes"/>.</exception>
+    public static bool RetainFreedMemory(long largestRetainedBlockBytes)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(largestRetainedBlockBytes, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(largestRetainedBlockBytes, MaxRetainedBlockBytes);
+        if (!OperatingSystem.IsLinux()) return false;
+        try
+        {
+            return mallopt(M_MMAP_MAX, DefaultMmapMax) == 1 && mallopt(M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes) == 1
+                && mallopt(M_TRIM_THRESHOLD, int.MaxValue) == 1;
         }
         catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
         {

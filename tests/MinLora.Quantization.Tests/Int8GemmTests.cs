@@ -195,7 +195,8 @@ public class Int8GemmTests
 
     /// <summary>
     /// The layer says why the option is ignored: null when it is off or takes effect, a reason naming the cause for
-    /// group-wise int4 and a float32 compute type (on any CPU), and on CPUs without the int8 GEMM for every layer.
+    /// group-wise int4, a float32 compute type and a forward longer than an exact int32 sum (on any CPU), and on CPUs
+    /// without the int8 GEMM for every layer.
     /// </summary>
     [Fact]
     public void FallbackReason_NamesWhyTheOptionIsIgnored()
@@ -213,6 +214,12 @@ public class Int8GemmTests
             options: new QuantizedLinearOptions { Int8Gemm = true, ComputeDtype = ScalarType.Float32 });
         Assert.Contains("bfloat16", float32.Int8GemmFallbackReason, StringComparison.Ordinal);
         Assert.False(Int8Gemm.Applies(float32));
+        // A forward longer than an exact int32 sum: the layer takes the option, but that product never can.
+        long depth = Int8Gemm.MaxDepth(QuantizationFormat.Int8PerRow);
+        using var wide = nn.Linear(depth + 1, 2);
+        using var deep = QuantizedLinear.FromLinear(wide, QuantizationFormat.Int8PerRow, options: new QuantizedLinearOptions { Int8Gemm = true });
+        if (Supported) Assert.Contains("forward sums", deep.Int8GemmFallbackReason, StringComparison.Ordinal);
+        else Assert.NotNull(deep.Int8GemmFallbackReason);
     }
 
     /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using MinLora;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -28,15 +29,37 @@ public static class SaveLoopModels
 
 internal static class Program
 {
-    /// <summary>save-loop DIR: writes version 0, 1, 0, … into DIR until killed; prints "ready" after the first save.</summary>
+    /// <summary>
+    /// save-loop DIR: writes version 0, 1, 0, … into DIR until killed; prints "ready" after the first save.
+    /// allocator-check: see <see cref="AllocatorCheck"/>.
+    /// </summary>
     private static int Main(string[] args)
     {
-        if (args.Length != 1) { Console.Error.WriteLine("usage: MinLora.SaveLoop DIR"); return 2; }
+        if (args is ["allocator-check"]) return AllocatorCheck();
+        if (args.Length != 1) { Console.Error.WriteLine("usage: MinLora.SaveLoop DIR | allocator-check"); return 2; }
         var models = new[] { SaveLoopModels.WithAdapter(0), SaveLoopModels.WithAdapter(1) };
         for (long i = 0; ; i++)
         {
             models[i % 2].SaveLoraAdapter(args[0]);
             if (i == 0) Console.WriteLine("ready");
         }
+    }
+
+    /// <summary>
+    /// On the process's first thread (glibc's main arena, whose blocks glibc maps only by its thresholds; a thread's own
+    /// arena maps any block beyond its 64 MiB heap): after <see cref="NativeAllocator.RetainFreedMemory()"/> and then
+    /// <see cref="NativeAllocator.RetainFreedMemory(long)"/> at 32 MiB, prints whether a 1 GiB and a 1 MiB block are
+    /// mappings of their own (bit 1 of the chunk's size word, IS_MMAPPED): "applied=True large=True small=False".
+    /// </summary>
+    private static int AllocatorCheck()
+    {
+        bool applied = NativeAllocator.RetainFreedMemory() && NativeAllocator.RetainFreedMemory(NativeAllocator.MaxRetainedBlockBytes);
+        nint large = Marshal.AllocHGlobal(1 << 30);   // malloc; reserved, never touched
+        nint small = Marshal.AllocHGlobal(1 << 20);
+        static bool Mapped(nint p) => (Marshal.ReadIntPtr(p, -IntPtr.Size) & 2) != 0;
+        Console.WriteLine($"applied={applied} large={Mapped(large)} small={Mapped(small)}");
+        Marshal.FreeHGlobal(small);
+        Marshal.FreeHGlobal(large);
+        return 0;
     }
 }
