@@ -29,18 +29,7 @@ public static partial class NativeAllocator
     /// Call once at application start-up, before the model is loaded. Does nothing where glibc is not the C library.
     /// </summary>
     /// <returns>True when the setting was applied.</returns>
-    public static bool RetainFreedMemory()
-    {
-        if (!OperatingSystem.IsLinux()) return false;
-        try
-        {
-            return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, int.MaxValue) == 1;
-        }
-        catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
-        {
-            return false; // not glibc (e.g. musl)
-        }
-    }
+    public static bool RetainFreedMemory() => Apply((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int.MaxValue));
 
     /// <summary>
     /// Makes glibc keep freed blocks smaller than <paramref name="largestRetainedBlockBytes"/> for reuse, and serve larger
@@ -67,11 +56,16 @@ public static partial class NativeAllocator
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(largestRetainedBlockBytes, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(largestRetainedBlockBytes, MaxRetainedBlockBytes);
+        return Apply((M_MMAP_MAX, DefaultMmapMax), (M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes), (M_TRIM_THRESHOLD, int.MaxValue));
+    }
+
+    /// <summary>Applies the <c>mallopt</c> settings in order; false off Linux, off glibc, or when glibc refuses one.</summary>
+    private static bool Apply(params (int Param, int Value)[] settings)
+    {
         if (!OperatingSystem.IsLinux()) return false;
         try
         {
-            return mallopt(M_MMAP_MAX, DefaultMmapMax) == 1 && mallopt(M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes) == 1
-                && mallopt(M_TRIM_THRESHOLD, int.MaxValue) == 1;
+            return settings.All(s => mallopt(s.Param, s.Value) == 1);
         }
         catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
         {
