@@ -2,6 +2,8 @@ using System.Diagnostics;
 using System.Globalization;
 using MinLora;
 using MinLora.Glm;
+using MinLora.Glm.Modeling;
+using MinLora.Quantization;
 using TorchSharp;
 using TorchSharp.PyBridge;
 using static TorchSharp.torch;
@@ -14,9 +16,19 @@ using static TorchSharp.torch;
 /// </summary>
 internal static class LoadSuite
 {
-    public static void Run(bool quick)
+    /// <param name="quick">A smaller synthetic model.</param>
+    /// <param name="chatGlm6bLayers">When set: ChatGLM-6B's real shape (hidden 4096, vocabulary 130,528) with this many
+    /// blocks instead of the small model (28 is the whole model; the float checkpoint takes 0.4 GB per block plus 1.1 GB
+    /// per embedding table in float16).</param>
+    /// <param name="childArguments">Allocator flags for the loading processes (as given to this one).</param>
+    public static void Run(bool quick, int? chatGlm6bLayers = null, IReadOnlyList<string>? childArguments = null)
     {
-        var config = GlmConfig.FromJson($$"""
+        var config = chatGlm6bLayers is { } layers
+            ? GlmConfig.FromJson($$"""
+                {"model_type":"chatglm","vocab_size":130528,"hidden_size":4096,"inner_hidden_size":16384,"num_layers":{{layers}},"num_attention_heads":32,
+                 "bos_token_id":130004,"eos_token_id":130005,"mask_token_id":130000,"gmask_token_id":130001,"pad_token_id":3}
+                """)
+            : GlmConfig.FromJson($$"""
             {"model_type":"chatglm","vocab_size":{{(quick ? 8000 : 32000)}},"hidden_size":{{(quick ? 512 : 1024)}},"num_layers":{{(quick ? 4 : 12)}},
              "num_attention_heads":8,"bos_token_id":9,"eos_token_id":8,"mask_token_id":5,"gmask_token_id":6,"pad_token_id":3}
             """);
@@ -25,11 +37,13 @@ internal static class LoadSuite
         Directory.CreateDirectory(dir);
         Console.WriteLine($"writing a synthetic checkpoint to {dir} …");
         long fileBytes = 0;
-        using (var model = new GlmForCausalLM(config))
+        // At ChatGLM-6B's shape the writer builds the model in float16 (a float32 copy of 28 blocks would not fit in
+        // 24 GB) and writes 8 shards, as the released checkpoint has.
+        int shards = chatGlm6bLayers is null ? 4 : 8;
+        using (var model = new GlmForCausalLM(config, new GlmBuildOptions(chatGlm6bLayers is null ? ScalarType.Float32 : ScalarType.Float16)))
         {
             var sd = model.state_dict();
             var keys = sd.Keys.ToList();
-            const int shards = 4;
             var map = new Dictionary<string, string>();
             for (int s = 0; s < shards; s++)
             {
@@ -43,12 +57,18 @@ internal static class LoadSuite
             File.WriteAllText(Path.Combine(dir, "pytorch_model.bin.index.json"), System.Text.Json.JsonSerializer.Serialize(new { weight_map = map }));
             File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
         }
-        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"checkpoint: {fileBytes / 1e6:F0} MB in 4 float16 shards"));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"checkpoint: {fileBytes / 1e6:F0} MB in {shards} float16 shards"));
         Console.WriteLine();
         Console.WriteLine("| load as | model MB | peak extra MB | peak ÷ model | largest shard MB |");
         Console.WriteLine("|---|---|---|---|---|");
         long largest = Directory.GetFiles(dir, "*.bin").Max(f => new FileInfo(f).Length);
-        foreach (var fp16 in new[] { false, true })
+        // (float16 model, int4): the float model as it is; then int4 quantized while loading (streamed: each file's
+        // projections right after it) against the whole float model loaded first and quantized after. At
+        // ChatGLM-6B's shape the float32 model (24.7 GB at 28 blocks) is left out, but not the int4 load into float32.
+        var cases = chatGlm6bLayers is null
+            ? new[] { (false, ""), (true, ""), (false, "after"), (false, "streamed") }
+            : new[] { (true, ""), (true, "after"), (true, "streamed"), (false, "streamed") };
+        foreach (var (fp16, int4) in cases)
         {
             var self = Environment.ProcessPath!;
             var dll = typeof(LoadSuite).Assembly.Location;
@@ -57,24 +77,27 @@ internal static class LoadSuite
             psi.ArgumentList.Add("load-child");
             psi.ArgumentList.Add(dir);
             if (fp16) psi.ArgumentList.Add("--fp16-model");
+            if (int4.Length > 0) psi.ArgumentList.Add("--int4-" + int4);
+            foreach (var a in childArguments ?? Array.Empty<string>()) psi.ArgumentList.Add(a);
             using var p = Process.Start(psi)!;
             var line = p.StandardOutput.ReadToEnd().Trim().Split('\n').Last();
             p.WaitForExit();
             var parts = line.Split(' ').Select(x => double.Parse(x, CultureInfo.InvariantCulture)).ToArray(); // modelBytes extraBytes
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {(fp16 ? "float16" : "float32")} | {parts[0] / 1e6:F0} | {parts[1] / 1e6:F0} | {parts[1] / parts[0]:F2} | {largest / 1e6:F0} |"));
+                $"| {(fp16 ? "float16" : "float32")}{(int4 == "after" ? ", then Quantize(4)" : int4 == "streamed" ? ", int4 on load (QuantizationBit = 4)" : "")} | {parts[0] / 1e6:F0} | {parts[1] / 1e6:F0} | {parts[1] / parts[0]:F2} | {largest / 1e6:F0} |"));
         }
         Directory.Delete(dir, true);
     }
 
-    public static int Child(string dir, bool fp16)
+    /// <summary>One load in this process, under the allocator policy the command line chose (Program.cs).</summary>
+    public static int Child(string dir, bool fp16, string int4 = "")
     {
-        NativeAllocator.RetainFreedMemory();
         using (var warm = ones(4)) { _ = warm.sum().item<float>(); }
         var self = Process.GetCurrentProcess();
         self.Refresh();
         long before = self.WorkingSet64;
-        var (model, _) = GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { Dtype = fp16 ? ScalarType.Float16 : ScalarType.Float32 });
+        var (model, _) = GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { Dtype = fp16 ? ScalarType.Float16 : ScalarType.Float32, QuantizationBit = int4 == "streamed" ? 4 : null });
+        if (int4 == "after") model.Quantize(4, new QuantizeOptions());
         self.Refresh();
         long peak = self.PeakWorkingSet64;
         long modelBytes = model.parameters().Sum(p => p.numel() * p.element_size()) + model.buffers().Sum(b => b.numel() * b.element_size());

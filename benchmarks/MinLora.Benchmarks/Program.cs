@@ -8,6 +8,7 @@ using static TorchSharp.torch;
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--rounds N] [--quick] [--default-malloc]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- load [--chatglm6b-layers N]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm] [--train] [--steps N]
 //   any suite: [--default-malloc | --retain-below BYTES] (glibc policy: keep every freed block by default)
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
@@ -34,7 +35,7 @@ string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison
 if (suite == "model") MinLora.Quantization.CpuThreads.LimitOpenMpSpinning();
 bool retained = !argsList.Contains("--default-malloc") && (retainBelow > 0 ? NativeAllocator.RetainFreedMemory(retainBelow) : NativeAllocator.RetainFreedMemory());
 string allocator = !retained ? "default glibc allocator" : retainBelow > 0 ? $"glibc retaining freed blocks below {retainBelow} bytes" : "glibc retaining freed memory";
-if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"));
+if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"), argsList.Contains("--int4-after") ? "after" : argsList.Contains("--int4-streamed") ? "streamed" : "");
 if (suite == "model")
 {
     Console.WriteLine($"allocator: {allocator}");
@@ -54,7 +55,15 @@ Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} 
     allocator);
 if (suite == "lora") LoraSuite.Run(rounds, quick);
 else if (suite == "quant") QuantSuite.Run(rounds, quick);
-else LoadSuite.Run(quick);
+else
+{
+    // --chatglm6b-layers N: ChatGLM-6B's real shape with N blocks (28: the whole model) instead of the small model.
+    int layers = ReadInt("--chatglm6b-layers", 0);
+    // The loading processes run under this one's allocator policy.
+    var childArguments = argsList.Contains("--default-malloc") ? new[] { "--default-malloc" }
+        : retainBelow > 0 ? new[] { "--retain-below", retainBelow.ToString(CultureInfo.InvariantCulture) } : Array.Empty<string>();
+    LoadSuite.Run(quick, layers > 0 ? layers : null, childArguments);
+}
 return 0;
 
 int ReadInt(string name, int fallback)

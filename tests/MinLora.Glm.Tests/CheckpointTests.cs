@@ -272,6 +272,108 @@ public sealed class CheckpointTests : IDisposable
         }
     }
 
+    /// <summary>
+    /// Quantizing while loading (each file's complete projections right after it) gives exactly the model that loading
+    /// the whole float checkpoint and quantizing it gives: same keys, identical tensors. The shards put a projection's
+    /// weight and bias in different files; one case quantizes a head that is tied to the embedding (filled after the last file).
+    /// </summary>
+    [Theory]
+    [InlineData(8, QuantizationFormat.Int4Grouped, false)]
+    [InlineData(4, QuantizationFormat.Int4Grouped, true)]
+    [InlineData(4, QuantizationFormat.Int4PerRowChatGlm, false)]
+    public void QuantizeOnLoad_EqualsLoadingTheFloatModelThenQuantizing(int bits, QuantizationFormat int4, bool tiedHeadTarget)
+    {
+        manual_seed(11);
+        var config = Tiny with { HiddenSize = 128, NumAttentionHeads = 4, InnerHiddenSize = 256 };
+        using var source = new GlmForCausalLM(config);
+        var sd = source.state_dict();
+        var keys = sd.Keys.Where(k => !tiedHeadTarget || k != "lm_head.weight").ToList();
+        var dir = Path.Combine(_dir, $"qol-{bits}-{int4}-{tiedHeadTarget}");
+        WriteShards(dir, config, sd, keys, safetensors: true);
+        var quantize = new QuantizeOptions
+        {
+            Int4Format = int4,
+            GroupSize = 32,
+            TargetModules = tiedHeadTarget ? new[] { "query_key_value", "dense_4h_to_h", "lm_head" } : QuantizeOptions.ChatGlmTargets,
+        };
+
+        var (reference, _) = GlmCheckpoint.FromPretrained(dir);
+        var (streamed, report) = GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = bits, Quantization = quantize });
+        using (reference)
+        using (streamed)
+        {
+            var swapped = reference.Quantize(bits, quantize);
+            Assert.Equal(tiedHeadTarget, report.TiedLmHead);
+            Assert.Equal(swapped.Count, streamed.modules().OfType<QuantizedLinear>().Count());
+            Assert.Equal(tiedHeadTarget, streamed.named_modules().Any(m => m.name == "lm_head" && m.module is QuantizedLinear));
+            var expected = reference.state_dict();
+            var actual = streamed.state_dict();
+            Assert.Equal(expected.Keys.Order(StringComparer.Ordinal), actual.Keys.Order(StringComparer.Ordinal));
+            Assert.All(expected, kv => Assert.True(Fixtures.Identical(kv.Value, actual[kv.Key]), kv.Key));
+            using var ids = randint(5, 80, new long[] { 1, 5 });
+            using var a = reference.call(new GlmInput(ids));
+            using var b = streamed.call(new GlmInput(ids));
+            Assert.True(Fixtures.Identical(a.Logits, b.Logits));
+        }
+    }
+
+    /// <summary>
+    /// A projection holds no float memory until its file is read, and is quantized right after the file that completes
+    /// it, not after the whole checkpoint: with weight and bias in different shards, none is complete after the first
+    /// file, some after the second, all after the third; every projection still in float waits on a meta placeholder.
+    /// </summary>
+    [Fact]
+    public void QuantizeOnLoad_SwapsEachProjectionRightAfterTheFileThatCompletesIt()
+    {
+        manual_seed(12);
+        var config = Tiny with { HiddenSize = 128, NumAttentionHeads = 4, InnerHiddenSize = 256 };
+        using var source = new GlmForCausalLM(config);
+        var sd = source.state_dict();
+        var dir = Path.Combine(_dir, "qol-order");
+        WriteShards(dir, config, sd, sd.Keys.ToList(), safetensors: true);
+        using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.Float32, CPU, GlmInit.Empty));
+        var quantizer = new QuantizeWhileLoading(model, 8, new QuantizeOptions(), CPU);
+        var targets = model.named_modules().Where(m => QuantizeOptions.ChatGlmTargets.Contains(m.name[(m.name.LastIndexOf('.') + 1)..])).Select(m => m.name).ToList();
+        Assert.Equal(8, targets.Count);
+        var counts = new List<int>();
+        var progress = new InlineProgress(_ =>
+        {
+            counts.Add(model.modules().OfType<QuantizedLinear>().Count());
+            var modules = model.named_modules().ToDictionary(m => m.name, m => m.module);
+            foreach (var name in targets)
+            {
+                if (modules[name] is TorchSharp.Modules.Linear l)
+                    Assert.True(l.parameters().Any(p => p.device_type == DeviceType.META), name + " is complete but still float");
+            }
+        });
+        GlmCheckpoint.LoadInto(model, GlmCheckpoint.FindWeightFiles(dir), new GlmLoadOptions { Progress = progress }, Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance, quantizer);
+        quantizer.Finish();
+        Assert.Equal(new[] { 0, counts[1], 8 }, counts);
+        Assert.InRange(counts[1], 1, 7);
+        Assert.Equal(8, quantizer.Quantized);
+        Assert.DoesNotContain(model.parameters().Concat(model.buffers()), t => t.device_type == DeviceType.META);
+    }
+
+    private sealed class InlineProgress(Action<(int Done, int Total)> report) : IProgress<(int Done, int Total)>
+    {
+        public void Report((int Done, int Total) value) => report(value);
+    }
+
+    /// <summary>Bad quantization settings fail before any weight file is read (the file here is not even readable).</summary>
+    [Fact]
+    public void QuantizeOnLoad_BadSettings_FailBeforeReadingTheWeights()
+    {
+        var dir = Path.Combine(_dir, "qol-bad");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), Tiny.ToJson());
+        File.WriteAllBytes(Path.Combine(dir, "pytorch_model.bin"), new byte[] { 1, 2, 3, 4 });
+        Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(dir));
+        Assert.Throws<ArgumentOutOfRangeException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 3 }));
+        var ex = Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 4, Quantization = new QuantizeOptions { TargetModules = new[] { "no_such_layer" } } }));
+        Assert.Contains("no_such_layer", ex.Message, StringComparison.Ordinal);
+        Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 4, Quantization = new QuantizeOptions { Int4Format = QuantizationFormat.Int8PerRow } }));
+    }
+
     /// <summary>bfloat16 and float16 models run; logits stay within the half types' rounding of the float32 reference.</summary>
     [Theory]
     [InlineData(ScalarType.BFloat16, 0.15)]

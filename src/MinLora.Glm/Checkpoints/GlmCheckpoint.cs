@@ -23,8 +23,11 @@ public sealed record GlmLoadOptions
     public Device? Device { get; init; }
 
     /// <summary>
-    /// Quantize the block projections while loading a float checkpoint (4 or 8; null: as the config says).
-    /// A pre-quantized checkpoint (its config's <c>quantization_bit</c>) is always loaded as such.
+    /// Quantize the block projections while loading a float checkpoint (4 or 8; null or 0: as the config says).
+    /// A pre-quantized checkpoint (its config's <c>quantization_bit</c>) is always loaded as such. The layers
+    /// <see cref="Quantization"/> selects are quantized file by file, right after the file that completes them, and
+    /// hold no float memory before: the float model is never in memory whole (the peak is the quantized model, the
+    /// float embedding, head and norms, and about one file). Bits and targets are checked before any file is read.
     /// </summary>
     public int? QuantizationBit { get; init; }
 
@@ -90,22 +93,27 @@ public static partial class GlmCheckpoint
         LogConfig(logger, directory, config.NumLayers, config.HiddenSize, config.VocabSize, config.QuantizationBit, files.Count);
         CheckConfigAgainstWeights(config, directory, files);
 
+        // Quantizing on load: the float projections must stay unbacked until their file arrives (asking for huge pages
+        // at build would fault the whole float model in); the quantized model asks for them after the load.
+        int bits = config.QuantizationBit == 0 ? options.QuantizationBit ?? 0 : 0;
         var build = new GlmBuildOptions(options.Dtype, options.Device ?? CPU, GlmInit.Empty)
         {
             QuantizationBit = config.QuantizationBit,
             QuantizeEmbeddings = config.QuantizationEmbeddings,
             QuantizeLmHead = config.QuantizeLmHead == true && config.QuantizationBit > 0,
             QuantizedLayer = options.Quantization?.Layer,
-            HugePages = options.HugePages,
+            HugePages = options.HugePages && bits == 0,
         };
         var model = new GlmForCausalLM(config, build);
         try
         {
-            var report = LoadInto(model, files, options, logger);
-            if (config.QuantizationBit == 0 && (options.QuantizationBit ?? 0) is var bits and > 0)
+            // A float checkpoint quantized on load: each file's complete projections are quantized right after it.
+            var quantizer = bits != 0 ? new QuantizeWhileLoading(model, bits, options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped }, options.Device ?? CPU) : null;
+            var report = LoadInto(model, files, options, logger, quantizer);
+            if (quantizer is not null)
             {
-                var swapped = model.Quantize(bits, options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped });
-                LogQuantized(logger, swapped.Count, bits);
+                quantizer.Finish();
+                LogQuantized(logger, quantizer.Quantized, bits);
                 if (options.HugePages) model.UseHugePages(); // the new int8/int4 buffers (CPU tensors only)
             }
             model.eval();
@@ -193,8 +201,11 @@ public static partial class GlmCheckpoint
         throw new FileNotFoundException($"No weights in '{directory}': looked for model.safetensors(.index.json), pytorch_model.bin(.index.json), *.safetensors, *.pth, *.bin.");
     }
 
-    /// <summary>Copies the tensors of <paramref name="files"/> into <paramref name="model"/>, one file at a time.</summary>
-    internal static GlmLoadReport LoadInto(GlmForCausalLM model, IReadOnlyList<string> files, GlmLoadOptions options, ILogger logger)
+    /// <summary>
+    /// Copies the tensors of <paramref name="files"/> into <paramref name="model"/>, one file at a time; the parameters
+    /// of layers <paramref name="quantizer"/> quantizes go to it instead, and it quantizes after each file.
+    /// </summary>
+    internal static GlmLoadReport LoadInto(GlmForCausalLM model, IReadOnlyList<string> files, GlmLoadOptions options, ILogger logger, QuantizeWhileLoading? quantizer = null)
     {
         var clock = Stopwatch.StartNew();
         var target = model.state_dict();
@@ -223,11 +234,12 @@ public static partial class GlmCheckpoint
                         mismatched.Add(new ShapeMismatch(key, dst.shape, src.shape, $"model {dst.dtype} vs file {src.dtype}: a quantized checkpoint needs quantization_bit in config.json"));
                         continue;
                     }
-                    dst.copy_(src);
+                    if (quantizer?.Claim(key, src) != true) dst.copy_(src);
                     loaded.Add(key);
                 }
             }
             foreach (var t in tensors.Values) t.Dispose();
+            quantizer?.AfterFile();
             options.Progress?.Report((++done, files.Count));
             LogFile(logger, Path.GetFileName(file), tensors.Count);
         }
@@ -239,7 +251,8 @@ public static partial class GlmCheckpoint
                 throw new InvalidDataException("The checkpoint ties lm_head to word_embeddings, but the model stores them in different formats (QuantizeEmbeddings / QuantizeLmHead): build both alike or neither.");
             using (no_grad())
             {
-                target["lm_head.weight"].copy_(target["transformer.word_embeddings.weight"]);
+                if (quantizer?.Claim("lm_head.weight", target["transformer.word_embeddings.weight"]) != true)
+                    target["lm_head.weight"].copy_(target["transformer.word_embeddings.weight"]);
                 foreach (var suffix in new[] { ".weight_scale", ".weight_zero" })
                 {
                     if (target.ContainsKey("lm_head" + suffix) && loaded.Contains("transformer.word_embeddings" + suffix))
