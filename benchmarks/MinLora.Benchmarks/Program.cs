@@ -35,6 +35,7 @@ string suite = argsList.FirstOrDefault(a => !a.StartsWith("--", StringComparison
 if (suite == "model") MinLora.Quantization.CpuThreads.LimitOpenMpSpinning();
 bool retained = !argsList.Contains("--default-malloc") && (retainBelow > 0 ? NativeAllocator.RetainFreedMemory(retainBelow) : NativeAllocator.RetainFreedMemory());
 string allocator = !retained ? "default glibc allocator" : retainBelow > 0 ? $"glibc retaining freed blocks below {retainBelow} bytes" : "glibc retaining freed memory";
+if (suite == "load-write") { int l = ReadInt("--chatglm6b-layers", 0); return LoadSuite.Write(argsList[1], quick, l > 0 ? l : null); }
 if (suite == "load-child") return LoadSuite.Child(argsList[1], argsList.Contains("--fp16-model"), argsList.Contains("--int4-after") ? "after" : argsList.Contains("--int4-streamed") ? "streamed" : "");
 if (suite == "model")
 {

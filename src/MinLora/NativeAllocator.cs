@@ -29,7 +29,12 @@ public static partial class NativeAllocator
     /// Call once at application start-up, before the model is loaded. Does nothing where glibc is not the C library.
     /// </summary>
     /// <returns>True when the setting was applied.</returns>
-    public static bool RetainFreedMemory() => Apply((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int.MaxValue));
+    public static bool RetainFreedMemory()
+    {
+        bool applied = Apply((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int.MaxValue));
+        if (applied) Volatile.Write(ref _policy, 0);
+        return applied;
+    }
 
     /// <summary>
     /// Makes glibc keep freed blocks smaller than <paramref name="largestRetainedBlockBytes"/> for reuse, and serve larger
@@ -56,7 +61,35 @@ public static partial class NativeAllocator
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(largestRetainedBlockBytes, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(largestRetainedBlockBytes, MaxRetainedBlockBytes);
-        return Apply((M_MMAP_MAX, DefaultMmapMax), (M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes), (M_TRIM_THRESHOLD, int.MaxValue));
+        bool applied = Apply((M_MMAP_MAX, DefaultMmapMax), (M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes), (M_TRIM_THRESHOLD, int.MaxValue));
+        if (applied) Volatile.Write(ref _policy, largestRetainedBlockBytes);
+        return applied;
+    }
+
+    /// <summary>The policy last applied here: −1 none (glibc's own), 0 every block kept, else the largest block kept.</summary>
+    private static long _policy = -1;
+
+    /// <summary>
+    /// When this process keeps every freed block (<see cref="RetainFreedMemory()"/>), bounds it at
+    /// <see cref="MaxRetainedBlockBytes"/> until the returned scope is disposed, then keeps every block again; null
+    /// (nothing to do) under any other policy. For work that frees many large blocks between long-lived ones (a
+    /// checkpoint quantized while loading), where a heap that only grows would keep every hole.
+    /// </summary>
+    internal static IDisposable? ReturnLargeBlocksWhile()
+    {
+        if (Volatile.Read(ref _policy) != 0 || !RetainFreedMemory(MaxRetainedBlockBytes)) return null;
+        return new KeepEveryBlockAgain();
+    }
+
+    private sealed class KeepEveryBlockAgain : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            // Only if nobody chose another policy meanwhile.
+            if (Interlocked.Exchange(ref _disposed, 1) == 0 && Volatile.Read(ref _policy) == MaxRetainedBlockBytes) RetainFreedMemory();
+        }
     }
 
     /// <summary>Applies the <c>mallopt</c> settings in order; false off Linux, off glibc, or when glibc refuses one.</summary>

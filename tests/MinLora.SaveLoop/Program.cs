@@ -49,7 +49,9 @@ internal static class Program
     /// On the process's first thread (glibc's main arena, whose blocks glibc maps only by its thresholds; a thread's own
     /// arena maps any block beyond its 64 MiB heap): after <see cref="NativeAllocator.RetainFreedMemory()"/> and then
     /// <see cref="NativeAllocator.RetainFreedMemory(long)"/> at 32 MiB, prints whether a 1 GiB and a 1 MiB block are
-    /// mappings of their own (bit 1 of the chunk's size word, IS_MMAPPED): "applied=True large=True small=False".
+    /// mappings of their own (bit 1 of the chunk's size word, IS_MMAPPED), then whether a 1 GiB block is one inside
+    /// <see cref="NativeAllocator.ReturnLargeBlocksWhile"/>'s scope and not after it (every block kept again):
+    /// "applied=True large=True small=False scoped=True restored=True".
     /// </summary>
     private static int AllocatorCheck()
     {
@@ -57,9 +59,17 @@ internal static class Program
         nint large = Marshal.AllocHGlobal(1 << 30);   // malloc; reserved, never touched
         nint small = Marshal.AllocHGlobal(1 << 20);
         static bool Mapped(nint p) => (Marshal.ReadIntPtr(p, -IntPtr.Size) & 2) != 0;
-        Console.WriteLine($"applied={applied} large={Mapped(large)} small={Mapped(small)}");
-        Marshal.FreeHGlobal(small);
-        Marshal.FreeHGlobal(large);
+        // Every block kept, then bounded for a scope only: a 1 GiB block is mapped inside the scope, not after it.
+        NativeAllocator.RetainFreedMemory();
+        nint inside, after;
+        using (var scope = NativeAllocator.ReturnLargeBlocksWhile())
+        {
+            applied &= scope is not null;
+            inside = Marshal.AllocHGlobal(1 << 30);
+        }
+        after = Marshal.AllocHGlobal(1 << 30);
+        Console.WriteLine($"applied={applied} large={Mapped(large)} small={Mapped(small)} scoped={Mapped(inside)} restored={!Mapped(after)}");
+        foreach (var p in new[] { small, large, inside, after }) Marshal.FreeHGlobal(p);
         return 0;
     }
 }

@@ -34,6 +34,6 @@ public class NativeAllocatorTests
         await child.WaitForExitAsync();
         Assert.True(child.ExitCode == 0, $"allocator-check exited with {child.ExitCode}: {await error}");
         Skip.If(output.Contains("applied=False", StringComparison.Ordinal), "the C library is not glibc");
-        Assert.Equal("applied=True large=True small=False", output.Trim());
+        Assert.Equal("applied=True large=True small=False scoped=True restored=True", output.Trim());
     }
 }
