@@ -10,10 +10,7 @@ using MinLora.Samples;
 //   dotnet run --project samples/MinLora.Samples.Chat -- [--model DIR] [--top-p P] [--temperature T] [--max-new-tokens N] [--bits 0|4|8] [--greedy]
 // Type a message and press Enter; "/clear" forgets the history; "/exit" or end of input quits.
 CpuThreads.LimitOpenMpSpinning(); // before libtorch loads (see CpuThreads)
-// Keep freed blocks up to 32 MiB for reuse (decoding's temporaries are all smaller) and hand larger ones back: a
-// checkpoint quantized while loading (--bits) frees each file's float copies, which a heap that keeps every block
-// would hold on to (ChatGLM-6B int4 on load: 9.0 GB over the process instead of 16.7 GB; docs/measurements/load-peak-memory.md).
-NativeAllocator.RetainFreedMemory(NativeAllocator.MaxRetainedBlockBytes);
+NativeAllocator.RetainFreedMemory();
 var modelOption = SampleCommandLine.Text("--model", "A GLM checkpoint directory (ChatGLM-6B, ChatGLM2/3 or GLM-4)", Path.Combine(AppContext.BaseDirectory, "assets", "base"));
 var topP = SampleCommandLine.Real("--top-p", "Nucleus sampling: keep the most likely tokens up to this probability mass", new GenerationOptions().TopP, positive: true);
 var temperature = SampleCommandLine.Real("--temperature", "Sampling temperature (0: greedy)", new GenerationOptions().Temperature);

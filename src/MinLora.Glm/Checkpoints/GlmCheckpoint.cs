@@ -104,22 +104,22 @@ public static partial class GlmCheckpoint
             QuantizedLayer = options.Quantization?.Layer,
             HugePages = options.HugePages && bits == 0,
         };
-        var model = new GlmForCausalLM(config, build);
+        // Quantizing on load frees the float projections built here and each file's float copies between long-lived
+        // quantized buffers: a heap that keeps every block would serve later files from those freed blocks and keep
+        // every hole (ChatGLM-6B int4 on load: 16.7 GB over the process instead of 9.0 GB), so from the build to the
+        // last file large blocks go back to the system (NativeAllocator).
+        var largeBlocks = bits != 0 ? NativeAllocator.ReturnLargeBlocksWhile() : null;
+        GlmForCausalLM? model = null;
         try
         {
+            model = new GlmForCausalLM(config, build);
             // A float checkpoint quantized on load: each file's complete projections are quantized right after it.
             var quantizer = bits != 0 ? new QuantizeWhileLoading(model, bits, options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped }, options.Device ?? CPU) : null;
-            GlmLoadReport report;
-            // Each file's float copies are freed between long-lived quantized buffers: a heap that keeps every block
-            // would keep every hole (ChatGLM-6B int4 on load: 16.7 GB over the process instead of 9.0 GB), so large
-            // blocks go back to the system for the load (NativeAllocator).
-            using (quantizer is null ? null : NativeAllocator.ReturnLargeBlocksWhile())
-            {
-                report = LoadInto(model, files, options, logger, quantizer);
-                quantizer?.Finish();
-            }
+            var report = LoadInto(model, files, options, logger, quantizer);
             if (quantizer is not null)
             {
+                quantizer.Finish();
+                largeBlocks?.Dispose();
                 LogQuantized(logger, quantizer.Quantized, bits);
                 if (options.HugePages) model.UseHugePages(); // the new int8/int4 buffers (CPU tensors only)
             }
@@ -131,8 +131,12 @@ public static partial class GlmCheckpoint
         }
         catch
         {
-            model.Dispose();
+            model?.Dispose();
             throw;
+        }
+        finally
+        {
+            largeBlocks?.Dispose();
         }
     }
 
