@@ -29,6 +29,18 @@ internal static class LoadSuite
         if (Directory.Exists(dir)) Directory.Delete(dir, true);
         Directory.CreateDirectory(dir);
         Console.WriteLine($"writing a synthetic checkpoint to {dir} …");
+        try
+        {
+            Measure(dir, quick, chatGlm6bLayers, childArguments);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);   // up to 11 GB at ChatGLM-6B's shape
+        }
+    }
+
+    private static void Measure(string dir, bool quick, int? chatGlm6bLayers, IReadOnlyList<string>? childArguments)
+    {
         // Written by a process of its own, so that this one holds no model while the loads run.
         var writeArguments = new List<string> { "load-write", dir };
         if (quick) writeArguments.Add("--quick");
@@ -58,7 +70,6 @@ internal static class LoadSuite
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"| {(fp16 ? "float16" : "float32")}{(int4 == "after" ? ", then Quantize(4)" : int4 == "streamed" ? ", int4 on load (QuantizationBit = 4)" : "")} | {parts[0] / 1e6:F0} | {parts[1] / 1e6:F0} | {parts[1] / parts[0]:F2} | {largest / 1e6:F0} |"));
         }
-        Directory.Delete(dir, true);
     }
 
     /// <summary>Runs this benchmark program with <paramref name="arguments"/> and returns what it printed.</summary>

@@ -261,7 +261,7 @@ public static class QuantizeExtensions
         return bytes;
     }
 
-    private static void ValidateShape(string path, Linear linear, QuantizationFormat format, int groupSize)
+    internal static void ValidateShape(string path, Linear linear, QuantizationFormat format, int groupSize)
     {
         long k = linear.in_features;
         if (format != QuantizationFormat.Int8PerRow && k % 2 != 0)
@@ -275,7 +275,7 @@ public static class QuantizeExtensions
         }
     }
 
-    private static bool IsLeaf(nn.Module m) => !m.named_children().Any();
+    internal static bool IsLeaf(nn.Module m) => !m.named_children().Any();
 
     private static IEnumerable<ModuleSite> Sites(nn.Module model) => ModuleTree.Walk(model);
 }

@@ -31,9 +31,12 @@ public static partial class NativeAllocator
     /// <returns>True when the setting was applied.</returns>
     public static bool RetainFreedMemory()
     {
-        bool applied = Apply((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int.MaxValue));
-        if (applied) Volatile.Write(ref _policy, 0);
-        return applied;
+        lock (Gate)
+        {
+            bool applied = Apply((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int.MaxValue));
+            if (applied) { _policy = 0; _generation++; }
+            return applied;
+        }
     }
 
     /// <summary>
@@ -61,34 +64,61 @@ public static partial class NativeAllocator
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(largestRetainedBlockBytes, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(largestRetainedBlockBytes, MaxRetainedBlockBytes);
-        bool applied = Apply((M_MMAP_MAX, DefaultMmapMax), (M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes), (M_TRIM_THRESHOLD, int.MaxValue));
-        if (applied) Volatile.Write(ref _policy, largestRetainedBlockBytes);
-        return applied;
+        lock (Gate)
+        {
+            bool applied = Apply((M_MMAP_MAX, DefaultMmapMax), (M_MMAP_THRESHOLD, (int)largestRetainedBlockBytes), (M_TRIM_THRESHOLD, int.MaxValue));
+            if (applied) { _policy = largestRetainedBlockBytes; _generation++; }
+            return applied;
+        }
     }
+
+    private static readonly object Gate = new();
 
     /// <summary>The policy last applied here: −1 none (glibc's own), 0 every block kept, else the largest block kept.</summary>
     private static long _policy = -1;
 
+    /// <summary>Counts the policies applied by the public methods, so a scope does not undo a caller's later choice.</summary>
+    private static long _generation;
+
+    /// <summary>Open scopes of <see cref="ReturnLargeBlocksWhile"/>, and the generation their bound was applied at.</summary>
+    private static int _scopes;
+    private static long _scopeGeneration = -1;
+
     /// <summary>
     /// When this process keeps every freed block (<see cref="RetainFreedMemory()"/>), bounds it at
-    /// <see cref="MaxRetainedBlockBytes"/> until the returned scope is disposed, then keeps every block again; null
-    /// (nothing to do) under any other policy. For work that frees many large blocks between long-lived ones (a
-    /// checkpoint quantized while loading), where a heap that only grows would keep every hole.
+    /// <see cref="MaxRetainedBlockBytes"/> until the last open scope is disposed, then keeps every block again, unless
+    /// the process chose a policy meanwhile. Under any other policy the scope does nothing. For work that frees many
+    /// large blocks between long-lived ones (a checkpoint quantized while loading), where a heap that only grows would
+    /// keep every hole. The setting is process-wide, like the policy itself.
     /// </summary>
-    internal static IDisposable? ReturnLargeBlocksWhile()
+    internal static IDisposable ReturnLargeBlocksWhile()
     {
-        if (Volatile.Read(ref _policy) != 0 || !RetainFreedMemory(MaxRetainedBlockBytes)) return null;
-        return new KeepEveryBlockAgain();
+        lock (Gate)
+        {
+            if (_scopes > 0)
+            {
+                _scopes++;
+                return new Scope();
+            }
+            if (_policy != 0 || !RetainFreedMemory(MaxRetainedBlockBytes)) return new Scope(active: false);
+            _scopes = 1;
+            _scopeGeneration = _generation;
+            return new Scope();
+        }
     }
 
-    private sealed class KeepEveryBlockAgain : IDisposable
+    private sealed class Scope(bool active = true) : IDisposable
     {
-        private int _disposed;
+        private int _disposed = active ? 0 : 1;
 
         public void Dispose()
         {
-            // Only if nobody chose another policy meanwhile.
-            if (Interlocked.Exchange(ref _disposed, 1) == 0 && Volatile.Read(ref _policy) == MaxRetainedBlockBytes) RetainFreedMemory();
+            if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
+            lock (Gate)
+            {
+                // The last scope restores, unless a caller chose a policy after the bound was applied.
+                if (--_scopes == 0 && _generation == _scopeGeneration) RetainFreedMemory();
+            }
         }
     }
 

@@ -372,6 +372,8 @@ public sealed class CheckpointTests : IDisposable
         var ex = Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 4, Quantization = new QuantizeOptions { TargetModules = new[] { "no_such_layer" } } }));
         Assert.Contains("no_such_layer", ex.Message, StringComparison.Ordinal);
         Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 4, Quantization = new QuantizeOptions { Int4Format = QuantizationFormat.Int8PerRow } }));
+        Assert.Contains("Group size 100", Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 4, Quantization = new QuantizeOptions { GroupSize = 100 } })).Message, StringComparison.Ordinal);
+        Assert.Contains("not a Linear", Assert.Throws<ArgumentException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = 8, Quantization = new QuantizeOptions { TargetModules = new[] { "input_layernorm" } } })).Message, StringComparison.Ordinal);
     }
 
     /// <summary>bfloat16 and float16 models run; logits stay within the half types' rounding of the float32 reference.</summary>

@@ -12,8 +12,8 @@ namespace MinLora.Glm;
 /// every layer whose parameters have all arrived is swapped for its quantized form and that copy freed. The peak is
 /// the quantized model, the float parameters left unquantized (embedding, head, norms), one file and the copies of the
 /// layers it completes, where loading the whole float model first and quantizing it after held the float model and
-/// its quantized copy at once (ChatGLM-6B as float32: 24.7 GB of float weights for 2.8 GB of int4 projections). Freed
-/// copies are reused by the next file's, so this holds under <see cref="NativeAllocator.RetainFreedMemory()"/> too.
+/// its quantized copy at once. The copies are freed between long-lived quantized buffers, so a heap that keeps every
+/// block would keep every hole: the loader bounds it meanwhile (<see cref="NativeAllocator.ReturnLargeBlocksWhile"/>).
 /// </summary>
 internal sealed class QuantizeWhileLoading
 {
@@ -33,34 +33,59 @@ internal sealed class QuantizeWhileLoading
     /// <exception cref="ArgumentException">The 4-bit format is not a 4-bit one, or no Linear matches the targets.</exception>
     public QuantizeWhileLoading(nn.Module model, int bits, QuantizeOptions options, Device device)
     {
-        if (bits is not (4 or 8)) throw new ArgumentOutOfRangeException(nameof(bits), bits, "Only 8-bit and 4-bit quantization are supported.");
-        if (bits == 4 && options.Int4Format == QuantizationFormat.Int8PerRow)
-            throw new ArgumentException("Int4Format must be a 4-bit format.", nameof(options));
+        Validate(bits, options);
         _model = model;
         _format = QuantizationFormats.FromBits(bits, options.Int4Format);
         _options = options;
         _device = device;
-        var targets = model.named_modules().Where(m => m.name.Length > 0 && m.module is Linear && options.Selects(m.name, m.module))
-            .Select(m => (Path: m.name, Linear: (Linear)m.module)).ToList();
+        // As Quantize selects (a matched leaf must be a Linear; a matched container is looked into), but never the
+        // P-tuning prefix encoder, which trains and is initialised afresh when the checkpoint has none.
+        var targets = new List<(string Path, Linear Linear)>();
+        foreach (var (path, module) in model.named_modules())
+        {
+            if (path.Length == 0 || path.StartsWith(PrefixEncoder, StringComparison.Ordinal) || !options.Selects(path, module)) continue;
+            if (module is Linear linear)
+            {
+                QuantizeExtensions.ValidateShape(path, linear, _format, options.GroupSize);
+                targets.Add((path, linear));
+            }
+            else if (options.TargetModules is not null || options.TargetPredicate is not null)
+            {
+                if (QuantizeExtensions.IsLeaf(module))
+                    throw new ArgumentException($"Module '{path}' ({module.GetType().Name}) matches the quantization targets but is not a Linear layer.", nameof(options));
+            }
+        }
         if (targets.Count == 0)
             throw new ArgumentException("No Linear layer matched the quantization targets" +
                 (options.TargetModules is null ? "." : $" ({string.Join(", ", options.TargetModules)})."), nameof(options));
         var meta = new Device(DeviceType.META);
         foreach (var (path, linear) in targets)
         {
+            // The setters dispose the parameters they replace (never written, so never resident on the CPU).
             _keys[path + ".weight"] = (path, linear, false);
             var weight = linear.weight!;
-            linear.weight = new Parameter(empty(weight.shape, dtype: weight.dtype, device: meta));
-            weight.Dispose();
+            linear.weight = new Parameter(empty(weight.shape, dtype: weight.dtype, device: meta), weight.requires_grad);
             if (linear.bias is { } bias)
             {
                 _keys[path + ".bias"] = (path, linear, true);
-                linear.bias = new Parameter(empty(bias.shape, dtype: bias.dtype, device: meta));
-                bias.Dispose();
+                linear.bias = new Parameter(empty(bias.shape, dtype: bias.dtype, device: meta), bias.requires_grad);
             }
             _missing[path] = linear.bias is null ? 1 : 2;
         }
         _total = targets.Count;
+    }
+
+    private const string PrefixEncoder = "transformer.prefix_encoder.";
+
+    /// <summary>The checks that need no model: bits and the 4-bit format.</summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="bits"/> is not 4 or 8.</exception>
+    /// <exception cref="ArgumentException">The 4-bit format is not a 4-bit one.</exception>
+    public static void Validate(int bits, QuantizeOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (bits is not (4 or 8)) throw new ArgumentOutOfRangeException(nameof(bits), bits, "Only 8-bit and 4-bit quantization are supported.");
+        if (bits == 4 && options.Int4Format == QuantizationFormat.Int8PerRow)
+            throw new ArgumentException("Int4Format must be a 4-bit format.", nameof(options));
     }
 
     /// <summary>The number of layers quantized so far.</summary>
@@ -74,11 +99,13 @@ internal sealed class QuantizeWhileLoading
     {
         if (!_keys.TryGetValue(key, out var target) || !_missing.ContainsKey(target.Path)) return false;
         var placeholder = target.Bias ? target.Linear.bias! : target.Linear.weight!;
+        if (placeholder.device_type != DeviceType.META)
+            throw new InvalidDataException($"'{key}' is stored twice in the checkpoint.");
         var copy = empty(placeholder.shape, dtype: placeholder.dtype, device: _device).DetachFromDisposeScope();
         copy.copy_(source);
-        if (target.Bias) target.Linear.bias = new Parameter(copy);
-        else target.Linear.weight = new Parameter(copy);
-        placeholder.Dispose();
+        // The setter disposes the placeholder.
+        if (target.Bias) target.Linear.bias = new Parameter(copy, placeholder.requires_grad);
+        else target.Linear.weight = new Parameter(copy, placeholder.requires_grad);
         _missing[target.Path]--;
         return true;
     }

@@ -47,7 +47,7 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
                 p.requires_grad = name.StartsWith("transformer.prefix_encoder.", StringComparison.Ordinal);
         }
         // Before a load writes into the (still untouched) weights, or right after random initialisation (CPU tensors only).
-        if (o.HugePages) MinLora.Quantization.CpuMemory.UseHugePages(this);
+        if (o.HugePages && !o.DeferHugePages) MinLora.Quantization.CpuMemory.UseHugePages(this);
     }
 
     /// <summary>The architecture.</summary>
@@ -67,6 +67,8 @@ public sealed class GlmForCausalLM : nn.Module<GlmInput, GlmOutput>
     /// <exception cref="FileNotFoundException">No config, no weights, or a shard named by the index is missing.</exception>
     /// <exception cref="InvalidDataException">A corrupt file, or a config that disagrees with the weight files.</exception>
     /// <exception cref="StateDictMismatchException">Missing or (strict) unexpected keys, or wrong shapes or types (each named in the message).</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><see cref="GlmLoadOptions.QuantizationBit"/> is not 4 or 8 (checked before any file is read).</exception>
+    /// <exception cref="ArgumentException">Quantization options that do not fit the model (checked before any file is read).</exception>
     public static GlmForCausalLM FromPretrained(string directory, GlmLoadOptions? options = null) => GlmCheckpoint.FromPretrained(directory, options).Model;
 
     /// <summary>

@@ -58,6 +58,12 @@ public sealed record GlmBuildOptions(ScalarType Dtype = ScalarType.Float32, Devi
     /// </summary>
     /// <value>The default value is true.</value>
     public bool HugePages { get; init; } = true;
+
+    /// <summary>
+    /// Keep <see cref="HugePages"/> for the KV caches but do not place the weights at build: the loader places them
+    /// once the projections it quantizes on load are placeholders (placing now would fault the float model in).
+    /// </summary>
+    internal bool DeferHugePages { get; init; }
 }
 
 /// <summary>Factories that allocate parameters directly where they belong (no CPU detour, no init when empty).</summary>
