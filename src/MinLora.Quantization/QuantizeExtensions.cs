@@ -99,27 +99,7 @@ public static class QuantizeExtensions
         options ??= new QuantizeOptions();
 
         // Select and validate everything first, so a bad layer leaves the model unchanged.
-        var targets = new List<(ModuleSite Site, Linear Linear)>();
-        foreach (var site in Sites(model))
-        {
-            var inner = site.BaseLayer;
-            if (!options.Selects(site.Path, inner)) continue;
-            if (inner is QuantizedLinear) continue; // already quantized
-            if (inner is not Linear linear)
-            {
-                if (options.TargetModules is null && options.TargetPredicate is null) continue; // "every Linear": skip others
-                if (site.Module is LoraLayer || IsLeaf(inner))
-                    throw new ArgumentException($"Module '{site.Path}' ({inner.GetType().Name}) matches the quantization targets but is not a Linear layer.", nameof(options));
-                continue; // a container whose name matches (e.g. a block called "dense"): its Linear children are visited too
-            }
-            if (!linear.weight.is_floating_point())
-                throw new ArgumentException($"Linear '{site.Path}' has {linear.weight.dtype} weights; only floating weights can be quantized.", nameof(model));
-            ValidateShape(site.Path, linear, format, options.GroupSize);
-            targets.Add((site, linear));
-        }
-        if (targets.Count == 0)
-            throw new ArgumentException("No Linear layer matched the quantization targets" +
-                (options.TargetModules is null ? "." : $" ({string.Join(", ", options.TargetModules)})."), nameof(options));
+        var targets = SelectTargets(model, format, options);
 
         var done = new List<(ModuleSite Site, nn.Module Old, QuantizedLinear New)>();
         var linears = targets.ToDictionary(t => t.Site.Path, t => t.Linear);
@@ -261,7 +241,39 @@ public static class QuantizeExtensions
         return bytes;
     }
 
-    internal static void ValidateShape(string path, Linear linear, QuantizationFormat format, int groupSize)
+    /// <summary>
+    /// The float Linear layers <paramref name="options"/> selects in <paramref name="model"/> (already quantized ones
+    /// and paths <paramref name="skip"/> names left out), each checked against <paramref name="format"/>.
+    /// </summary>
+    /// <exception cref="ArgumentException">No Linear matched, a matched leaf is not a Linear, has non-float weights, or
+    /// its in_features does not fit the format.</exception>
+    internal static List<(ModuleSite Site, Linear Linear)> SelectTargets(nn.Module model, QuantizationFormat format, QuantizeOptions options, Func<string, bool>? skip = null)
+    {
+        var targets = new List<(ModuleSite Site, Linear Linear)>();
+        foreach (var site in Sites(model))
+        {
+            var inner = site.BaseLayer;
+            if (skip?.Invoke(site.Path) == true || !options.Selects(site.Path, inner)) continue;
+            if (inner is QuantizedLinear) continue; // already quantized
+            if (inner is not Linear linear)
+            {
+                if (options.TargetModules is null && options.TargetPredicate is null) continue; // "every Linear": skip others
+                if (site.Module is LoraLayer || IsLeaf(inner))
+                    throw new ArgumentException($"Module '{site.Path}' ({inner.GetType().Name}) matches the quantization targets but is not a Linear layer.", nameof(options));
+                continue; // a container whose name matches (e.g. a block called "dense"): its Linear children are visited too
+            }
+            if (!linear.weight.is_floating_point())
+                throw new ArgumentException($"Linear '{site.Path}' has {linear.weight.dtype} weights; only floating weights can be quantized.", nameof(model));
+            ValidateShape(site.Path, linear, format, options.GroupSize);
+            targets.Add((site, linear));
+        }
+        if (targets.Count == 0)
+            throw new ArgumentException("No Linear layer matched the quantization targets" +
+                (options.TargetModules is null ? "." : $" ({string.Join(", ", options.TargetModules)})."), nameof(options));
+        return targets;
+    }
+
+    private static void ValidateShape(string path, Linear linear, QuantizationFormat format, int groupSize)
     {
         long k = linear.in_features;
         if (format != QuantizationFormat.Int8PerRow && k % 2 != 0)
@@ -275,7 +287,7 @@ public static class QuantizeExtensions
         }
     }
 
-    internal static bool IsLeaf(nn.Module m) => !m.named_children().Any();
+    private static bool IsLeaf(nn.Module m) => !m.named_children().Any();
 
     private static IEnumerable<ModuleSite> Sites(nn.Module model) => ModuleTree.Walk(model);
 }

@@ -359,6 +359,27 @@ public sealed class CheckpointTests : IDisposable
         public void Report((int Done, int Total) value) => report(value);
     }
 
+    /// <summary>A tensor stored in two shards is refused with its name, not silently overwritten (or handed to the quantizer twice).</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void ATensorStoredTwice_IsRefused(bool quantizeOnLoad)
+    {
+        manual_seed(13);
+        var config = Tiny with { HiddenSize = 128, NumAttentionHeads = 4, InnerHiddenSize = 256 };
+        using var source = new GlmForCausalLM(config);
+        var sd = source.state_dict();
+        var dir = Path.Combine(_dir, $"twice-{quantizeOnLoad}");
+        WriteShards(dir, config, sd, sd.Keys.ToList(), safetensors: true);
+        const string key = "transformer.layers.0.attention.query_key_value.weight";
+        var shard = Directory.GetFiles(dir, "model-*.safetensors").Order(StringComparer.Ordinal).First(f => !Safetensors.LoadStateDict(f).ContainsKey(key));
+        var extra = Safetensors.LoadStateDict(shard);
+        extra[key] = sd[key].detach().contiguous();
+        Safetensors.SaveStateDict(shard, extra);
+        var ex = Assert.Throws<InvalidDataException>(() => GlmCheckpoint.FromPretrained(dir, new GlmLoadOptions { QuantizationBit = quantizeOnLoad ? 8 : null }));
+        Assert.Contains(key, ex.Message, StringComparison.Ordinal);
+    }
+
     /// <summary>Bad quantization settings fail before any weight file is read (the file here is not even readable).</summary>
     [Fact]
     public void QuantizeOnLoad_BadSettings_FailBeforeReadingTheWeights()

@@ -118,8 +118,8 @@ public static partial class GlmCheckpoint
         };
         // Quantizing on load frees the float projections built here and each file's float copies between long-lived
         // quantized buffers: a heap that keeps every block would serve later files from those freed blocks and keep
-        // every hole (ChatGLM-6B int4 on load: 16.7 GB over the process instead of 9.0 GB), so from the build to the
-        // last file large blocks go back to the system (NativeAllocator).
+        // every hole (ChatGLM-6B int4 on load: 16.7 GB over the process instead of 9.0 GB), so from the build until
+        // the model is returned large blocks go back to the system (NativeAllocator).
         var largeBlocks = bits != 0 ? NativeAllocator.ReturnLargeBlocksWhile() : null;
         GlmForCausalLM? model = null;
         try
@@ -132,7 +132,6 @@ public static partial class GlmCheckpoint
             if (quantizer is not null)
             {
                 quantizer.Finish();
-                largeBlocks?.Dispose();
                 LogQuantized(logger, quantizer.Quantized, bits);
                 if (options.HugePages) model.UseHugePages(); // the new int8/int4 buffers (CPU tensors only)
             }

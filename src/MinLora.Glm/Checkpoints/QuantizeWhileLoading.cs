@@ -30,7 +30,8 @@ internal sealed class QuantizeWhileLoading
     /// before the expensive work).
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="bits"/> is not 4 or 8.</exception>
-    /// <exception cref="ArgumentException">The 4-bit format is not a 4-bit one, or no Linear matches the targets.</exception>
+    /// <exception cref="ArgumentException">The 4-bit format is not a 4-bit one, or the targets do not fit the model (as
+    /// <see cref="QuantizeExtensions.Quantize(nn.Module, QuantizationFormat, QuantizeOptions?)"/> checks them).</exception>
     public QuantizeWhileLoading(nn.Module model, int bits, QuantizeOptions options, Device device)
     {
         Validate(bits, options);
@@ -38,26 +39,10 @@ internal sealed class QuantizeWhileLoading
         _format = QuantizationFormats.FromBits(bits, options.Int4Format);
         _options = options;
         _device = device;
-        // As Quantize selects (a matched leaf must be a Linear; a matched container is looked into), but never the
-        // P-tuning prefix encoder, which trains and is initialised afresh when the checkpoint has none.
-        var targets = new List<(string Path, Linear Linear)>();
-        foreach (var (path, module) in model.named_modules())
-        {
-            if (path.Length == 0 || path.StartsWith(PrefixEncoder, StringComparison.Ordinal) || !options.Selects(path, module)) continue;
-            if (module is Linear linear)
-            {
-                QuantizeExtensions.ValidateShape(path, linear, _format, options.GroupSize);
-                targets.Add((path, linear));
-            }
-            else if (options.TargetModules is not null || options.TargetPredicate is not null)
-            {
-                if (QuantizeExtensions.IsLeaf(module))
-                    throw new ArgumentException($"Module '{path}' ({module.GetType().Name}) matches the quantization targets but is not a Linear layer.", nameof(options));
-            }
-        }
-        if (targets.Count == 0)
-            throw new ArgumentException("No Linear layer matched the quantization targets" +
-                (options.TargetModules is null ? "." : $" ({string.Join(", ", options.TargetModules)})."), nameof(options));
+        // As Quantize selects, but never the P-tuning prefix encoder, which trains and is initialised afresh when the
+        // checkpoint has none.
+        var targets = QuantizeExtensions.SelectTargets(model, _format, options, path => path.StartsWith(PrefixEncoder, StringComparison.Ordinal))
+            .Select(t => (t.Site.Path, t.Linear)).ToList();
         var meta = new Device(DeviceType.META);
         foreach (var (path, linear) in targets)
         {
@@ -99,8 +84,6 @@ internal sealed class QuantizeWhileLoading
     {
         if (!_keys.TryGetValue(key, out var target) || !_missing.ContainsKey(target.Path)) return false;
         var placeholder = target.Bias ? target.Linear.bias! : target.Linear.weight!;
-        if (placeholder.device_type != DeviceType.META)
-            throw new InvalidDataException($"'{key}' is stored twice in the checkpoint.");
         var copy = empty(placeholder.shape, dtype: placeholder.dtype, device: _device).DetachFromDisposeScope();
         copy.copy_(source);
         // The setter disposes the placeholder.
