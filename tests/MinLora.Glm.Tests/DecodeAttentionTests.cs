@@ -12,19 +12,25 @@ namespace MinLora.Glm.Tests;
 public class DecodeAttentionTests
 {
     [SkippableTheory]
-    [InlineData(ScalarType.Float32, 20, 37, false)]
-    [InlineData(ScalarType.Float32, 8, 1, false)]
-    [InlineData(ScalarType.BFloat16, 20, 300, true)]
-    [InlineData(ScalarType.BFloat16, 128, 17, true)]
-    [InlineData(ScalarType.Float32, 33, 64, true)]
-    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked)
+    [InlineData(ScalarType.Float32, 20, 37, false, 3, 3)]
+    [InlineData(ScalarType.Float32, 8, 1, false, 3, 3)]
+    [InlineData(ScalarType.BFloat16, 20, 300, true, 3, 3)]
+    [InlineData(ScalarType.BFloat16, 128, 17, true, 3, 3)]
+    [InlineData(ScalarType.Float32, 33, 64, true, 3, 3)]
+    // 128-dim bf16 heads take the register kernel: one position, long caches, grouped keys (ChatGLM2's multi-query
+    // attention), one group for all heads.
+    [InlineData(ScalarType.BFloat16, 128, 1, false, 3, 3)]
+    [InlineData(ScalarType.BFloat16, 128, 300, false, 4, 2)]
+    [InlineData(ScalarType.BFloat16, 128, 37, true, 4, 1)]
+    [InlineData(ScalarType.BFloat16, 64, 50, false, 4, 2)]
+    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups)
     {
         Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512 (elsewhere the model takes the libtorch path, covered by every other decode test)");
         manual_seed(11);
-        long b = 2, heads = 3, capacity = length + 5;
+        long b = 2, capacity = length + 5;
         // Cache entries past `length` hold large garbage: the kernel must not read them.
-        var keys = (randn(new[] { b, heads, capacity, (long)hd }) * 2).to(dtype);
-        var values = randn(new[] { b, heads, capacity, (long)hd }).to(dtype);
+        var keys = (randn(new[] { b, groups, capacity, (long)hd }) * 2).to(dtype);
+        var values = randn(new[] { b, groups, capacity, (long)hd }).to(dtype);
         keys.narrow(2, length, capacity - length).fill_(1e4);
         values.narrow(2, length, capacity - length).fill_(1e4);
         var query = (randn(new[] { 1, b, heads, (long)hd }) * 3).to(dtype);
@@ -39,8 +45,9 @@ public class DecodeAttentionTests
 
         var got = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff).to(ScalarType.Float64).reshape(b, heads, hd);
 
-        var k = keys.narrow(2, 0, length).to(ScalarType.Float64);
-        var v = values.narrow(2, 0, length).to(ScalarType.Float64);
+        // Each group of heads / groups consecutive query heads reads one key/value head.
+        var k = keys.narrow(2, 0, length).to(ScalarType.Float64).repeat_interleave(heads / groups, 1);
+        var v = values.narrow(2, 0, length).to(ScalarType.Float64).repeat_interleave(heads / groups, 1);
         var q = query.reshape(b, heads, 1, hd).to(ScalarType.Float64) / norm;
         var scores = q.matmul(k.transpose(2, 3));                                       // [b, heads, 1, length]
         if (mask is not null) scores = scores.masked_fill(mask, -10000.0);
@@ -50,6 +57,27 @@ public class DecodeAttentionTests
         var bound = dtype == ScalarType.BFloat16 ? expected.abs() * Math.Pow(2, -8) + 1e-5 : expected.abs() * 1e-5 + 1e-5;
         var excess = ((got - expected).abs() - bound).max().item<double>();
         Assert.True(excess <= 0, $"kernel exceeds its bound by {excess}");
+    }
+
+    [SkippableFact]
+    public void Kernel_PropagatesNaN()
+    {
+        Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512");
+        manual_seed(5);
+        long b = 2, heads = 2, hd = 128, length = 9;
+        var keys = randn(new[] { b, heads, length, hd }).to(ScalarType.BFloat16);
+        var values = randn(new[] { b, heads, length, hd }).to(ScalarType.BFloat16);
+        // One NaN value in sequence 0's second head, with every payload bit set (the largest the rounding bias meets).
+        // (Written as raw bits: libtorch's conversion would give its canonical NaN.)
+        System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(values.bytes)[(int)(((0 * heads + 1) * length + 4) * hd + 7)] = 0xFFFF;
+        var query = randn(new[] { 1, b, heads, hd }).to(ScalarType.BFloat16);
+
+        var got = DecodeAttention.Run(query, keys, values, length, null, Math.Sqrt(hd), 1).to(ScalarType.Float32).reshape(b, heads, hd);
+
+        // The NaN spreads to that head's element 7 only (every probability is positive); everything else is a number.
+        var nan = got.isnan();
+        Assert.True(nan[0, 1, 7].item<bool>(), "a NaN in the values must give a NaN, not a number or an infinity");
+        Assert.Equal(1, nan.sum().item<long>());
     }
 
     [Fact]
