@@ -158,8 +158,10 @@ internal static class ModelSuite
             model.eval();
         }
 
-        var readBest = new ReadBandwidth(huge);
-        readBest.Pass();
+        // The read roofline's buffer (4 × the last-level cache) only when decoding: prefill with --compare-bf16 needs
+        // the memory.
+        var readBest = doDecode ? new ReadBandwidth(huge) : null;
+        readBest?.Pass();
         Progress("measuring the bf16 GEMM roofline");
         using var gemm = new GemmRoofline(config);
         foreach (var (s, checkpointing, t) in trainRows)
@@ -171,17 +173,45 @@ internal static class ModelSuite
         }
 
         // Prefill: one forward over s tokens, no cache, logits for every position (as a scoring pass does).
-        foreach (int s in !doPrefill ? Array.Empty<int>() : quick ? new[] { 16, 128 } : new[] { 16, 128, 512 })
+        // --compare-bf16 (quantized models): a bf16 twin holding the same weights dequantized runs the same prompts in
+        // interleaved rounds, so the ratio to the bf16 model comes from one process, and the logits' difference is the
+        // error of the quantized path's arithmetic alone (the weights are equal).
+        bool compare = doPrefill && bits > 0 && args.Contains("--compare-bf16");
+        var prefillSizes = !doPrefill ? Array.Empty<int>() : quick ? new[] { 16, 128 } : new[] { 16, 128, 512 };
+        if (compare)
+        {
+            // The twin needs the memory: measure the GEMM roofline first and free its weights.
+            foreach (int s in prefillSizes) gemm.ForwardSeconds(s, 1);
+            gemm.ReleaseWeights();
+        }
+        using var twin = compare ? DequantizedTwin(model, config, huge) : null;
+        foreach (int s in prefillSizes)
         {
             Progress($"prefill {s}");
             using var ids = Prompt(config, s);
-            double t = Median(quick ? 2 : 3, () => Time(() =>
+            double Prefill(GlmForCausalLM m) => Time(() =>
             {
                 using var noGrad = no_grad();
-                using var o = model.call(new GlmInput(ids));
-            }));
+                using var o = m.call(new GlmInput(ids));
+            });
             double bound = gemm.ForwardSeconds(s, 1);
-            rows.Add(new($"prefill {s} tokens", $"{s / t:F1} tok/s ({t * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / t)));
+            if (twin is null)
+            {
+                double t = Median(quick ? 2 : 3, () => Prefill(model));
+                rows.Add(new($"prefill {s} tokens", $"{s / t:F1} tok/s ({t * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / t)));
+                continue;
+            }
+            var quantized = new List<double>();
+            var plain = new List<double>();
+            for (int round = 0; round < (quick ? 2 : 5); round++)
+            {
+                quantized.Add(Prefill(model));
+                plain.Add(Prefill(twin));
+            }
+            double tq = MedianOf(quantized), tb = MedianOf(plain);
+            rows.Add(new($"prefill {s} tokens", $"{s / tq:F1} tok/s ({tq * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / tq)));
+            rows.Add(new($"  bf16 twin, same weights, {s} tokens", $"{s / tb:F1} tok/s ({tb * 1e3:F0} ms): quantized **{tb / tq:F2}×** bf16 (medians of {quantized.Count} interleaved rounds)",
+                "", $"logits: {LogitsDifference(model, twin, ids)}"));
         }
 
         // Decode: one token per step with the KV cache, greedy; median step time; read passes interleaved. The fraction
@@ -190,15 +220,88 @@ internal static class ModelSuite
         foreach (int context in !doDecode ? Array.Empty<int>() : quick ? new[] { 16, 256 } : new[] { 16, 1024 })
         {
             Progress($"decode at context {context}");
+            ArgumentNullException.ThrowIfNull(readBest);
             var (stepMs, bestMs, cacheBytes) = Decode(model, config, context, steps, readBest);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token (best step {bestMs:F1})", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", $"{Pct(boundMs / stepMs)} (best step {Pct(boundMs / bestMs)})"));
         }
-        rows.Add(new("plain read bandwidth (best pass)", $"{readBest.BestGBs:F1} GB/s", $"median {readBest.MedianGBs:F1} GB/s over {readBest.Count} passes", ""));
+        if (readBest is not null)
+            rows.Add(new("plain read bandwidth (best pass)", $"{readBest.BestGBs:F1} GB/s", $"median {readBest.MedianGBs:F1} GB/s over {readBest.Count} passes", ""));
 
         model.Dispose();
         return 0;
+    }
+
+    /// <summary>
+    /// A bf16 model of the same shape holding <paramref name="model"/>'s weights, its quantized projections dequantized
+    /// (built empty, so nothing random is drawn, then filled from the quantized model).
+    /// </summary>
+    private static GlmForCausalLM DequantizedTwin(GlmForCausalLM model, GlmConfig config, bool huge)
+    {
+        Progress("building the dequantized bf16 twin");
+        var twin = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Empty) { HugePages = huge });
+        twin.eval();
+        var quantized = model.named_modules().Where(m => m.module is QuantizedLinear).ToDictionary(m => m.name, m => (QuantizedLinear)m.module);
+        var source = model.state_dict();
+        using var noGrad = no_grad();
+        // The bf16 embedding table and head are shared, not copied (2.1 GB at 6B: the twin must fit beside the model);
+        // the twin's own, never written, are freed untouched.
+        var shared = new HashSet<string>();
+        foreach (var (name, module) in twin.named_modules())
+        {
+            if (quantized.ContainsKey(name) || !source.TryGetValue(name + ".weight", out var table) || table.dtype != ScalarType.BFloat16 || table.numel() < (1L << 26))
+                continue;
+            var alias = new TorchSharp.Modules.Parameter(table.detach(), requires_grad: false);
+            switch (module)
+            {
+                case TorchSharp.Modules.Linear linear: linear.weight = alias; break;
+                case TorchSharp.Modules.Embedding embedding: embedding.weight = alias; break;
+                default: alias.Dispose(); continue;
+            }
+            shared.Add(name + ".weight");
+        }
+        foreach (var (key, target) in twin.state_dict())
+        {
+            int dot = key.LastIndexOf('.');
+            if (shared.Contains(key)) continue;
+            if (dot > 0 && key[(dot + 1)..] == "weight" && quantized.TryGetValue(key[..dot], out var layer))
+            {
+                using var w = layer.Dequantize(ScalarType.BFloat16);
+                target.copy_(w);
+            }
+            else if (source.TryGetValue(key, out var value) && value.shape.SequenceEqual(target.shape))
+                target.copy_(value);
+            else
+                throw new InvalidOperationException($"the twin's '{key}' has no counterpart in the quantized model");
+        }
+        return twin;
+    }
+
+    /// <summary>Relative RMS and largest difference of the two models' logits on <paramref name="ids"/>.</summary>
+    private static string LogitsDifference(GlmForCausalLM a, GlmForCausalLM b, Tensor ids)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var la = a.call(new GlmInput(ids)).Logits;
+        var lb = b.call(new GlmInput(ids)).Logits;
+        // In float64 sums over chunks of 64 positions (float32 logits of 512 positions would be 0.5 GB).
+        double diff2 = 0, ref2 = 0, maxDiff = 0, maxRef = 0, same = 0;
+        long positions = la.shape[1];
+        for (long p0 = 0; p0 < positions; p0 += 64)
+        {
+            using var inner = NewDisposeScope();
+            long n = Math.Min(64, positions - p0);
+            var ca = la.narrow(1, p0, n).to(ScalarType.Float32);
+            var cb = lb.narrow(1, p0, n).to(ScalarType.Float32);
+            var d = ca - cb;
+            diff2 += d.square().sum().to(ScalarType.Float64).item<double>();
+            ref2 += cb.square().sum().to(ScalarType.Float64).item<double>();
+            maxDiff = Math.Max(maxDiff, d.abs().max().item<float>());
+            maxRef = Math.Max(maxRef, cb.abs().max().item<float>());
+            same += ca.argmax(-1).eq(cb.argmax(-1)).sum().item<long>();
+        }
+        return $"relative RMS {Math.Sqrt(diff2 / ref2):E1}, max {maxDiff / maxRef:E1}, same argmax at {same / positions:P0} of positions";
     }
 
     /// <summary>"256:off,1024:on" → (tokens, gradient checkpointing) pairs, in order. RSS only grows within a process
@@ -326,10 +429,13 @@ internal static class ModelSuite
             return ms;
         }
 
-        public void Dispose()
+        /// <summary>Frees the weights; figures already measured stay available.</summary>
+        public void ReleaseWeights()
         {
             foreach (var w in _weights) w.Dispose();
         }
+
+        public void Dispose() => ReleaseWeights();
     }
 
     /// <summary>Plain read of a buffer several times the last-level cache, all cores, 64-byte vectors.</summary>
