@@ -158,10 +158,6 @@ internal static class ModelSuite
             model.eval();
         }
 
-        // The read roofline's buffer (4 × the last-level cache) only when decoding: prefill with --compare-bf16 needs
-        // the memory.
-        var readBest = doDecode ? new ReadBandwidth(huge) : null;
-        readBest?.Pass();
         Progress("measuring the bf16 GEMM roofline");
         using var gemm = new GemmRoofline(config);
         foreach (var (s, checkpointing, t) in trainRows)
@@ -184,7 +180,7 @@ internal static class ModelSuite
             foreach (int s in prefillSizes) gemm.ForwardSeconds(s, 1);
             gemm.ReleaseWeights();
         }
-        using var twin = compare ? DequantizedTwin(model, config, huge) : null;
+        var twin = compare ? DequantizedTwin(model, config, huge) : null;
         foreach (int s in prefillSizes)
         {
             Progress($"prefill {s}");
@@ -205,14 +201,21 @@ internal static class ModelSuite
             var plain = new List<double>();
             for (int round = 0; round < (quick ? 2 : 5); round++)
             {
-                quantized.Add(Prefill(model));
+                // Alternating which model goes first, so neither always runs on the other's leftovers.
+                if (round % 2 == 0) quantized.Add(Prefill(model));
                 plain.Add(Prefill(twin));
+                if (round % 2 == 1) quantized.Add(Prefill(model));
             }
             double tq = MedianOf(quantized), tb = MedianOf(plain);
             rows.Add(new($"prefill {s} tokens", $"{s / tq:F1} tok/s ({tq * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / tq)));
             rows.Add(new($"  bf16 twin, same weights, {s} tokens", $"{s / tb:F1} tok/s ({tb * 1e3:F0} ms): quantized **{tb / tq:F2}×** bf16 (medians of {quantized.Count} interleaved rounds)",
                 "", $"logits: {LogitsDifference(model, twin, ids)}"));
         }
+        twin?.Dispose();   // before decoding: the read buffer needs the memory
+
+        // The read roofline: a buffer of 4 × the last-level cache, read between decode steps.
+        var readBest = doDecode ? new ReadBandwidth(huge) : null;
+        readBest?.Pass();
 
         // Decode: one token per step with the KV cache, greedy; median step time; read passes interleaved. The fraction
         // compares the median step with the best read pass; the best step against the same pass is shown beside it
@@ -243,37 +246,32 @@ internal static class ModelSuite
         var twin = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Empty) { HugePages = huge });
         twin.eval();
         var quantized = model.named_modules().Where(m => m.module is QuantizedLinear).ToDictionary(m => m.name, m => (QuantizedLinear)m.module);
+        var embeddings = model.named_modules().Where(m => m.module is QuantizedEmbedding).ToDictionary(m => m.name, m => (QuantizedEmbedding)m.module);
         var source = model.state_dict();
         using var noGrad = no_grad();
-        // The bf16 embedding table and head are shared, not copied (2.1 GB at 6B: the twin must fit beside the model);
-        // the twin's own, never written, are freed untouched.
-        var shared = new HashSet<string>();
-        foreach (var (name, module) in twin.named_modules())
-        {
-            if (quantized.ContainsKey(name) || !source.TryGetValue(name + ".weight", out var table) || table.dtype != ScalarType.BFloat16 || table.numel() < (1L << 26))
-                continue;
-            var alias = new TorchSharp.Modules.Parameter(table.detach(), requires_grad: false);
-            switch (module)
-            {
-                case TorchSharp.Modules.Linear linear: linear.weight = alias; break;
-                case TorchSharp.Modules.Embedding embedding: embedding.weight = alias; break;
-                default: alias.Dispose(); continue;
-            }
-            shared.Add(name + ".weight");
-        }
         foreach (var (key, target) in twin.state_dict())
         {
             int dot = key.LastIndexOf('.');
-            if (shared.Contains(key)) continue;
-            if (dot > 0 && key[(dot + 1)..] == "weight" && quantized.TryGetValue(key[..dot], out var layer))
+            string owner = dot > 0 ? key[..dot] : "";
+            if (dot > 0 && key[(dot + 1)..] == "weight" && quantized.TryGetValue(owner, out var layer))
             {
                 using var w = layer.Dequantize(ScalarType.BFloat16);
                 target.copy_(w);
             }
-            else if (source.TryGetValue(key, out var value) && value.shape.SequenceEqual(target.shape))
-                target.copy_(value);
+            else if (dot > 0 && key[(dot + 1)..] == "weight" && embeddings.TryGetValue(owner, out var table))
+            {
+                using var w = QuantizationMath.Dequantize(table.QuantizedWeight, ScalarType.BFloat16);
+                target.copy_(w);
+            }
+            else if (source.TryGetValue(key, out var value) && value.dtype == target.dtype && value.shape.SequenceEqual(target.shape))
+            {
+                // The bf16 embedding table and head (1.07 GB each at 6B) are shared, not copied: the twin must fit
+                // beside the model. The twin's own, never written, are freed untouched.
+                if (value.numel() >= 1L << 26) target.set_(value);
+                else target.copy_(value);
+            }
             else
-                throw new InvalidOperationException($"the twin's '{key}' has no counterpart in the quantized model");
+                throw new InvalidOperationException($"the twin's '{key}' has no counterpart of its type and shape in the quantized model");
         }
         return twin;
     }
@@ -285,7 +283,7 @@ internal static class ModelSuite
         using var noGrad = no_grad();
         var la = a.call(new GlmInput(ids)).Logits;
         var lb = b.call(new GlmInput(ids)).Logits;
-        // In float64 sums over chunks of 64 positions (float32 logits of 512 positions would be 0.5 GB).
+        // In float64 sums over chunks of 64 positions (both models' logits of 512 positions in float32 would take 0.53 GB).
         double diff2 = 0, ref2 = 0, maxDiff = 0, maxRef = 0, same = 0;
         long positions = la.shape[1];
         for (long p0 = 0; p0 < positions; p0 += 64)
@@ -409,6 +407,7 @@ internal static class ModelSuite
         {
             if (!_cache.TryGetValue((rows, passes), out var ms))
             {
+                if (_released) throw new InvalidOperationException($"the GEMM roofline at {rows} rows was not measured before its weights were released");
                 using var noGrad = no_grad();
                 double layer = 0;
                 for (int i = 0; i < 4; i++)
@@ -429,10 +428,13 @@ internal static class ModelSuite
             return ms;
         }
 
-        /// <summary>Frees the weights; figures already measured stay available.</summary>
+        private bool _released;
+
+        /// <summary>Frees the weights; figures already measured stay available, new ones cannot be measured.</summary>
         public void ReleaseWeights()
         {
             foreach (var w in _weights) w.Dispose();
+            _released = true;
         }
 
         public void Dispose() => ReleaseWeights();

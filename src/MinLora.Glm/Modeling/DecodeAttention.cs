@@ -1,6 +1,5 @@
 using System.Buffers;
 using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 using MinLora.Quantization;
@@ -72,6 +71,9 @@ internal static unsafe class DecodeAttention
             job.Query16 = (ushort*)Pointer(query);
             job.Output16 = (ushort*)Pointer(result);
             ForEachItem(items, i => Head128(job, i));
+            GC.KeepAlive(query);
+            GC.KeepAlive(keys);
+            GC.KeepAlive(values);
             return result;
         }
         using var q = query.reshape(b * heads, hd).to(ScalarType.Float32).contiguous();
@@ -79,6 +81,8 @@ internal static unsafe class DecodeAttention
         job.Query = (float*)Pointer(q);
         job.Output = (float*)Pointer(output);
         ForEachItem(items, i => Head(job, i));
+        GC.KeepAlive(keys);
+        GC.KeepAlive(values);
         return output.view(1, b, heads * hd).to(query.dtype);
     }
 
@@ -86,15 +90,16 @@ internal static unsafe class DecodeAttention
     private const int LineHeadDim = 128;
 
     /// <summary>Cache positions read ahead by software prefetch (6 KB at 128-dim bf16). Measured on the 2-core Xeon VM
-    /// over 28 layers at 1,025 positions: 12–15 GB/s without, 18–21 GB/s at 16–32 positions ahead, the plain read
-    /// 21–25 GB/s; 64 and 128 ahead were slower again.</summary>
+    /// over 28 layers at 1,025 positions (best pass; the plain read 21–25 GB/s): 14–17 GB/s without, 18–21 GB/s at
+    /// 16–32 positions ahead; 64 ahead as fast at best but slower at the median, 128 ahead slower.</summary>
     private const int PrefetchPositions = 24;
 
-    /// <summary>Runs the items (sequence × head) as one contiguous range per core: each core streams its heads' keys
-    /// and values in order, and a step pays one fork/join instead of one per head.</summary>
+    /// <summary>Runs the items (sequence × head) as contiguous ranges, two per core as the GEMV kernels split their
+    /// rows (a core taken by another process does not hold the step up): each range streams its heads' keys and values
+    /// in order, and a step pays one fork/join instead of one per head.</summary>
     private static void ForEachItem(int items, Action<int> item)
     {
-        int workers = Math.Min(Environment.ProcessorCount, items);
+        int workers = Math.Min(Environment.ProcessorCount * 2, items);
         if (workers <= 1)
         {
             for (int i = 0; i < items; i++) item(i);
@@ -112,7 +117,7 @@ internal static unsafe class DecodeAttention
         keys.dtype is ScalarType.BFloat16 or ScalarType.Float32 && values.dtype == keys.dtype &&
         keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && values.shape.SequenceEqual(keys.shape) &&
         query.dim() == 4 && query.shape[0] == 1 && query.shape[1] == keys.shape[0] && query.shape[3] == keys.shape[3] &&
-        query.shape[2] % keys.shape[1] == 0 && length <= int.MaxValue &&
+        query.shape[2] % keys.shape[1] == 0 && length >= 1 && length <= keys.shape[2] && length <= int.MaxValue &&
         (mask is null || (mask.device_type == DeviceType.CPU && mask.numel() == keys.shape[0] * length));
 
     private struct Job
@@ -129,10 +134,7 @@ internal static unsafe class DecodeAttention
         public ushort* Output16;
     }
 
-    private static nint Pointer(Tensor t)
-    {
-        fixed (byte* p = &MemoryMarshal.GetReference(t.bytes)) return (nint)p;
-    }
+    private static nint Pointer(Tensor t) => TensorMemory.Pointer(t);
 
     [MethodImpl(MethodImplOptions.NoInlining)]
     private static void Head(in Job j, int item)
@@ -193,8 +195,6 @@ internal static unsafe class DecodeAttention
         int bytes = j.HeadDim * (j.Bf16 ? 2 : 4);
         for (int at = 0; at < bytes; at += 64) Sse.Prefetch0(p + at);
     }
-
-    private static readonly Vector512<uint> HighHalves = Vector512.Create(0xFFFF0000u);
 
     /// <summary>
     /// One head of 128 dimensions in bf16, with everything in registers: each 64-byte line of 32 bf16 values is
@@ -300,7 +300,7 @@ internal static unsafe class DecodeAttention
 
     /// <summary>The odd bf16 elements of a line (high halves of each 32-bit lane) as floats.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Odd(Vector512<uint> line) => (line & HighHalves).AsSingle();
+    private static Vector512<float> Odd(Vector512<uint> line) => (line & Vector512.Create(0xFFFF0000u)).AsSingle();
 
     /// <summary>Rounds even and odd elements to bf16 (nearest, ties to even) and stores them interleaved as one line.</summary>
     /// <remarks>A NaN stays a NaN: every NaN in these sums was read from bf16 or is the processor's default NaN, so
