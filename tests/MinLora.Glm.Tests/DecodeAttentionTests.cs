@@ -89,38 +89,7 @@ public class DecodeAttentionTests
     public void BFloat16Model_DecodesLikeTheLibTorchPath(int hidden, int heads, bool v2)
     {
         manual_seed(3);
-        var config = v2
-            ? new GlmConfig
-            {
-                VocabSize = 300,
-                PaddedVocabSize = 300,
-                HiddenSize = hidden,
-                NumLayers = 2,
-                NumAttentionHeads = heads,
-                KvChannels = 128,
-                MultiQueryAttention = true,
-                MultiQueryGroupNum = 2,
-                FfnHiddenSize = 96,
-                Rmsnorm = true,
-                AddQkvBias = true,
-                EosTokenId = 2,
-                PadTokenId = 0,
-                BosTokenId = 290,
-                GmaskTokenId = 293,
-            }
-            : new GlmConfig
-            {
-                VocabSize = 300,
-                HiddenSize = hidden,
-                NumLayers = 2,
-                NumAttentionHeads = heads,
-                MaxSequenceLength = 1024,
-                BosTokenId = 290,
-                EosTokenId = 291,
-                MaskTokenId = 292,
-                GmaskTokenId = 293,
-                PadTokenId = 0,
-            };
+        var config = v2 ? TinyGlm.V2(hidden, heads, kvChannels: 128, groups: 2) : TinyGlm.V1(hidden, heads);
         Assert.Equal(hidden == 64 ? 32 : 128, config.KvChannelsOrHeadDim);
         using var model = new GlmForCausalLM(config);
         // Larger query/key weights make the attention peaked, so a wrong score scale or mask shows in the logits.

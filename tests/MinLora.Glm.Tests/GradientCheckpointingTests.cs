@@ -22,38 +22,7 @@ public class GradientCheckpointingTests
     public void CheckpointedBackward_EqualsPlainBackward(int bits, double dropout, bool v2 = false, bool padded = false)
     {
         manual_seed(11);
-        var config = v2
-            ? new GlmConfig
-            {
-                VocabSize = 300,
-                PaddedVocabSize = 300,
-                HiddenSize = 64,
-                NumLayers = 3,
-                NumAttentionHeads = 4,
-                KvChannels = 16,
-                MultiQueryAttention = true,
-                MultiQueryGroupNum = 2,
-                FfnHiddenSize = 96,
-                Rmsnorm = true,
-                AddQkvBias = true,
-                EosTokenId = 2,
-                PadTokenId = 0,
-                BosTokenId = 290,
-                GmaskTokenId = 293,
-            }
-            : new GlmConfig
-            {
-                VocabSize = 300,
-                HiddenSize = 64,
-                NumLayers = 3,
-                NumAttentionHeads = 4,
-                MaxSequenceLength = 128,
-                BosTokenId = 290,
-                EosTokenId = 291,
-                MaskTokenId = 292,
-                GmaskTokenId = 293,
-                PadTokenId = 0,
-            };
+        var config = v2 ? TinyGlm.V2(64, 4, kvChannels: 16, groups: 2, layers: 3) : TinyGlm.V1(64, 4, layers: 3, maxSequenceLength: 128);
         using var model = new GlmForCausalLM(config);
         if (bits > 0) model.Quantize(bits, new QuantizeOptions { GroupSize = 32 });
         model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value", "dense_h_to_4h" }, Rank = 4, Dropout = dropout, Init = LoraInit.Random });

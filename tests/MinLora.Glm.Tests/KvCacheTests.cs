@@ -16,20 +16,7 @@ public class KvCacheTests
     private static GlmForCausalLM Model(int? preSeqLen = null)
     {
         manual_seed(7);
-        var config = new GlmConfig
-        {
-            VocabSize = 300,
-            HiddenSize = 32,
-            NumLayers = 2,
-            NumAttentionHeads = 4,
-            MaxSequenceLength = 1024,
-            BosTokenId = 290,
-            EosTokenId = 291,
-            MaskTokenId = 292,
-            GmaskTokenId = 293,
-            PadTokenId = 0,
-            PreSeqLen = preSeqLen,
-        };
+        var config = TinyGlm.V1(32, 4) with { PreSeqLen = preSeqLen };
         var model = new GlmForCausalLM(config);
         model.eval();
         return model;

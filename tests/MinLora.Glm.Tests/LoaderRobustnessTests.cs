@@ -136,19 +136,7 @@ public sealed class LoaderRobustnessTests : IDisposable
     private static GlmForCausalLM TinyModel()
     {
         manual_seed(4);
-        var config = new GlmConfig
-        {
-            VocabSize = 300,
-            HiddenSize = 32,
-            NumLayers = 2,
-            NumAttentionHeads = 4,
-            MaxSequenceLength = 256,
-            BosTokenId = 290,
-            EosTokenId = 291,
-            MaskTokenId = 292,
-            GmaskTokenId = 293,
-            PadTokenId = 0,
-        };
+        var config = TinyGlm.V1(32, 4, maxSequenceLength: 256);
         return new GlmForCausalLM(config);
     }
 
