@@ -126,35 +126,67 @@ internal static class ModelSuite
         // Training first, on the freshly built model, so its peak RSS is the model's plus training's (the roofline's
         // buffers and the allocator's leftovers from inference are not in it).
         var trainRows = new List<(int Tokens, bool Checkpointing, double Seconds)>();
+        // --compare-bf16 (quantized models): a bf16 twin holding the same weights dequantized (see DequantizedTwin)
+        // runs the same training steps and prompts in interleaved rounds, so ratios to bf16 come from one process.
+        bool compare = bits > 0 && args.Contains("--compare-bf16") && (train || doPrefill);
+        GlmForCausalLM? twin = null;
+        var lora = new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 };
         if (train)
         {
-            model.AddLora(new LoraConfig { TargetModules = new[] { "query_key_value" }, Rank = 4, Alpha = 8, AdapterDtype = ScalarType.Float32 });
+            model.AddLora(lora);
             model.train();
+            var cases = TrainCases(Str(args, "--train-cases", quick ? "64:off,64:on" : "256:off,256:on,1024:on"));
             using (var opt = optim.AdamW(model.GetLoraParameters(), lr: 1e-4))
             {
-                var cases = TrainCases(Str(args, "--train-cases", quick ? "64:off,64:on" : "256:off,256:on,1024:on"));
                 foreach (var (s, checkpointing) in cases)
                 {
                     Progress($"training step, {s} tokens, checkpointing {checkpointing}");
                     model.GradientCheckpointing = checkpointing;
                     using var ids = Prompt(config, s);
                     Rss.ResetPeak();
-                    double t = Median(s > 256 ? 1 : 2, () => Time(() =>
-                    {
-                        using var scope = NewDisposeScope();
-                        opt.zero_grad();
-                        using var o = model.call(new GlmInput(ids) { Labels = ids });
-                        o.Loss!.backward();
-                        opt.step();
-                    }));
+                    double t = Median(s > 256 ? 1 : 2, () => TrainStep(model, opt, ids));
                     long peak = Rss.Peak();
                     trainRows.Add((s, checkpointing, t));
                     rows.Add(new($"LoRA step r=4 qkv, {s} tokens{(checkpointing ? ", gradient checkpointing" : "")}",
                         $"{t:F2} s; peak RSS {Gb(peak - rssBefore)} over the empty process (model {Gb(size)})", "(below)", ""));
                 }
             }
-            model.GradientCheckpointing = false;
             model.RemoveLora();
+            if (compare)
+            {
+                // After the peaks above (the twin would count in them): the same steps on both models, interleaved.
+                twin = DequantizedTwin(model, config, huge);
+                model.AddLora(lora);
+                twin.AddLora(lora);
+                model.train();
+                twin.train();
+                using var optQ = optim.AdamW(model.GetLoraParameters(), lr: 1e-4);
+                using var optB = optim.AdamW(twin.GetLoraParameters(), lr: 1e-4);
+                foreach (var (s, checkpointing) in cases)
+                {
+                    Progress($"training step against the bf16 twin, {s} tokens, checkpointing {checkpointing}");
+                    model.GradientCheckpointing = twin.GradientCheckpointing = checkpointing;
+                    using var ids = Prompt(config, s);
+                    TrainStep(model, optQ, ids);   // first steps: allocator and primitive warm-up
+                    TrainStep(twin, optB, ids);
+                    var quantized = new List<double>();
+                    var plain = new List<double>();
+                    for (int round = 0; round < (s > 256 ? 1 : 3); round++)
+                    {
+                        if (round % 2 == 0) quantized.Add(TrainStep(model, optQ, ids));
+                        plain.Add(TrainStep(twin, optB, ids));
+                        if (round % 2 == 1) quantized.Add(TrainStep(model, optQ, ids));
+                    }
+                    double tq = MedianOf(quantized), tb = MedianOf(plain);
+                    rows.Add(new($"  bf16 twin, same weights: LoRA step, {s} tokens{(checkpointing ? ", checkpointing" : "")}",
+                        $"quantized {tq:F2} s, bf16 {tb:F2} s: **{tq / tb:F2}×** the bf16 step (medians of {quantized.Count} interleaved rounds)", "", ""));
+                }
+                twin.RemoveLora();
+                twin.GradientCheckpointing = false;
+                twin.eval();
+                model.RemoveLora();
+            }
+            model.GradientCheckpointing = false;
             model.eval();
         }
 
@@ -172,15 +204,14 @@ internal static class ModelSuite
         // --compare-bf16 (quantized models): a bf16 twin holding the same weights dequantized runs the same prompts in
         // interleaved rounds, so the ratio to the bf16 model comes from one process, and the logits' difference is the
         // error of the quantized path's arithmetic alone (the weights are equal).
-        bool compare = doPrefill && bits > 0 && args.Contains("--compare-bf16");
         var prefillSizes = !doPrefill ? Array.Empty<int>() : quick ? new[] { 16, 128 } : new[] { 16, 128, 512 };
-        if (compare)
+        if (compare && doPrefill && twin is null)
         {
             // The twin needs the memory: measure the GEMM roofline first and free its weights.
             foreach (int s in prefillSizes) gemm.ForwardSeconds(s, 1);
             gemm.ReleaseWeights();
         }
-        var twin = compare ? DequantizedTwin(model, config, huge) : null;
+        if (compare && doPrefill) twin ??= DequantizedTwin(model, config, huge);
         foreach (int s in prefillSizes)
         {
             Progress($"prefill {s}");
@@ -235,6 +266,16 @@ internal static class ModelSuite
         model.Dispose();
         return 0;
     }
+
+    /// <summary>One LoRA training step (forward with labels, backward, AdamW); returns its seconds.</summary>
+    private static double TrainStep(GlmForCausalLM model, optim.Optimizer opt, Tensor ids) => Time(() =>
+    {
+        using var scope = NewDisposeScope();
+        opt.zero_grad();
+        using var o = model.call(new GlmInput(ids) { Labels = ids });
+        o.Loss!.backward();
+        opt.step();
+    });
 
     /// <summary>
     /// A bf16 model of the same shape holding <paramref name="model"/>'s weights, its quantized projections dequantized
