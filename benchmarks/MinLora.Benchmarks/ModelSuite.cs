@@ -205,7 +205,7 @@ internal static class ModelSuite
         // interleaved rounds, so the ratio to the bf16 model comes from one process, and the logits' difference is the
         // error of the quantized path's arithmetic alone (the weights are equal).
         var prefillSizes = !doPrefill ? Array.Empty<int>() : quick ? new[] { 16, 128 } : new[] { 16, 128, 512 };
-        if (compare && doPrefill && twin is null)
+        if (compare && doPrefill)
         {
             // The twin needs the memory: measure the GEMM roofline first and free its weights.
             foreach (int s in prefillSizes) gemm.ForwardSeconds(s, 1);
