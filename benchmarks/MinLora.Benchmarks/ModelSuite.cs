@@ -169,17 +169,10 @@ internal static class ModelSuite
                     using var ids = Prompt(config, s);
                     TrainStep(model, optQ, ids);   // first steps: allocator and primitive warm-up
                     TrainStep(twin, optB, ids);
-                    var quantized = new List<double>();
-                    var plain = new List<double>();
-                    for (int round = 0; round < (s > 256 ? 1 : 3); round++)
-                    {
-                        if (round % 2 == 0) quantized.Add(TrainStep(model, optQ, ids));
-                        plain.Add(TrainStep(twin, optB, ids));
-                        if (round % 2 == 1) quantized.Add(TrainStep(model, optQ, ids));
-                    }
-                    double tq = MedianOf(quantized), tb = MedianOf(plain);
+                    int rounds = s > 256 ? 1 : 3;
+                    var (tq, tb) = Alternate(rounds, () => TrainStep(model, optQ, ids), () => TrainStep(twin, optB, ids));
                     rows.Add(new($"  bf16 twin, same weights: LoRA step, {s} tokens{(checkpointing ? ", checkpointing" : "")}",
-                        $"quantized {tq:F2} s, bf16 {tb:F2} s: **{tq / tb:F2}×** the bf16 step (medians of {quantized.Count} interleaved rounds)", "", ""));
+                        $"quantized {tq:F2} s, bf16 {tb:F2} s: **{tq / tb:F2}×** the bf16 step (medians of {rounds} interleaved rounds)", "", ""));
                 }
                 twin.RemoveLora();
                 twin.GradientCheckpointing = false;
@@ -228,18 +221,10 @@ internal static class ModelSuite
                 rows.Add(new($"prefill {s} tokens", $"{s / t:F1} tok/s ({t * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / t)));
                 continue;
             }
-            var quantized = new List<double>();
-            var plain = new List<double>();
-            for (int round = 0; round < (quick ? 2 : 5); round++)
-            {
-                // Alternating which model goes first, so neither always runs on the other's leftovers.
-                if (round % 2 == 0) quantized.Add(Prefill(model));
-                plain.Add(Prefill(twin));
-                if (round % 2 == 1) quantized.Add(Prefill(model));
-            }
-            double tq = MedianOf(quantized), tb = MedianOf(plain);
+            int rounds = quick ? 2 : 5;
+            var (tq, tb) = Alternate(rounds, () => Prefill(model), () => Prefill(twin));
             rows.Add(new($"prefill {s} tokens", $"{s / tq:F1} tok/s ({tq * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / tq)));
-            rows.Add(new($"  bf16 twin, same weights, {s} tokens", $"{s / tb:F1} tok/s ({tb * 1e3:F0} ms): quantized **{tb / tq:F2}×** bf16 (medians of {quantized.Count} interleaved rounds)",
+            rows.Add(new($"  bf16 twin, same weights, {s} tokens", $"{s / tb:F1} tok/s ({tb * 1e3:F0} ms): quantized **{tb / tq:F2}×** bf16 (medians of {rounds} interleaved rounds)",
                 "", $"logits: {LogitsDifference(model, twin, ids)}"));
         }
         twin?.Dispose();   // before decoding: the read buffer needs the memory
@@ -265,6 +250,21 @@ internal static class ModelSuite
 
         model.Dispose();
         return 0;
+    }
+
+    /// <summary>Medians of <paramref name="a"/> and <paramref name="b"/> over interleaved rounds, the first to run
+    /// alternating, so neither always runs on the other's leftovers.</summary>
+    private static (double A, double B) Alternate(int rounds, Func<double> a, Func<double> b)
+    {
+        var ta = new List<double>();
+        var tb = new List<double>();
+        for (int round = 0; round < rounds; round++)
+        {
+            if (round % 2 == 0) ta.Add(a());
+            tb.Add(b());
+            if (round % 2 == 1) ta.Add(a());
+        }
+        return (MedianOf(ta), MedianOf(tb));
     }
 
     /// <summary>One LoRA training step (forward with labels, backward, AdamW); returns its seconds.</summary>

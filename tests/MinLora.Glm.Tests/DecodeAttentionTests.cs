@@ -23,7 +23,10 @@ public class DecodeAttentionTests
     [InlineData(ScalarType.BFloat16, 128, 300, false, 4, 2)]
     [InlineData(ScalarType.BFloat16, 128, 37, true, 4, 1)]
     [InlineData(ScalarType.BFloat16, 64, 50, false, 4, 2)]
-    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups)
+    // ChatGLM2's mask value, −∞, through both kernels.
+    [InlineData(ScalarType.BFloat16, 128, 40, true, 4, 2, true)]
+    [InlineData(ScalarType.Float32, 20, 40, true, 3, 3, true)]
+    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups, bool minusInfinity = false)
     {
         Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512 (elsewhere the model takes the libtorch path, covered by every other decode test)");
         manual_seed(11);
@@ -43,14 +46,15 @@ public class DecodeAttentionTests
         }
         double norm = Math.Sqrt(hd) * 3, coeff = 3;
 
-        var got = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff).to(ScalarType.Float64).reshape(b, heads, hd);
+        float maskValue = minusInfinity ? float.NegativeInfinity : -10000f;
+        var got = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff, maskValue).to(ScalarType.Float64).reshape(b, heads, hd);
 
         // Each group of heads / groups consecutive query heads reads one key/value head.
         var k = keys.narrow(2, 0, length).to(ScalarType.Float64).repeat_interleave(heads / groups, 1);
         var v = values.narrow(2, 0, length).to(ScalarType.Float64).repeat_interleave(heads / groups, 1);
         var q = query.reshape(b, heads, 1, hd).to(ScalarType.Float64) / norm;
         var scores = q.matmul(k.transpose(2, 3));                                       // [b, heads, 1, length]
-        if (mask is not null) scores = scores.masked_fill(mask, -10000.0);
+        if (mask is not null) scores = scores.masked_fill(mask, maskValue);
         var expected = (scores * coeff).softmax(-1).matmul(v).reshape(b, heads, hd);
 
         // float32 accumulation over ≤ 300 terms of O(1) values: ~1e-6; bf16 output: one rounding, ≤ 2⁻⁹ relative.
@@ -82,12 +86,13 @@ public class DecodeAttentionTests
 
     // Head dimension 32 takes the generic kernel, 128 the register kernel: through ChatGLM-6B's masks and 2-D
     // positions, and through ChatGLM2's causal attention (masked with −∞) with grouped keys.
-    [Theory]
+    [SkippableTheory]
     [InlineData(64, 2, false)]
     [InlineData(256, 2, false)]
     [InlineData(256, 4, true)]
     public void BFloat16Model_DecodesLikeTheLibTorchPath(int hidden, int heads, bool v2)
     {
+        Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512 (elsewhere both calls take the libtorch path)");
         manual_seed(3);
         var config = v2 ? TinyGlm.V2(hidden, heads, kvChannels: 128, groups: 2) : TinyGlm.V1(hidden, heads);
         Assert.Equal(hidden == 64 ? 32 : 128, config.KvChannelsOrHeadDim);
@@ -136,13 +141,22 @@ public class DecodeAttentionTests
             cacheR = exact.PresentKeyValues!;
             var rr = exact.Logits;
             var rr32 = rr.to(ScalarType.Float32);
-            // Both bf16 paths round along the way (the libtorch path more often), so neither equals the float32 model;
-            // the kernel must be as close to it as the libtorch path, within 1 % of the logits' scale. Measured: the
-            // kernel 0.6–2.5 % off, the libtorch path 0.6–2.2 %.
-            var kernelError = (kernel.Logits.to(ScalarType.Float32) - rr32).abs().max().item<float>();
-            var libtorchError = (libtorch.Logits.to(ScalarType.Float32) - rr32).abs().max().item<float>();
+            // Both bf16 paths round along the way (the libtorch path more often), so neither equals the float32 model:
+            // the kernel must be about as close to it as the libtorch path (within 1.25× its error + 0.5 % of the
+            // logits' scale). Measured: ChatGLM-6B shapes 0.6–0.9 % for both; ChatGLM2 with 128-dim heads, kernel
+            // 1.1–3.8 %, libtorch 0.9–3.3 % (at most 1.14× its error). A score scale off by 1.5× fails it.
+            var a = kernel.Logits.to(ScalarType.Float32);
+            var l = libtorch.Logits.to(ScalarType.Float32);
+            var kernelError = (a - rr32).abs().max().item<float>();
+            var libtorchError = (l - rr32).abs().max().item<float>();
             var scale = rr32.abs().max().item<float>();
-            Assert.True(kernelError <= libtorchError + 0.01f * scale, $"kernel logits are {kernelError} from the float32 model's, the libtorch path's {libtorchError} (scale {scale})");
+            Assert.True(kernelError <= 1.25f * libtorchError + 0.005f * scale, $"kernel logits are {kernelError} from the float32 model's, the libtorch path's {libtorchError} (scale {scale})");
+            if (!v2)
+            {
+                // ChatGLM-6B: the two bf16 paths also stay within 2 % of each other, as before (measured 0.5 %).
+                var diff = (a - l).abs().max().item<float>();
+                Assert.True(diff <= 0.02f * scale, $"kernel logits differ from the libtorch path's by {diff} (scale {scale})");
+            }
             cacheA = kernel.PresentKeyValues!;
             cacheB = libtorch.PresentKeyValues!;
         }

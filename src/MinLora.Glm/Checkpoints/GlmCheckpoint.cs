@@ -74,7 +74,7 @@ public sealed record GlmLoadReport(IReadOnlyList<string> Files, int LoadedKeys, 
 /// </summary>
 public static partial class GlmCheckpoint
 {
-    private const string PrefixKeys = "transformer.prefix_encoder.";
+    internal const string PrefixKeys = "transformer.prefix_encoder.";
 
     /// <summary>Loads a model from a checkpoint directory (<c>config.json</c> + weights).</summary>
     /// <param name="directory">The checkpoint directory.</param>
@@ -106,7 +106,7 @@ public static partial class GlmCheckpoint
         // quantized buffers after the load, and the KV caches as always.
         int bits = config.QuantizationBit == 0 ? options.QuantizationBit ?? 0 : 0;
         var quantizeOptions = options.Quantization ?? new QuantizeOptions { Int4Format = QuantizationFormat.Int4Grouped };
-        if (bits != 0) QuantizeWhileLoading.Validate(bits, quantizeOptions);
+        if (bits != 0) QuantizationFormats.FromBits(bits, quantizeOptions.Int4Format);   // bad bits or format fail before any file is read
         var build = new GlmBuildOptions(options.Dtype, options.Device ?? CPU, GlmInit.Empty)
         {
             QuantizationBit = config.QuantizationBit,

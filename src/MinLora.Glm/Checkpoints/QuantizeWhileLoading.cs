@@ -34,14 +34,14 @@ internal sealed class QuantizeWhileLoading
     /// <see cref="QuantizeExtensions.Quantize(nn.Module, QuantizationFormat, QuantizeOptions?)"/> checks them).</exception>
     public QuantizeWhileLoading(nn.Module model, int bits, QuantizeOptions options, Device device)
     {
-        Validate(bits, options);
+        ArgumentNullException.ThrowIfNull(options);
         _model = model;
         _format = QuantizationFormats.FromBits(bits, options.Int4Format);
         _options = options;
         _device = device;
         // As Quantize selects, but never the P-tuning prefix encoder, which trains and is initialised afresh when the
         // checkpoint has none.
-        var targets = QuantizeExtensions.SelectTargets(model, _format, options, path => path.StartsWith(PrefixEncoder, StringComparison.Ordinal))
+        var targets = QuantizeExtensions.SelectTargets(model, _format, options, path => path.StartsWith(GlmCheckpoint.PrefixKeys, StringComparison.Ordinal))
             .Select(t => (t.Site.Path, t.Linear)).ToList();
         var meta = new Device(DeviceType.META);
         foreach (var (path, linear) in targets)
@@ -58,19 +58,6 @@ internal sealed class QuantizeWhileLoading
             _missing[path] = linear.bias is null ? 1 : 2;
         }
         _total = targets.Count;
-    }
-
-    private const string PrefixEncoder = "transformer.prefix_encoder.";
-
-    /// <summary>The checks that need no model: bits and the 4-bit format.</summary>
-    /// <exception cref="ArgumentOutOfRangeException"><paramref name="bits"/> is not 4 or 8.</exception>
-    /// <exception cref="ArgumentException">The 4-bit format is not a 4-bit one.</exception>
-    public static void Validate(int bits, QuantizeOptions options)
-    {
-        ArgumentNullException.ThrowIfNull(options);
-        if (bits is not (4 or 8)) throw new ArgumentOutOfRangeException(nameof(bits), bits, "Only 8-bit and 4-bit quantization are supported.");
-        if (bits == 4 && options.Int4Format == QuantizationFormat.Int8PerRow)
-            throw new ArgumentException("Int4Format must be a 4-bit format.", nameof(options));
     }
 
     /// <summary>The number of layers quantized so far.</summary>

@@ -23,7 +23,7 @@ namespace MinLora.Glm.Modeling;
 /// arithmetic). Everything is
 /// computed in float32 and rounded once at the end, where the libtorch path rounds the scaled query, the scores and the
 /// probabilities to the cache's type on the way: the result differs from it by at most a few units of the last place
-/// of that type, and is closer to the exact value.
+/// of that type, and is usually closer to the exact value.
 /// </remarks>
 internal static unsafe class DecodeAttention
 {
@@ -50,8 +50,8 @@ internal static unsafe class DecodeAttention
         using var m = mask?.reshape(b, length).to(ScalarType.Bool).contiguous();
         var job = new Job
         {
-            Keys = Pointer(keys),
-            Values = Pointer(values),
+            Keys = TensorMemory.Pointer(keys),
+            Values = TensorMemory.Pointer(values),
             Bf16 = keys.dtype == ScalarType.BFloat16,
             Capacity = capacity,
             Length = (int)length,
@@ -59,7 +59,7 @@ internal static unsafe class DecodeAttention
             Groups = (int)groups,
             HeadDim = (int)hd,
             MaskValue = maskValue,
-            Mask = m is null ? null : (byte*)Pointer(m),
+            Mask = m is null ? null : (byte*)TensorMemory.Pointer(m),
             Scale = (float)(1.0 / norm),
             Coeff = (float)coeff,
         };
@@ -68,8 +68,8 @@ internal static unsafe class DecodeAttention
         {
             // The common case (every GLM has 128-dim heads): bf16 in, bf16 out, no conversions.
             var result = empty(new[] { 1, b, heads * hd }, dtype: ScalarType.BFloat16);
-            job.Query16 = (ushort*)Pointer(query);
-            job.Output16 = (ushort*)Pointer(result);
+            job.Query16 = (ushort*)TensorMemory.Pointer(query);
+            job.Output16 = (ushort*)TensorMemory.Pointer(result);
             ForEachItem(items, i => Head128(job, i));
             GC.KeepAlive(query);
             GC.KeepAlive(keys);
@@ -78,8 +78,8 @@ internal static unsafe class DecodeAttention
         }
         using var q = query.reshape(b * heads, hd).to(ScalarType.Float32).contiguous();
         using var output = empty(new[] { b * heads, hd }, dtype: ScalarType.Float32);
-        job.Query = (float*)Pointer(q);
-        job.Output = (float*)Pointer(output);
+        job.Query = (float*)TensorMemory.Pointer(q);
+        job.Output = (float*)TensorMemory.Pointer(output);
         ForEachItem(items, i => Head(job, i));
         GC.KeepAlive(keys);
         GC.KeepAlive(values);
@@ -132,20 +132,27 @@ internal static unsafe class DecodeAttention
         public float Scale, Coeff, MaskValue;
         public float* Output;
         public ushort* Output16;
-    }
 
-    private static nint Pointer(Tensor t) => TensorMemory.Pointer(t);
+        /// <summary>The element offset of the keys and values serving <paramref name="item"/> (sequence × head): its
+        /// sequence's block of the group of heads/groups query heads it belongs to.</summary>
+        public readonly long CacheStart(int item)
+        {
+            int sequence = item / Heads, head = item % Heads;
+            return ((long)sequence * Groups + head / (Heads / Groups)) * Capacity * HeadDim;
+        }
+
+        /// <summary>The mask row of <paramref name="item"/>'s sequence, or null.</summary>
+        public readonly byte* MaskRow(int item) => Mask is null ? null : Mask + (long)(item / Heads) * Length;
+    }
 
     [MethodImpl(MethodImplOptions.NoInlining)]
     private static void Head(in Job j, int item)
     {
         int hd = j.HeadDim, n = j.Length;
-        int sequence = item / j.Heads, head = item % j.Heads;
-        int group = head / (j.Heads / j.Groups);              // the key/value group serving this head
-        long start = ((long)sequence * j.Groups + group) * j.Capacity * hd;
+        long start = j.CacheStart(item);
         float* q = j.Query + (long)item * hd;
         float* output = j.Output + (long)item * hd;
-        byte* mask = j.Mask is null ? null : j.Mask + (long)sequence * n;
+        byte* mask = j.MaskRow(item);
         float[] rented = ArrayPool<float>.Shared.Rent(n + hd);
         try
         {
@@ -206,13 +213,11 @@ internal static unsafe class DecodeAttention
     private static void Head128(in Job j, int item)
     {
         int n = j.Length;
-        int sequence = item / j.Heads, head = item % j.Heads;
-        int group = head / (j.Heads / j.Groups);
-        long start = ((long)sequence * j.Groups + group) * j.Capacity * LineHeadDim;
+        long start = j.CacheStart(item);
         uint* k = (uint*)((ushort*)j.Keys + start);
         uint* v = (uint*)((ushort*)j.Values + start);
         uint* q = (uint*)(j.Query16 + (long)item * LineHeadDim);
-        byte* mask = j.Mask is null ? null : j.Mask + (long)sequence * n;
+        byte* mask = j.MaskRow(item);
         var scale = Vector512.Create(j.Scale);
         var qe0 = Even(Vector512.Load(q)) * scale; var qo0 = Odd(Vector512.Load(q)) * scale;
         var qe1 = Even(Vector512.Load(q + 16)) * scale; var qo1 = Odd(Vector512.Load(q + 16)) * scale;
