@@ -121,6 +121,7 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>Each row's full 32-column chunks of x as [16 even | 16 odd] into <paramref name="dst"/> [rows, k/32·32].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Deinterleave(float* x, int rows, int k, float* dst)
     {
         int chunks = k / 32;
@@ -130,11 +131,10 @@ internal static unsafe class CpuGemv
             float* d = dst + (long)r * chunks * 32;
             for (int c = 0; c < chunks; c++)
             {
-                for (int i = 0; i < 16; i++)
-                {
-                    d[c * 32 + i] = src[c * 32 + 2 * i];
-                    d[c * 32 + 16 + i] = src[c * 32 + 2 * i + 1];
-                }
+                var v0 = Vector512.Load(src + c * 32);
+                var v1 = Vector512.Load(src + c * 32 + 16);
+                Avx512F.PermuteVar16x32x2(v0, EvenLanes, v1).Store(d + c * 32);
+                Avx512F.PermuteVar16x32x2(v0, OddLanes, v1).Store(d + c * 32 + 16);
             }
         }
     }
@@ -212,6 +212,7 @@ internal static unsafe class CpuGemv
     /// <paramref name="quads"/> pairs of pairs are laid out for the 512-bit loop instead: per 128 columns 64 int8 of the
     /// even columns [a | b | c | d], then 64 of the odd columns (the scales are laid out alike either way).
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void QuantizeRow(float* x, int k, int pairs, int quads, int pairsPerGroup, int groups, sbyte* q, float* scales, float* qsums, float* tail)
     {
         for (int g = 0; g < groups; g++) qsums[g] = 0;
@@ -219,21 +220,10 @@ internal static unsafe class CpuGemv
         {
             for (int half = 0; half < 2; half++)
             {
-                float* src = x + p * 64 + half * 32;
-                var (scale, pre, inv) = BlockScale(src);
-                int qsum = 0;
                 // A pair inside a quad: its even bytes at 32·(p mod 2) of the quad's first 64, its odd bytes 64 further.
                 sbyte* even = p < 2 * quads ? q + p / 2 * 128 + p % 2 * 32 + half * 16 : q + p * 64 + half * 16;
-                sbyte* odd = even + (p < 2 * quads ? 64 : 32);
-                for (int i = 0; i < 16; i++)
-                {
-                    int a = (int)MathF.Round(src[2 * i] * pre * inv);
-                    int b = (int)MathF.Round(src[2 * i + 1] * pre * inv);
-                    even[i] = (sbyte)a;
-                    odd[i] = (sbyte)b;
-                    qsum += a + b;
-                }
-                for (int l = 0; l < 4; l++) scales[p * 8 + half * 4 + l] = scale;
+                var (scale, qsum) = QuantizeBlock(x + p * 64 + half * 32, even, even + (p < 2 * quads ? 64 : 32));
+                Vector128.Create(scale).Store(scales + p * 8 + half * 4);
                 qsums[p / pairsPerGroup] += scale * qsum;
             }
         }
@@ -242,14 +232,85 @@ internal static unsafe class CpuGemv
         tail[0] = (float)t;
     }
 
+    private static readonly Vector512<int> EvenLanes = Vector512.Create(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    private static readonly Vector512<int> OddLanes = Vector512.Create(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+
+    /// <summary>
+    /// One 32-column block (see <see cref="Int8Scale"/>): q = round(x·Pre·Inverse), nearest even as
+    /// <see cref="MathF.Round(float)"/> (<c>vcvtps2dq</c> under the default rounding mode), the even columns' 16 codes to
+    /// <paramref name="even"/> and the odd ones' to <paramref name="odd"/>, or all 32 in column order to
+    /// <paramref name="even"/> when <paramref name="odd"/> is null. Returns the scale and Σq. A block holding NaN or ±∞
+    /// gets a NaN or infinite scale, which reaches every output it feeds.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static (float Scale, int Sum) QuantizeBlock(float* src, sbyte* even, sbyte* odd)
+    {
+        var v0 = Vector512.Load(src);
+        var v1 = Vector512.Load(src + 16);
+        float amax = HorizontalMax(Vector512.Max(Vector512.Abs(v0), Vector512.Abs(v1)));   // NaN-propagating maxima
+        var (scale, pre, inv) = Int8Scale(amax);
+        var vp = Vector512.Create(pre);
+        var vi = Vector512.Create(inv);
+        var i0 = Avx512F.ConvertToVector512Int32(v0 * vp * vi);
+        var i1 = Avx512F.ConvertToVector512Int32(v1 * vp * vi);
+        if (odd == null)
+        {
+            Avx512F.ConvertToVector128SByte(i0).Store(even);
+            Avx512F.ConvertToVector128SByte(i1).Store(even + 16);
+        }
+        else
+        {
+            Avx512F.ConvertToVector128SByte(Avx512F.PermuteVar16x32x2(i0, EvenLanes, i1)).Store(even);
+            Avx512F.ConvertToVector128SByte(Avx512F.PermuteVar16x32x2(i0, OddLanes, i1)).Store(odd);
+        }
+        // inv is 0 for a NaN or infinite block: its codes are then 0 and not summed (the scale carries the NaN or ∞).
+        return (scale, inv > 0 ? Vector512.Sum(i0 + i1) : 0);
+    }
+
+    /// <summary>The largest lane; NaN when any lane is NaN.</summary>
+    internal static float HorizontalMax(Vector512<float> v)
+    {
+        var m = Vector256.Max(v.GetLower(), v.GetUpper());
+        var h = Vector128.Max(m.GetLower(), m.GetUpper());
+        return MathF.Max(MathF.Max(h[0], h[1]), MathF.Max(h[2], h[3]));
+    }
+
     /// <summary>The product body: float32 x [rows, K], bias N float32 or null, float32 y [rows, N].</summary>
     internal delegate void Body(float* x, int rows, float* bias, float* y);
 
     /// <summary>
-    /// Runs <paramref name="body"/> on <paramref name="input"/> [..., K] converted to float32 and returns
-    /// [..., <paramref name="n"/>] in the input's type (the one conversion path for every caller of these kernels).
+    /// Runs <paramref name="body"/> on <paramref name="input"/> [..., K] as float32 and returns [..., <paramref name="n"/>]
+    /// in the input's type (the one conversion path for every caller of these kernels). float32 and bfloat16 inputs,
+    /// bias and result are converted by the vector loops of <see cref="TensorMemory"/> (a decoding step makes ~115
+    /// of these calls; libtorch's conversions cost ~30 µs per call); other types go through libtorch.
     /// </summary>
     internal static Tensor Apply(Tensor input, long k, long n, Tensor? bias, Body body)
+    {
+        var type = input.dtype;
+        if (type is not (ScalarType.Float32 or ScalarType.BFloat16) || input.device_type != DeviceType.CPU)
+            return ApplyConverted(input, k, n, bias, body);
+        long rows = input.numel() / k;
+        var shape = input.shape;
+        shape[^1] = n;
+        var result = empty(shape, dtype: type);
+        using var x = Float32Values.Of(input);
+        using var b = bias is null ? default : Float32Values.Of(bias);
+        float* y = type == ScalarType.Float32 ? (float*)TensorMemory.Pointer(result) : TensorMemory.Scratch(rows * n);
+        try
+        {
+            body(x.Pointer, (int)rows, b.Pointer, y);
+            if (type == ScalarType.BFloat16) TensorMemory.NarrowToBFloat16(y, (ushort*)TensorMemory.Pointer(result), rows * n);
+        }
+        finally
+        {
+            if (type == ScalarType.BFloat16) TensorMemory.Free(y);
+        }
+        GC.KeepAlive(input);
+        GC.KeepAlive(bias);
+        return result;
+    }
+
+    private static Tensor ApplyConverted(Tensor input, long k, long n, Tensor? bias, Body body)
     {
         using var scope = NewDisposeScope();
         long rows = input.numel() / k;
@@ -331,15 +392,6 @@ internal static unsafe class CpuGemv
         }
     }
 
-    /// <summary>A 32-column activation block's symmetric int8 quantizer (see <see cref="Int8Scale"/>).</summary>
-    private static (float Scale, float Pre, float Inverse) BlockScale(float* src)
-    {
-        var m = Vector256.Max(Vector256.Max(Vector256.Abs(Vector256.Load(src)), Vector256.Abs(Vector256.Load(src + 8))),
-            Vector256.Max(Vector256.Abs(Vector256.Load(src + 16)), Vector256.Abs(Vector256.Load(src + 24))));
-        float amax = Math.Max(Math.Max(Math.Max(m[0], m[1]), Math.Max(m[2], m[3])), Math.Max(Math.Max(m[4], m[5]), Math.Max(m[6], m[7])));
-        return Int8Scale(amax);
-    }
-
     /// <summary>
     /// The symmetric int8 quantizer of values whose largest magnitude is <paramref name="amax"/>: scale max/127 and
     /// q = round(v·Pre·Inverse). Pre is 1, or 2⁶⁴ (exact) when 127/amax would overflow float32 (amax below ~3.7e-37);
@@ -352,20 +404,13 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>One row of activations → int8 per 32-column block in column order, the block scales, and Σ_b 128·s_b·Σ xq_b.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void QuantizeBlocks(float* x, int blocks, sbyte* q, float* scales, float* offset)
     {
         float total = 0;
         for (int b = 0; b < blocks; b++)
         {
-            float* src = x + b * 32;
-            var (scale, pre, inv) = BlockScale(src);
-            int sum = 0;
-            for (int i = 0; i < 32; i++)
-            {
-                int v = (int)MathF.Round(src[i] * pre * inv);
-                q[b * 32 + i] = (sbyte)v;
-                sum += v;
-            }
+            var (scale, sum) = QuantizeBlock(x + b * 32, q + b * 32, null);
             scales[b] = scale;
             total += scale * sum;
         }

@@ -273,7 +273,7 @@ internal static unsafe class Int8Gemm
             vmax = Avx512F.Max(vmax, Vector512.Abs(v));
             vnan += v * Vector512<float>.Zero;
         }
-        float amax = HorizontalMax(vmax), nan = Vector512.Sum(vnan);
+        float amax = CpuGemv.HorizontalMax(vmax), nan = Vector512.Sum(vnan);
         for (int t = j; t < c; t++)
         {
             float v = Element(row, bf16, t) * (columnScales != null ? columnScales[t] : 1f);
@@ -301,13 +301,6 @@ internal static unsafe class Int8Gemm
             q[j] = (sbyte)Math.Clamp((int)MathF.Round(v * pre * inverse), -127, 127);
         }
         return true;
-    }
-
-    private static float HorizontalMax(Vector512<float> v)
-    {
-        var m = Vector256.Max(v.GetLower(), v.GetUpper());
-        var h = Vector128.Max(m.GetLower(), m.GetUpper());
-        return MathF.Max(MathF.Max(h[0], h[1]), MathF.Max(h[2], h[3]));
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -197,9 +197,9 @@ internal sealed class KernelPlan : IDisposable
         var format = layer.Format;
         // Row scales (ChatGLM float16, or bf16 after a dtype change) and the bias are read from the live buffers on
         // every call (N values: negligible), so writes into the buffers never leave a stale copy behind.
-        using var rowScales = format == QuantizationFormat.Int4Grouped ? null : TensorMemory.ContiguousFloat32(layer.ScaleBuffer);
+        using var rowScales = format == QuantizationFormat.Int4Grouped ? default : Float32Values.Of(layer.ScaleBuffer);
         var w = TensorMemory.Pointer(layer.WeightBuffer);
-        var ps = rowScales is null ? 0 : TensorMemory.Pointer(rowScales);
+        var ps = (nint)rowScales.Pointer;
         int group = layer.GroupSize;
         bool int8Activations = layer.Options.Int8Activations;
         var scales = TensorMemory.Pointer(layer.ScaleBuffer);

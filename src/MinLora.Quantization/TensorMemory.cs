@@ -1,4 +1,7 @@
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MinLora.Quantization;
@@ -29,5 +32,118 @@ internal static unsafe class TensorMemory
     {
         using var f = t.to(ScalarType.Float32);
         return f.contiguous();
+    }
+
+    /// <summary>Native scratch memory for the kernels: 64-byte aligned, not zeroed, freed with <see cref="Free"/>.</summary>
+    internal static float* Scratch(long count) => (float*)NativeMemory.AlignedAlloc((nuint)(Math.Max(1, count) * sizeof(float)), 64);
+
+    /// <summary>Frees <see cref="Scratch"/> memory (null is ignored).</summary>
+    internal static void Free(void* p)
+    {
+        if (p != null) NativeMemory.AlignedFree(p);
+    }
+
+    /// <summary>bfloat16 → float32: the 16 bits become the high half of the float (exact).</summary>
+    internal static void WidenBFloat16(ushort* source, float* destination, long count)
+    {
+        long i = 0;
+        if (Avx512F.IsSupported)
+        {
+            for (; i + 16 <= count; i += 16)
+                Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(source + i)), 16).AsSingle().Store(destination + i);
+        }
+        for (; i < count; i++) destination[i] = BitConverter.UInt32BitsToSingle((uint)source[i] << 16);
+    }
+
+    /// <summary>
+    /// float16 → float32 (exact, subnormals, ±∞ and NaN included): the 15 magnitude bits shifted into a float's
+    /// exponent and mantissa read as a float 2¹¹² too small (a subnormal half lands on a float32 subnormal, scaled
+    /// exactly), so one multiply by 2¹¹² fixes every finite value; an all-ones exponent stays all ones.
+    /// </summary>
+    internal static void WidenFloat16(ushort* source, float* destination, long count)
+    {
+        long i = 0;
+        if (Avx512F.IsSupported)
+        {
+            var scale = Vector512.Create(BitConverter.UInt32BitsToSingle(0x77800000u));   // 2¹¹²
+            var magnitudeMask = Vector512.Create(0x7FFFu);
+            var infinity = Vector512.Create(0x7C00u << 13);
+            for (; i + 16 <= count; i += 16)
+            {
+                var h = Avx512F.ConvertToVector512UInt32(Vector256.Load(source + i));
+                var magnitude = Avx512F.ShiftLeftLogical(h & magnitudeMask, 13);
+                var finite = (magnitude.AsSingle() * scale).AsUInt32();
+                var special = magnitude | Vector512.Create(0x7F800000u);
+                var bits = Vector512.ConditionalSelect(Vector512.GreaterThanOrEqual(magnitude, infinity), special, finite);
+                (bits | Avx512F.ShiftLeftLogical(h & Vector512.Create(0x8000u), 16)).AsSingle().Store(destination + i);
+            }
+        }
+        for (; i < count; i++) destination[i] = (float)BitConverter.UInt16BitsToHalf(source[i]);
+    }
+
+    /// <summary>float32 → bfloat16, round to nearest even as libtorch converts; NaN stays NaN.</summary>
+    internal static void NarrowToBFloat16(float* source, ushort* destination, long count)
+    {
+        long i = 0;
+        if (Avx512F.IsSupported)
+        {
+            var quietBit = Vector512.Create(0x40u);
+            for (; i + 16 <= count; i += 16)
+            {
+                var v = Vector512.Load(source + i);
+                var rounded = FastDequantize.RoundToBf16(v);
+                var nan = Vector512.ShiftRightLogical(v.AsUInt32(), 16) | quietBit;
+                Avx512F.ConvertToVector256UInt16(Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), rounded, nan)).Store(destination + i);
+            }
+        }
+        for (; i < count; i++) destination[i] = FastDequantize.RoundToBf16(source[i]);
+    }
+}
+
+/// <summary>
+/// The values of a tensor as contiguous float32 for the kernels: a contiguous float32 CPU tensor's own storage; a
+/// contiguous bfloat16 or float16 one widened into native scratch memory; anything else through libtorch's conversion.
+/// The source tensor must stay alive while <see cref="Pointer"/> is used.
+/// </summary>
+internal readonly unsafe struct Float32Values : IDisposable
+{
+    private readonly float* _scratch;
+    private readonly Tensor? _converted;
+
+    private Float32Values(float* pointer, float* scratch, Tensor? converted)
+    {
+        Pointer = pointer;
+        _scratch = scratch;
+        _converted = converted;
+    }
+
+    /// <summary>The first value (null for <c>default</c>).</summary>
+    public float* Pointer { get; }
+
+    public static Float32Values Of(Tensor t)
+    {
+        if (t.device_type == DeviceType.CPU && t.is_contiguous())
+        {
+            var type = t.dtype;
+            if (type == ScalarType.Float32) return new((float*)TensorMemory.Pointer(t), null, null);
+            if (type is ScalarType.BFloat16 or ScalarType.Float16)
+            {
+                long count = t.numel();
+                float* scratch = TensorMemory.Scratch(count);
+                var source = (ushort*)TensorMemory.Pointer(t);
+                if (type == ScalarType.BFloat16) TensorMemory.WidenBFloat16(source, scratch, count);
+                else TensorMemory.WidenFloat16(source, scratch, count);
+                GC.KeepAlive(t);
+                return new(scratch, scratch, null);
+            }
+        }
+        var converted = TensorMemory.ContiguousFloat32(t);
+        return new((float*)TensorMemory.Pointer(converted), null, converted);
+    }
+
+    public void Dispose()
+    {
+        TensorMemory.Free(_scratch);
+        _converted?.Dispose();
     }
 }
