@@ -337,6 +337,19 @@ internal sealed class GlmSelfAttention : nn.Module
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
+        if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && mixed.requires_grad))
+        {
+            // One decoding position: rotary and cache writes in one managed pass, then the attention kernel.
+            long length = step.Offset + 1;
+            using var queryShape = mixed.narrow(3, 0, _headDim);
+            if (DecodeRotary.Applies(mixed, angles, step.Keys, step.Values, step.Offset) &&
+                DecodeAttention.Applies(queryShape, step.Keys, step.Values, length, mask))
+            {
+                var rotated = DecodeRotary.Rotate(mixed, angles, step.Keys, step.Values, step.Offset);
+                var cached = (step.Keys.narrow(2, 0, length).permute(2, 0, 1, 3), step.Values.narrow(2, 0, length).permute(2, 0, 1, 3));
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _normValue, _layerId + 1)), cached, null);
+            }
+        }
         var q = mixed.narrow(3, 0, _headDim);
         var k = mixed.narrow(3, _headDim, _headDim);
         var v = mixed.narrow(3, 2 * _headDim, _headDim);
@@ -408,7 +421,7 @@ internal sealed class GlmSelfAttention : nn.Module
     }
 
     /// <summary>x·cos + rotate_half(x)·sin with cos/sin [s, b, 1, d] already gathered at the positions.</summary>
-    private static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Tensor c, Tensor n) =>
+    internal static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Tensor c, Tensor n) =>
         (q.mul(c).add(RotateHalf(q).mul(n)), k.mul(c).add(RotateHalf(k).mul(n)));
 
     private static Tensor RotateHalf(Tensor x)

@@ -1,0 +1,80 @@
+using MinLora.Glm.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>
+/// ChatGLM-6B's one-position rotary and cache write in one managed pass, against the libtorch ops it replaces
+/// (<c>x.mul(cos).add(rotate_half(x).mul(sin))</c> on each 64-dim half, two concatenations, two cache copies): the
+/// same bf16 roundings in the same order, so bit for bit.
+/// </summary>
+public class DecodeRotaryTests
+{
+    [SkippableTheory]
+    [InlineData(1, 32, 5, 0)]
+    [InlineData(2, 3, 9, 7)]    // two sequences, the last cache position
+    public void Rotate_EqualsTheLibtorchOps(int batch, int heads, int capacity, int offset)
+    {
+        Skip.IfNot(System.Runtime.Intrinsics.X86.Avx512F.IsSupported, "needs AVX-512 F (elsewhere the libtorch path runs)");
+        manual_seed(401 + batch);
+        // Magnitudes spread over many binades, so that products round in every way; NaN in one head.
+        using var mixed = randn(1, batch, heads, 384).mul(exp(randn(1, batch, heads, 384).mul(3))).to(ScalarType.BFloat16);
+        mixed[0, batch - 1, heads - 1, 5] = tensor(float.NaN).to(ScalarType.BFloat16);
+        mixed[0, batch - 1, heads - 1, 128 + 40] = tensor(float.NaN).to(ScalarType.BFloat16);
+        Tensor Table() => randn(1, batch, 1, 64).to(ScalarType.BFloat16);
+        var angles = new RotaryAngles(Table(), Table(), Table(), Table());
+        using var keys = full(new long[] { batch, heads, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
+        using var values = full(new long[] { batch, heads, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
+        Assert.True(DecodeRotary.Applies(mixed, angles, keys, values, offset));
+
+        using var query = DecodeRotary.Rotate(mixed, angles, keys, values, offset);
+
+        var q = mixed.narrow(3, 0, 128);
+        var k = mixed.narrow(3, 128, 128);
+        var (q1, k1) = GlmSelfAttention.Rotate(q.narrow(3, 0, 64), k.narrow(3, 0, 64), angles.CosPosition, angles.SinPosition);
+        var (q2, k2) = GlmSelfAttention.Rotate(q.narrow(3, 64, 64), k.narrow(3, 64, 64), angles.CosBlock, angles.SinBlock);
+        using var expectedQuery = cat(new[] { q1, q2 }, 3);
+        using var expectedKey = cat(new[] { k1, k2 }, 3).permute(1, 2, 0, 3);   // [b, heads, 1, 128]
+        using var expectedValue = mixed.narrow(3, 256, 128).permute(1, 2, 0, 3);
+        Assert.Equal(new long[] { 1, batch, heads, 128 }, query.shape);
+        SameBits(expectedQuery, query, "query");
+        SameBits(expectedKey, keys.narrow(2, offset, 1), "key");
+        SameBits(expectedValue, values.narrow(2, offset, 1), "value");
+        Assert.True(query.isnan().any().item<bool>(), "the NaN in the query reaches its output");
+        // Every other cache position is untouched.
+        using var untouched = ones(capacity, dtype: ScalarType.Bool);
+        untouched[offset] = tensor(false);
+        Assert.True(keys.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+        Assert.True(values.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+    }
+
+    [Fact]
+    public void Applies_RefusesWhatItCannotRead()
+    {
+        using var mixed = zeros(new long[] { 1, 1, 2, 384 }, dtype: ScalarType.BFloat16);
+        Tensor Table() => zeros(new long[] { 1, 1, 1, 64 }, dtype: ScalarType.BFloat16);
+        var angles = new RotaryAngles(Table(), Table(), Table(), Table());
+        using var keys = zeros(new long[] { 1, 2, 4, 128 }, dtype: ScalarType.BFloat16);
+        using var values = zeros(new long[] { 1, 2, 4, 128 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(mixed, angles, keys, values, 4));                                  // no room
+        Assert.False(DecodeRotary.Applies(mixed.to(ScalarType.Float32), angles, keys, values, 0));           // type
+        using var two = zeros(new long[] { 2, 1, 2, 384 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(two, angles, keys, values, 0));                                    // two positions
+        using var wide = zeros(new long[] { 1, 1, 2, 3 * 64 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(wide, angles, keys, values, 0));                                   // 64-dim heads
+    }
+
+    /// <summary>Equal bf16 bit patterns, except that a NaN need only be a NaN.</summary>
+    private static void SameBits(Tensor expected, Tensor actual, string what)
+    {
+        Assert.Equal(expected.shape, actual.shape);
+        var e = expected.contiguous().data<BFloat16>().ToArray();
+        var a = actual.contiguous().data<BFloat16>().ToArray();
+        for (int i = 0; i < e.Length; i++)
+        {
+            if (float.IsNaN((float)e[i])) Assert.True(float.IsNaN((float)a[i]), $"{what}[{i}]: NaN expected, got {(float)a[i]}");
+            else Assert.True(BitConverter.SingleToUInt32Bits((float)e[i]) == BitConverter.SingleToUInt32Bits((float)a[i]), $"{what}[{i}]: {(float)e[i]} expected, got {(float)a[i]}");
+        }
+    }
+}
