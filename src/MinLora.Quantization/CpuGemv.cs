@@ -28,7 +28,7 @@ namespace MinLora.Quantization;
 /// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by flipping bit 3 of each
 /// nibble (an XOR with 0x88, or in the VNNI loop one <c>vpternlogd</c> per nibble), one group per row and z = 0.
 /// </para>
-/// Work is split over output rows with <see cref="Parallel.For(int, int, Action{int})"/>; each block's weight rows are
+/// Work is split over output rows with <see cref="CpuParallel.For"/>; each block's weight rows are
 /// contiguous, so every core streams its own part of the matrix.
 /// </remarks>
 internal static unsafe class CpuGemv
@@ -349,7 +349,7 @@ internal static unsafe class CpuGemv
         var copy = job;
         nint fn = (nint)block;
         int per = (n + blocks - 1) / blocks;
-        Parallel.For(0, blocks, b =>
+        CpuParallel.For(blocks, b =>
         {
             int n0 = b * per, n1 = Math.Min(n, n0 + per);
             if (n0 < n1) ((delegate*<in Job, int, int, void>)fn)(copy, n0, n1);

@@ -105,7 +105,7 @@ internal static unsafe class DecodeAttention
             for (int i = 0; i < items; i++) item(i);
             return;
         }
-        Parallel.For(0, workers, w =>
+        CpuParallel.For(workers, w =>
         {
             for (int i = (int)((long)w * items / workers), end = (int)((long)(w + 1) * items / workers); i < end; i++) item(i);
         });
