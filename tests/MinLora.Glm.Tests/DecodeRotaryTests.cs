@@ -49,6 +49,42 @@ public class DecodeRotaryTests
         Assert.True(values.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
     }
 
+    /// <summary>ChatGLM2/3 and GLM-4: grouped keys, interleaved pairs over the first r dimensions, the rest passed on.</summary>
+    [SkippableTheory]
+    [InlineData(1, 32, 2, 32, 6, 0)]    // ChatGLM2/3-6B: 32 heads, 2 groups, 64 rotated dimensions
+    [InlineData(2, 4, 4, 64, 3, 2)]     // no grouping, every dimension rotated, two sequences, the last position
+    [InlineData(1, 6, 3, 8, 4, 1)]      // 16 rotated dimensions
+    public void RotateV2_EqualsTheLibtorchOps(int batch, int heads, int groups, int pairs, int capacity, int offset)
+    {
+        Skip.IfNot(System.Runtime.Intrinsics.X86.Avx512F.IsSupported, "needs AVX-512 F (elsewhere the libtorch path runs)");
+        manual_seed(402 + pairs);
+        long width = (heads + 2L * groups) * 128;
+        using var mixed = randn(1, batch, width).mul(exp(randn(1, batch, width).mul(3))).to(ScalarType.BFloat16);
+        mixed[0, batch - 1, 3] = tensor(float.NaN).to(ScalarType.BFloat16);
+        using var angles = randn(1, batch, pairs, 2).to(ScalarType.BFloat16);
+        using var keys = full(new long[] { batch, groups, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
+        using var values = full(new long[] { batch, groups, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
+        Assert.True(DecodeRotary.AppliesV2(mixed, angles, keys, values, offset, heads, groups));
+
+        using var query = DecodeRotary.RotateV2(mixed, angles, keys, values, offset, heads, groups);
+
+        long qSize = heads * 128L, kvSize = groups * 128L;
+        using var expectedQuery = V2Rotary.Apply(mixed.narrow(-1, 0, qSize).view(1, batch, heads, 128), angles);
+        using var expectedKey = V2Rotary.Apply(mixed.narrow(-1, qSize, kvSize).view(1, batch, groups, 128), angles).permute(1, 2, 0, 3);
+        using var expectedValue = mixed.narrow(-1, qSize + kvSize, kvSize).view(1, batch, groups, 128).permute(1, 2, 0, 3);
+        Assert.Equal(new long[] { 1, batch, heads, 128 }, query.shape);
+        SameBits(expectedQuery, query, "query");
+        SameBits(expectedKey, keys.narrow(2, offset, 1), "key");
+        SameBits(expectedValue, values.narrow(2, offset, 1), "value");
+        Assert.True(query.isnan().any().item<bool>(), "the NaN in the query reaches its output");
+        using var untouched = ones(capacity, dtype: ScalarType.Bool);
+        untouched[offset] = tensor(false);
+        Assert.True(keys.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+        Assert.True(values.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+        using var odd = randn(1, batch, 4, 2).to(ScalarType.BFloat16);   // 8 rotated dimensions: not a whole vector
+        Assert.False(DecodeRotary.AppliesV2(mixed, odd, keys, values, offset, heads, groups));
+    }
+
     [Fact]
     public void Applies_RefusesWhatItCannotRead()
     {

@@ -159,6 +159,19 @@ internal sealed class V2SelfAttention : nn.Module
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x);
         long qSize = (long)_heads * _headDim, kvSize = (long)_groups * _headDim;
+        if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && (mixed.requires_grad || (past is { } pp && (pp.Key.requires_grad || pp.Value.requires_grad)))))
+        {
+            // One decoding position: rotary and cache writes in one managed pass, then the attention kernel.
+            long length = step.Offset + 1;
+            using var queryShape = mixed.narrow(-1, 0, qSize).view(1, b, _heads, _headDim);
+            if (DecodeRotary.AppliesV2(mixed, angles, step.Keys, step.Values, step.Offset, _heads, _groups) &&
+                DecodeAttention.Applies(queryShape, step.Keys, step.Values, length, mask))
+            {
+                var rotated = DecodeRotary.RotateV2(mixed, angles, step.Keys, step.Values, step.Offset, _heads, _groups);
+                var cached = (step.Keys.narrow(2, 0, length).permute(2, 0, 1, 3), step.Values.narrow(2, 0, length).permute(2, 0, 1, 3));
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _norm, Coeff, float.NegativeInfinity)), cached, null);
+            }
+        }
         var q = mixed.narrow(-1, 0, qSize).view(s, b, _heads, _headDim);
         var k = mixed.narrow(-1, qSize, kvSize).view(s, b, _groups, _headDim);
         var v = mixed.narrow(-1, qSize + kvSize, kvSize).view(s, b, _groups, _headDim);
