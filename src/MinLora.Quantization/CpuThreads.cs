@@ -7,8 +7,9 @@ namespace MinLora.Quantization;
 /// </summary>
 /// <remarks>
 /// libtorch's CPU build runs its parallel regions on OpenMP (GNU libgomp), whose worker threads keep spinning for a
-/// while after each region. MinLora's CPU kernels (<see cref="QuantizedKernel.CpuGemv"/>) run on .NET's thread pool,
-/// so right after a libtorch op the spinning OpenMP thread holds the very core a kernel thread needs. Measured with
+/// while after each region. MinLora's CPU kernels (<see cref="QuantizedKernel.CpuGemv"/>) run on threads of their own
+/// (<see cref="CpuParallel"/>), so right after a libtorch op the spinning OpenMP thread holds the very core a kernel
+/// thread needs. Measured with
 /// perf while decoding ChatGLM-6B int4 on a 2-core VM: 33 % of all samples were libgomp spinning, and passive waiting
 /// took a token from 531 to 419 ms. Workloads made of many small libtorch ops lose instead (the SPO sample's
 /// training: 66 s with libgomp's default spinning, 79 s with 10,000 spins, ~81 s passive), so applications that

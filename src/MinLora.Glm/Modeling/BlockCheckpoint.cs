@@ -29,7 +29,7 @@ internal sealed class BlockCheckpoint : autograd.SingleTensorFunction<BlockCheck
         ctx.save_for_backward(new List<Tensor> { h, angles.CosPosition, angles.SinPosition, angles.CosBlock, angles.SinBlock, mask!, rng });
         ctx.save_data(BlockKey, block);
         using var scope = NewDisposeScope();
-        var (output, _, _) = block.Forward(h, angles, mask, null);
+        var (output, _) = block.Forward(h, angles, mask, null);
         return output.MoveToOuterDisposeScope();
     }
 
@@ -47,7 +47,7 @@ internal sealed class BlockCheckpoint : autograd.SingleTensorFunction<BlockCheck
             {
                 using var grad = enable_grad();
                 var h = saved[0].detach().requires_grad_(true);
-                var (output, _, _) = block.Forward(h, new RotaryAngles(saved[1], saved[2], saved[3], saved[4]), saved[5], null);
+                var (output, _) = block.Forward(h, new RotaryAngles(saved[1], saved[2], saved[3], saved[4]), saved[5], null);
                 output.backward(new[] { grad_output });
                 gradInput = h.grad?.MoveToOuterDisposeScope();
             }
@@ -81,7 +81,7 @@ internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockC
         ctx.save_for_backward(new List<Tensor> { h, angles, rng, mask ?? empty(0) });
         ctx.save_data(BlockKey, block);
         using var scope = NewDisposeScope();
-        var (output, _, _) = block.Forward(h, angles, mask, null, null, needProbs: false);
+        var (output, _) = block.Forward(h, angles, mask, null, null, needProbs: false);
         return output.MoveToOuterDisposeScope();
     }
 
@@ -100,7 +100,7 @@ internal sealed class V2BlockCheckpoint : autograd.SingleTensorFunction<V2BlockC
             {
                 using var grad = enable_grad();
                 var h = saved[0].detach().requires_grad_(true);
-                var (output, _, _) = block.Forward(h, saved[1], mask, null, null, needProbs: false);
+                var (output, _) = block.Forward(h, saved[1], mask, null, null, needProbs: false);
                 output.backward(new[] { grad_output });
                 gradInput = h.grad?.MoveToOuterDisposeScope();
             }

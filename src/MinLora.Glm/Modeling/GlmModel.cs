@@ -112,7 +112,7 @@ public sealed class GlmModel : nn.Module
                     }
                     else
                     {
-                        var (n, _, probs) = layer.Forward(h, angles, mask, pasts[index], slot, needProbs: attentions is not null);
+                        var (n, probs) = layer.Forward(h, angles, mask, pasts[index], slot, needProbs: attentions is not null);
                         next = n.MoveToOuterDisposeScope();
                         if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
                     }

@@ -331,9 +331,11 @@ internal sealed class GlmSelfAttention : nn.Module
 
     /// <summary>
     /// x [s, b, h]; angles from <see cref="RotaryEmbedding.Angles"/>; mask [b, 1, s, sk] (True = masked) or null; past
-    /// (k, v) [sp, b, heads, d]. Returns the output [s, b, h], the new (k, v) and the attention probabilities [b·heads, s, sk].
+    /// (k, v) [sp, b, heads, d]; slot: cache buffers [b, heads, capacity, d] holding the past, written in place. Returns
+    /// the output [s, b, h] and the attention probabilities [b·heads, s, sk] (null when not asked for and the
+    /// one-position kernel ran).
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
+    public (Tensor Output, Tensor? Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
@@ -346,8 +348,7 @@ internal sealed class GlmSelfAttention : nn.Module
                 DecodeAttention.Applies(queryShape, step.Keys, step.Values, length, mask))
             {
                 var rotated = DecodeRotary.Rotate(mixed, angles, step.Keys, step.Values, step.Offset);
-                var cached = (step.Keys.narrow(2, 0, length).permute(2, 0, 1, 3), step.Values.narrow(2, 0, length).permute(2, 0, 1, 3));
-                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _normValue, _layerId + 1)), cached, null);
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _normValue, _layerId + 1)), null);
             }
         }
         var q = mixed.narrow(3, 0, _headDim);
@@ -362,7 +363,6 @@ internal sealed class GlmSelfAttention : nn.Module
         k = cat(new[] { k1, k2 }, 3);
         // ks, vs: [b·np, sk, hn] (possibly strided views of the cache buffers, read in place by the products).
         Tensor ks, vs;
-        (Tensor Key, Tensor Value) present;
         if (slot is { } sl)
         {
             // The cache buffers [b, np, capacity, hn] hold the past at [0, offset): write this call's positions after
@@ -372,7 +372,6 @@ internal sealed class GlmSelfAttention : nn.Module
             var valueBuffer = sl.Values.narrow(2, 0, total);
             keyBuffer.narrow(2, sl.Offset, s).copy_(k.detach().permute(1, 2, 0, 3));
             valueBuffer.narrow(2, sl.Offset, s).copy_(v.detach().permute(1, 2, 0, 3));
-            present = (keyBuffer.permute(2, 0, 1, 3), valueBuffer.permute(2, 0, 1, 3));
             if (is_grad_enabled() && (k.requires_grad || v.requires_grad))
             {
                 // Gradients must reach k and v: compute on the concatenation; the cache keeps detached copies.
@@ -388,7 +387,7 @@ internal sealed class GlmSelfAttention : nn.Module
             {
                 // One decoding position and no probabilities wanted: the managed kernel streams each head's cache block.
                 if (s == 1 && !needProbs && DecodeAttention.Applies(q, sl.Keys, sl.Values, total, mask))
-                    return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, total, mask, _normValue, _layerId + 1)), present, null);
+                    return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, total, mask, _normValue, _layerId + 1)), null);
                 ks = keyBuffer.reshape(b * _heads, total, _headDim);
                 vs = valueBuffer.reshape(b * _heads, total, _headDim);
             }
@@ -400,7 +399,6 @@ internal sealed class GlmSelfAttention : nn.Module
                 k = cat(new[] { p.Key, k }, 0);
                 v = cat(new[] { p.Value, v }, 0);
             }
-            present = (k, v);
             long total = k.shape[0];
             ks = k.reshape(total, b * _heads, _headDim).transpose(0, 1);                                 // [b·np, sk, hn]
             vs = v.reshape(total, b * _heads, _headDim).transpose(0, 1);                                 // [b·np, sk, hn]
@@ -417,7 +415,7 @@ internal sealed class GlmSelfAttention : nn.Module
         var probs = scores.to(ScalarType.Float32).mul(_coeff).softmax(-1).to(dtype);      // [b, np, s, sk]
         var flatProbs = probs.view(b * _heads, s, sk);
         var context = flatProbs.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
-        return (CpuLinear.Forward(dense, context), present, flatProbs);
+        return (CpuLinear.Forward(dense, context), flatProbs);
     }
 
     /// <summary>x·cos + rotate_half(x)·sin with cos/sin [s, b, 1, d] already gathered at the positions.</summary>
@@ -481,14 +479,14 @@ internal sealed class GlmBlock : nn.Module
 
     public GlmSelfAttention Attention => attention;
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
+    public (Tensor Hidden, Tensor? Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         var x = input_layernorm.call(h);
-        var (a, present, probs) = attention.Forward(x, angles, mask, past, slot, needProbs);
+        var (a, probs) = attention.Forward(x, angles, mask, past, slot, needProbs);
         var h1 = x.mul(_alpha).add(a);
         var y = post_attention_layernorm.call(h1);
         var outp = y.mul(_alpha).add(mlp.call(y));
-        return (outp, present, probs);
+        return (outp, probs);
     }
 }
 

@@ -151,10 +151,9 @@ internal sealed class V2SelfAttention : nn.Module
     /// <summary>
     /// x [s, b, h]; angles [s, b, n/2, 2]; mask [b, 1, s, sk] (true = masked) or null for plain causal; past (k, v)
     /// [sp, b, groups, hd]; slot: cache buffers [b, groups, capacity, hd] holding the past, written in place. Returns the
-    /// output [s, b, h], this layer's full (k, v) [sk, b, groups, hd] and the attention probabilities (null when not
-    /// asked for and the one-position kernel ran).
+    /// output [s, b, h] and the attention probabilities (null when not asked for and the one-position kernel ran).
     /// </summary>
-    public (Tensor Output, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor x, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
+    public (Tensor Output, Tensor? Probs) Forward(Tensor x, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         long s = x.shape[0], b = x.shape[1];
         var mixed = CpuLinear.Forward(query_key_value, x);
@@ -168,8 +167,7 @@ internal sealed class V2SelfAttention : nn.Module
                 DecodeAttention.Applies(queryShape, step.Keys, step.Values, length, mask))
             {
                 var rotated = DecodeRotary.RotateV2(mixed, angles, step.Keys, step.Values, step.Offset, _heads, _groups);
-                var cached = (step.Keys.narrow(2, 0, length).permute(2, 0, 1, 3), step.Values.narrow(2, 0, length).permute(2, 0, 1, 3));
-                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _norm, Coeff, float.NegativeInfinity)), cached, null);
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _norm, Coeff, float.NegativeInfinity)), null);
             }
         }
         var q = mixed.narrow(-1, 0, qSize).view(s, b, _heads, _headDim);
@@ -179,7 +177,6 @@ internal sealed class V2SelfAttention : nn.Module
         k = V2Rotary.Apply(k, angles);
         int repeat = _heads / _groups;
         Tensor ks, vs;                                                   // [b·heads, sk, hd]
-        (Tensor Key, Tensor Value) present;
         long sk;
         // The in-place cache path reads detached copies: whenever gradients must flow (to k and v, or to a P-tuning
         // prefix in the past), compute on the concatenation instead.
@@ -192,9 +189,8 @@ internal sealed class V2SelfAttention : nn.Module
             sl.Values.narrow(2, sl.Offset, s).copy_(v.detach().permute(1, 2, 0, 3));
             var keyBuffer = sl.Keys.narrow(2, 0, sk);
             var valueBuffer = sl.Values.narrow(2, 0, sk);
-            present = (keyBuffer.permute(2, 0, 1, 3), valueBuffer.permute(2, 0, 1, 3));
             if (s == 1 && !needProbs && DecodeAttention.Applies(q, sl.Keys, sl.Values, sk, mask))
-                return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, sk, mask, _norm, Coeff, float.NegativeInfinity)), present, null);
+                return (CpuLinear.Forward(dense, DecodeAttention.Run(q, sl.Keys, sl.Values, sk, mask, _norm, Coeff, float.NegativeInfinity)), null);
             ks = keyBuffer.unsqueeze(2).expand(b, _groups, repeat, sk, _headDim).reshape(b * _heads, sk, _headDim);
             vs = valueBuffer.unsqueeze(2).expand(b, _groups, repeat, sk, _headDim).reshape(b * _heads, sk, _headDim);
         }
@@ -211,7 +207,6 @@ internal sealed class V2SelfAttention : nn.Module
                 k = cat(new[] { p.Key, k }, 0);
                 v = cat(new[] { p.Value, v }, 0);
             }
-            present = (k, v);
             sk = k.shape[0];
             // Grouped keys and values serve repeat heads each: [sk, b, g, hd] → [b·heads, sk, hd].
             ks = k.unsqueeze(3).expand(sk, b, _groups, repeat, _headDim).reshape(sk, b * _heads, _headDim).transpose(0, 1);
@@ -225,7 +220,7 @@ internal sealed class V2SelfAttention : nn.Module
         var probs = scores.softmax(-1).to(v.dtype);
         var flat = probs.view(b * _heads, s, sk);
         var context = flat.bmm(vs).view(b, _heads, s, _headDim).permute(2, 0, 1, 3).reshape(s, b, _heads * _headDim);
-        return (CpuLinear.Forward(dense, context), present, flat);
+        return (CpuLinear.Forward(dense, context), flat);
     }
 }
 
@@ -270,12 +265,12 @@ internal sealed class V2Block : nn.Module
         RegisterComponents();
     }
 
-    public (Tensor Hidden, (Tensor Key, Tensor Value) Present, Tensor? Probs) Forward(Tensor h, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot, bool needProbs)
+    public (Tensor Hidden, Tensor? Probs) Forward(Tensor h, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot, bool needProbs)
     {
-        var (a, present, probs) = self_attention.Forward(input_layernorm.call(h), angles, mask, past, slot, needProbs);
+        var (a, probs) = self_attention.Forward(input_layernorm.call(h), angles, mask, past, slot, needProbs);
         var h1 = h.add(a);
         var outp = h1.add(mlp.call(post_attention_layernorm.call(h1)));
-        return (outp, present, probs);
+        return (outp, probs);
     }
 }
 
@@ -396,7 +391,7 @@ internal sealed class GlmV2Model : nn.Module
                 }
                 else
                 {
-                    var (n, _, probs) = encoder.Layers[i].Forward(h, angles, mask, layerPast, slot, needProbs: attentions is not null);
+                    var (n, probs) = encoder.Layers[i].Forward(h, angles, mask, layerPast, slot, needProbs: attentions is not null);
                     next = n;
                     if (attentions is not null) attentions.Add(probs!.MoveToOuterDisposeScope());
                 }
