@@ -250,7 +250,7 @@ internal static unsafe class Int8Gemm
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Load(void* row, bool bf16, int j) => bf16
-        ? Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)row + j)), 16).AsSingle()
+        ? TensorMemory.LoadBFloat16((ushort*)row + j)
         : Vector512.Load((float*)row + j);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
@@ -43,14 +44,29 @@ internal static unsafe class TensorMemory
         if (p != null) NativeMemory.AlignedFree(p);
     }
 
+    /// <summary>16 bfloat16 values as float32 (exact: the 16 bits become the high half of each float).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector512<float> LoadBFloat16(ushort* p) =>
+        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
+
+    /// <summary>
+    /// The bfloat16 bit patterns (in the low 16 bits of each lane) nearest to <paramref name="v"/>, ties to even, as
+    /// libtorch rounds; NaN stays NaN.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector512<uint> RoundToBFloat16(Vector512<float> v)
+    {
+        var nan = Vector512.ShiftRightLogical(v.AsUInt32(), 16) | Vector512.Create(0x40u);
+        return Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), FastDequantize.RoundToBf16(v), nan);
+    }
+
     /// <summary>bfloat16 → float32: the 16 bits become the high half of the float (exact).</summary>
     internal static void WidenBFloat16(ushort* source, float* destination, long count)
     {
         long i = 0;
         if (Avx512F.IsSupported)
         {
-            for (; i + 16 <= count; i += 16)
-                Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(source + i)), 16).AsSingle().Store(destination + i);
+            for (; i + 16 <= count; i += 16) LoadBFloat16(source + i).Store(destination + i);
         }
         for (; i < count; i++) destination[i] = BitConverter.UInt32BitsToSingle((uint)source[i] << 16);
     }
@@ -87,14 +103,7 @@ internal static unsafe class TensorMemory
         long i = 0;
         if (Avx512F.IsSupported)
         {
-            var quietBit = Vector512.Create(0x40u);
-            for (; i + 16 <= count; i += 16)
-            {
-                var v = Vector512.Load(source + i);
-                var rounded = FastDequantize.RoundToBf16(v);
-                var nan = Vector512.ShiftRightLogical(v.AsUInt32(), 16) | quietBit;
-                Avx512F.ConvertToVector256UInt16(Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), rounded, nan)).Store(destination + i);
-            }
+            for (; i + 16 <= count; i += 16) Avx512F.ConvertToVector256UInt16(RoundToBFloat16(Vector512.Load(source + i))).Store(destination + i);
         }
         for (; i < count; i++) destination[i] = FastDequantize.RoundToBf16(source[i]);
     }

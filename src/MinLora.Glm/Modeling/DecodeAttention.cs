@@ -342,7 +342,7 @@ internal static unsafe class DecodeAttention
     {
         int i = 0;
         var a = Vector512<float>.Zero;
-        for (; i + 16 <= k; i += 16) a = Avx512F.FusedMultiplyAdd(WidenBf16(w + i), Avx512F.LoadVector512(x + i), a);
+        for (; i + 16 <= k; i += 16) a = Avx512F.FusedMultiplyAdd(TensorMemory.LoadBFloat16(w + i), Avx512F.LoadVector512(x + i), a);
         float sum = Vector512.Sum(a);
         for (; i < k; i++) sum += x[i] * BitConverter.UInt32BitsToSingle((uint)w[i] << 16);
         return sum;
@@ -362,7 +362,7 @@ internal static unsafe class DecodeAttention
     {
         int i = 0;
         var vp = Vector512.Create(p);
-        for (; i + 16 <= k; i += 16) Avx512F.FusedMultiplyAdd(WidenBf16(v + i), vp, Avx512F.LoadVector512(y + i)).Store(y + i);
+        for (; i + 16 <= k; i += 16) Avx512F.FusedMultiplyAdd(TensorMemory.LoadBFloat16(v + i), vp, Avx512F.LoadVector512(y + i)).Store(y + i);
         for (; i < k; i++) y[i] += p * BitConverter.UInt32BitsToSingle((uint)v[i] << 16);
     }
 
@@ -373,8 +373,4 @@ internal static unsafe class DecodeAttention
         for (; i + 16 <= k; i += 16) Avx512F.FusedMultiplyAdd(Avx512F.LoadVector512(v + i), vp, Avx512F.LoadVector512(y + i)).Store(y + i);
         for (; i < k; i++) y[i] += p * v[i];
     }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> WidenBf16(ushort* p) =>
-        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
 }

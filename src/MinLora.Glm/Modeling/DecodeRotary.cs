@@ -169,16 +169,10 @@ internal static unsafe class DecodeRotary
         Unsafe.CopyBlockUnaligned(output + 16 * vectors, x + 16 * vectors, (uint)(HeadDim - 16 * vectors) * sizeof(ushort));
     }
 
-    private static Vector512<float> Load(ushort* p) =>
-        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
+    private static Vector512<float> Load(ushort* p) => TensorMemory.LoadBFloat16(p);
 
     /// <summary>To the nearest bf16 (ties to even), kept as float32; NaN stays NaN.</summary>
-    private static Vector512<float> Round(Vector512<float> v)
-    {
-        var rounded = Vector512.ShiftLeft(FastDequantize.RoundToBf16(v), 16);
-        var nan = v.AsUInt32() | Vector512.Create(0x00400000u);
-        return Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), rounded, nan).AsSingle();
-    }
+    private static Vector512<float> Round(Vector512<float> v) => Vector512.ShiftLeft(TensorMemory.RoundToBFloat16(v), 16).AsSingle();
 
     private static void Store(ushort* p, Vector512<float> v) =>
         Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(v.AsUInt32(), 16)).Store(p);
