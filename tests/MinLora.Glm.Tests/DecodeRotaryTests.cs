@@ -37,16 +37,7 @@ public class DecodeRotaryTests
         using var expectedQuery = cat(new[] { q1, q2 }, 3);
         using var expectedKey = cat(new[] { k1, k2 }, 3).permute(1, 2, 0, 3);   // [b, heads, 1, 128]
         using var expectedValue = mixed.narrow(3, 256, 128).permute(1, 2, 0, 3);
-        Assert.Equal(new long[] { 1, batch, heads, 128 }, query.shape);
-        SameBits(expectedQuery, query, "query");
-        SameBits(expectedKey, keys.narrow(2, offset, 1), "key");
-        SameBits(expectedValue, values.narrow(2, offset, 1), "value");
-        Assert.True(query.isnan().any().item<bool>(), "the NaN in the query reaches its output");
-        // Every other cache position is untouched.
-        using var untouched = ones(capacity, dtype: ScalarType.Bool);
-        untouched[offset] = tensor(false);
-        Assert.True(keys.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
-        Assert.True(values.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+        AssertWritten(query, expectedQuery, expectedKey, expectedValue, keys, values, offset);
     }
 
     /// <summary>ChatGLM2/3 and GLM-4: grouped keys, interleaved pairs over the first r dimensions, the rest passed on.</summary>
@@ -72,15 +63,7 @@ public class DecodeRotaryTests
         using var expectedQuery = V2Rotary.Apply(mixed.narrow(-1, 0, qSize).view(1, batch, heads, 128), angles);
         using var expectedKey = V2Rotary.Apply(mixed.narrow(-1, qSize, kvSize).view(1, batch, groups, 128), angles).permute(1, 2, 0, 3);
         using var expectedValue = mixed.narrow(-1, qSize + kvSize, kvSize).view(1, batch, groups, 128).permute(1, 2, 0, 3);
-        Assert.Equal(new long[] { 1, batch, heads, 128 }, query.shape);
-        SameBits(expectedQuery, query, "query");
-        SameBits(expectedKey, keys.narrow(2, offset, 1), "key");
-        SameBits(expectedValue, values.narrow(2, offset, 1), "value");
-        Assert.True(query.isnan().any().item<bool>(), "the NaN in the query reaches its output");
-        using var untouched = ones(capacity, dtype: ScalarType.Bool);
-        untouched[offset] = tensor(false);
-        Assert.True(keys.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
-        Assert.True(values.index_select(2, nonzero(untouched).flatten()).eq(7).all().item<bool>());
+        AssertWritten(query, expectedQuery, expectedKey, expectedValue, keys, values, offset);
         using var odd = randn(1, batch, 4, 2).to(ScalarType.BFloat16);   // 8 rotated dimensions: not a whole vector
         Assert.False(DecodeRotary.AppliesV2(mixed, odd, keys, values, offset, heads, groups));
     }
@@ -99,6 +82,24 @@ public class DecodeRotaryTests
         Assert.False(DecodeRotary.Applies(two, angles, keys, values, 0));                                    // two positions
         using var wide = zeros(new long[] { 1, 1, 2, 3 * 64 }, dtype: ScalarType.BFloat16);
         Assert.False(DecodeRotary.Applies(wide, angles, keys, values, 0));                                   // 64-dim heads
+    }
+
+    /// <summary>
+    /// The query as expected, the key and value at <paramref name="offset"/> of the cache buffers (filled with 7
+    /// before the call) as expected, every other position untouched, and the NaN planted in the query propagated.
+    /// </summary>
+    private static void AssertWritten(Tensor query, Tensor expectedQuery, Tensor expectedKey, Tensor expectedValue, Tensor keys, Tensor values, long offset)
+    {
+        Assert.Equal(expectedQuery.shape, query.shape);
+        SameBits(expectedQuery, query, "query");
+        SameBits(expectedKey, keys.narrow(2, offset, 1), "key");
+        SameBits(expectedValue, values.narrow(2, offset, 1), "value");
+        Assert.True(query.isnan().any().item<bool>(), "the NaN in the query reaches its output");
+        using var untouched = ones(keys.shape[2], dtype: ScalarType.Bool);
+        untouched[offset] = tensor(false);
+        using var others = nonzero(untouched).flatten();
+        Assert.True(keys.index_select(2, others).eq(7).all().item<bool>(), "a key was written outside its position");
+        Assert.True(values.index_select(2, others).eq(7).all().item<bool>(), "a value was written outside its position");
     }
 
     /// <summary>Equal bf16 bit patterns, except that a NaN need only be a NaN.</summary>
