@@ -23,8 +23,15 @@ public class DecodeAttentionTests
     [InlineData(ScalarType.BFloat16, 128, 300, false, 4, 2)]
     [InlineData(ScalarType.BFloat16, 128, 37, true, 4, 1)]
     [InlineData(ScalarType.BFloat16, 64, 50, false, 4, 2)]
-    // ChatGLM2's mask value, −∞, through both kernels.
+    // Four or more query heads per key/value head take the multi-query kernel (one lane per head): ChatGLM2/3's 32
+    // heads in 2 groups; 20 heads in one group (a block of 16 lanes and one of 4) over two value chunks and a short
+    // score block; 4 heads per group with a cache shorter than one score block.
+    [InlineData(ScalarType.BFloat16, 128, 300, true, 32, 2)]
+    [InlineData(ScalarType.BFloat16, 128, 601, false, 20, 1)]
+    [InlineData(ScalarType.BFloat16, 128, 5, true, 8, 2)]
+    // ChatGLM2's mask value, −∞, through all three kernels.
     [InlineData(ScalarType.BFloat16, 128, 40, true, 4, 2, true)]
+    [InlineData(ScalarType.BFloat16, 128, 40, true, 32, 2, true)]
     [InlineData(ScalarType.Float32, 20, 40, true, 3, 3, true)]
     public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups, bool minusInfinity = false)
     {
@@ -63,33 +70,39 @@ public class DecodeAttentionTests
         Assert.True(excess <= 0, $"kernel exceeds its bound by {excess}");
     }
 
-    [SkippableFact]
-    public void Kernel_PropagatesNaN()
+    [SkippableTheory]
+    [InlineData(2, 2)]      // one key/value head per query head
+    [InlineData(8, 2)]      // the multi-query kernel, 4 query heads per key/value head
+    public void Kernel_PropagatesNaN(int heads, int groups)
     {
         Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512");
         manual_seed(5);
-        long b = 2, heads = 2, hd = 128, length = 9;
-        var keys = randn(new[] { b, heads, length, hd }).to(ScalarType.BFloat16);
-        var values = randn(new[] { b, heads, length, hd }).to(ScalarType.BFloat16);
-        // One NaN value in sequence 0's second head (the kernel's bf16 rounding must not turn it into a number).
-        // (Written as raw bits: libtorch's conversion would give its canonical NaN.)
-        System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(values.bytes)[(int)(((0 * heads + 1) * length + 4) * hd + 7)] = 0xFFFF;
+        long b = 2, hd = 128, length = 9;
+        var keys = randn(new[] { b, groups, length, hd }).to(ScalarType.BFloat16);
+        var values = randn(new[] { b, groups, length, hd }).to(ScalarType.BFloat16);
+        // One NaN value in sequence 0's second key/value head (the kernel's bf16 rounding must not turn it into a
+        // number). (Written as raw bits: libtorch's conversion would give its canonical NaN.)
+        System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(values.bytes)[(int)(((0 * groups + 1) * length + 4) * hd + 7)] = 0xFFFF;
         var query = randn(new[] { 1, b, heads, hd }).to(ScalarType.BFloat16);
 
         var got = DecodeAttention.Run(query, keys, values, length, null, Math.Sqrt(hd), 1).to(ScalarType.Float32).reshape(b, heads, hd);
 
-        // The NaN spreads to that head's element 7 only (every probability is positive); everything else is a number.
+        // The NaN spreads to element 7 of the query heads reading that value head only (every probability is
+        // positive); everything else is a number.
         var nan = got.isnan();
-        Assert.True(nan[0, 1, 7].item<bool>(), "a NaN in the values must give a NaN, not a number or an infinity");
-        Assert.Equal(1, nan.sum().item<long>());
+        int perGroup = heads / groups;
+        for (int h = perGroup; h < 2 * perGroup; h++)
+            Assert.True(nan[0, h, 7].item<bool>(), $"a NaN in the values must give head {h} a NaN, not a number or an infinity");
+        Assert.Equal(perGroup, nan.sum().item<long>());
     }
 
-    // Head dimension 32 takes the generic kernel, 128 the register kernel: through ChatGLM-6B's masks and 2-D
+    // Head dimension 32 takes the generic kernel, 128 the register kernels: through ChatGLM-6B's masks and 2-D
     // positions, and through ChatGLM2's causal attention (masked with −∞) with grouped keys.
     [SkippableTheory]
     [InlineData(64, 2, false)]
     [InlineData(256, 2, false)]
     [InlineData(256, 4, true)]
+    [InlineData(256, 8, true)]      // 4 query heads per key/value head: the multi-query kernel
     public void BFloat16Model_DecodesLikeTheLibTorchPath(int hidden, int heads, bool v2)
     {
         Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512 (elsewhere both calls take the libtorch path)");

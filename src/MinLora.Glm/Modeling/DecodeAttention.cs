@@ -70,7 +70,11 @@ internal static unsafe class DecodeAttention
             var result = empty(new[] { 1, b, heads * hd }, dtype: ScalarType.BFloat16);
             job.Query16 = (ushort*)TensorMemory.Pointer(query);
             job.Output16 = (ushort*)TensorMemory.Pointer(result);
-            ForEachItem(items, i => Head128(job, i));
+            long perGroup = heads / groups;
+            if (perGroup >= MinGroupHeads)
+                ForEachItem((int)(b * groups * ((perGroup + Lanes - 1) / Lanes)), i => Group128(job, i));
+            else
+                ForEachItem(items, i => Head128(job, i));
             GC.KeepAlive(query);
             GC.KeepAlive(keys);
             GC.KeepAlive(values);
@@ -290,6 +294,225 @@ internal static unsafe class DecodeAttention
             ArrayPool<float>.Shared.Return(rented);
         }
     }
+
+    /// <summary>Query heads per key/value head from which <see cref="Group128"/> serves them all in one pass (ChatGLM2/3
+    /// and GLM-4 have 16). Below, each head streams the cache itself (<see cref="Head128"/>).</summary>
+    private const int MinGroupHeads = 4;
+
+    /// <summary>Query heads per pass of <see cref="Group128"/>: one float32 lane each.</summary>
+    private const int Lanes = 16;
+
+    /// <summary>Positions whose scores <see cref="Group128"/> computes together (independent accumulators).</summary>
+    private const int ScoreBlock = 8;
+
+    /// <summary>Positions per chunk of <see cref="Group128"/>'s value pass: 64 KB of bf16 values, which the pass reads
+    /// once per 16 dimensions and so must stay in the core's cache.</summary>
+    private const int ValueChunk = 256;
+
+    /// <summary>
+    /// Up to 16 query heads that share one 128-dim bf16 key/value head (multi-query attention), in one pass over it,
+    /// with one float32 lane per query head: each key and value is read and widened once for all of them (where
+    /// <see cref="Head128"/> would read the group's cache once per head), scores need no horizontal sums, and the
+    /// softmax runs across heads. Item = (sequence, group, block of 16 heads).
+    /// </summary>
+    /// <remarks>
+    /// Dimensions are taken in the order the widening produces (each 32-element line's even elements, then its odd
+    /// ones): the query is transposed into that order, and the value sums come out in it, which
+    /// <see cref="StoreLine"/> interleaves back. The arithmetic is <see cref="Head128"/>'s (float32 from the bf16
+    /// inputs, one rounding at the end) with the terms of each sum in another order.
+    /// </remarks>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Group128(in Job j, int item)
+    {
+        int perGroup = j.Heads / j.Groups, blocks = (perGroup + Lanes - 1) / Lanes;
+        int block = item % blocks, cacheItem = item / blocks, sequence = cacheItem / j.Groups;
+        int first = sequence * j.Heads + cacheItem % j.Groups * perGroup + block * Lanes;   // query row of lane 0
+        int count = Math.Min(Lanes, perGroup - block * Lanes);
+        long start = (long)cacheItem * j.Capacity * LineHeadDim;
+        uint* k = (uint*)((ushort*)j.Keys + start);
+        uint* v = (uint*)((ushort*)j.Values + start);
+        byte* mask = j.Mask is null ? null : j.Mask + (long)sequence * j.Length;
+        int n = j.Length;
+        const int Line = LineHeadDim / 2;                    // uints per position
+        float[] rented = ArrayPool<float>.Shared.Rent((2 * Lanes + ScoreBlock) * LineHeadDim + n * Lanes);
+        try
+        {
+            fixed (float* buffer = rented)
+            {
+                float* qt = buffer;                                  // [dimension][lane]: the scaled queries
+                float* sums = qt + LineHeadDim * Lanes;              // [lane][dimension]: the value sums
+                float* widened = sums + LineHeadDim * Lanes;         // [position][dimension]: a block of keys
+                float* scores = widened + ScoreBlock * LineHeadDim;  // [position][lane]
+
+                new Span<float>(qt, LineHeadDim * Lanes).Clear();
+                for (int i = 0; i < count; i++)
+                {
+                    ushort* q = j.Query16 + (long)(first + i) * LineHeadDim;
+                    for (int d = 0; d < LineHeadDim; d++)
+                        qt[WidenedOrder(d) * Lanes + i] = BitConverter.UInt32BitsToSingle((uint)q[d] << 16) * j.Scale;
+                }
+
+                // Scores, masking and scaling as the reference: (q/norm·k, or the mask value where masked) × coeff.
+                var coeff = Vector512.Create(j.Coeff);
+                var maskedScore = Vector512.Create(j.MaskValue) * coeff;
+                var max = Vector512.Create(float.NegativeInfinity);
+                for (int t = 0; t < n; t += ScoreBlock)
+                {
+                    int m = Math.Min(ScoreBlock, n - t);
+                    for (int p = 0; p < ScoreBlock; p++)
+                    {
+                        float* w = widened + p * LineHeadDim;
+                        if (p >= m)
+                        {
+                            new Span<float>(w, LineHeadDim).Clear();
+                            continue;
+                        }
+                        uint* row = k + (long)(t + p) * Line;
+                        PrefetchPosition((byte*)(row + PrefetchPositions * Line));
+                        for (int l = 0; l < LineHeadDim / 32; l++)
+                        {
+                            var x = Vector512.Load(row + l * 16);
+                            Even(x).Store(w + l * 32);
+                            Odd(x).Store(w + l * 32 + 16);
+                        }
+                    }
+                    Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                    Vector512<float> a4 = default, a5 = default, a6 = default, a7 = default;
+                    for (int d = 0; d < LineHeadDim; d++)
+                    {
+                        var qd = Vector512.Load(qt + d * Lanes);
+                        a0 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[d]), a0);
+                        a1 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[LineHeadDim + d]), a1);
+                        a2 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[2 * LineHeadDim + d]), a2);
+                        a3 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[3 * LineHeadDim + d]), a3);
+                        a4 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[4 * LineHeadDim + d]), a4);
+                        a5 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[5 * LineHeadDim + d]), a5);
+                        a6 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[6 * LineHeadDim + d]), a6);
+                        a7 = Avx512F.FusedMultiplyAdd(qd, Vector512.Create(widened[7 * LineHeadDim + d]), a7);
+                    }
+                    float* at = scores + t * Lanes;
+                    byte* maskAt = mask is null ? null : mask + t;
+                    max = Score(a0, 0, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a1, 1, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a2, 2, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a3, 3, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a4, 4, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a5, 5, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a6, 6, m, maskAt, at, coeff, maskedScore, max);
+                    max = Score(a7, 7, m, maskAt, at, coeff, maskedScore, max);
+                }
+
+                // Softmax across positions, every lane (head) at once.
+                var total = Vector512<float>.Zero;
+                for (int t = 0; t < n; t++)
+                {
+                    var e = Vector512.Exp(Vector512.Load(scores + t * Lanes) - max);
+                    e.Store(scores + t * Lanes);
+                    total += e;
+                }
+
+                // context = Σ p_t · v_t, 16 dimensions (half a line) of all heads at a time, chunk by chunk.
+                for (int t0 = 0; t0 < n; t0 += ValueChunk)
+                {
+                    int t1 = Math.Min(n, t0 + ValueChunk);
+                    for (int half = 0; half < LineHeadDim / 16; half++)
+                        SumValues(v + half / 2 * 16, (half & 1) != 0, scores, t0, t1, sums + half * 16, t0 == 0);
+                }
+
+                float* totals = stackalloc float[Lanes];
+                total.Store(totals);
+                for (int i = 0; i < count; i++)
+                {
+                    var inv = Vector512.Create(1f / totals[i]);
+                    float* sum = sums + i * LineHeadDim;
+                    uint* output = (uint*)(j.Output16 + (long)(first + i) * LineHeadDim);
+                    for (int l = 0; l < LineHeadDim / 32; l++)
+                        StoreLine(Vector512.Load(sum + l * 32) * inv, Vector512.Load(sum + l * 32 + 16) * inv, output + l * 16);
+                }
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(rented);
+        }
+    }
+
+    /// <summary>Stores position <paramref name="p"/> of a score block (if the block has it: <paramref name="m"/>
+    /// positions) as the reference computes it, and returns the running maximum.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Score(Vector512<float> dot, int p, int m, byte* mask, float* scores, Vector512<float> coeff, Vector512<float> maskedScore, Vector512<float> max)
+    {
+        if (p >= m) return max;
+        var s = mask is not null && mask[p] != 0 ? maskedScore : dot * coeff;
+        s.Store(scores + p * Lanes);
+        return Vector512.Max(max, s);
+    }
+
+    /// <summary>
+    /// Adds Σ_t p[t, lane] · v_t over positions [t0, t1) to 16 dimensions of every lane's sum: the even (or odd)
+    /// elements of one 32-element line of each value.
+    /// </summary>
+    /// <param name="line">Position t's line starts at <paramref name="line"/> + t·64 uints.</param>
+    /// <param name="odd">Whether to take the line's odd elements rather than its even ones.</param>
+    /// <param name="probabilities">[position][lane].</param>
+    /// <param name="t0">The first position.</param>
+    /// <param name="t1">One past the last position.</param>
+    /// <param name="sums">Lane i's 16 sums at <paramref name="sums"/> + i·128.</param>
+    /// <param name="fresh">Whether the sums start at zero rather than at what <paramref name="sums"/> holds.</param>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void SumValues(uint* line, bool odd, float* probabilities, int t0, int t1, float* sums, bool fresh)
+    {
+        const int Line = LineHeadDim / 2, Stride = LineHeadDim;
+        Vector512<float> r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15;
+        if (fresh)
+        {
+            r0 = r1 = r2 = r3 = r4 = r5 = r6 = r7 = r8 = r9 = r10 = r11 = r12 = r13 = r14 = r15 = Vector512<float>.Zero;
+        }
+        else
+        {
+            r0 = Vector512.Load(sums); r1 = Vector512.Load(sums + Stride); r2 = Vector512.Load(sums + 2 * Stride);
+            r3 = Vector512.Load(sums + 3 * Stride); r4 = Vector512.Load(sums + 4 * Stride);
+            r5 = Vector512.Load(sums + 5 * Stride); r6 = Vector512.Load(sums + 6 * Stride);
+            r7 = Vector512.Load(sums + 7 * Stride); r8 = Vector512.Load(sums + 8 * Stride);
+            r9 = Vector512.Load(sums + 9 * Stride); r10 = Vector512.Load(sums + 10 * Stride);
+            r11 = Vector512.Load(sums + 11 * Stride); r12 = Vector512.Load(sums + 12 * Stride);
+            r13 = Vector512.Load(sums + 13 * Stride); r14 = Vector512.Load(sums + 14 * Stride);
+            r15 = Vector512.Load(sums + 15 * Stride);
+        }
+        for (int t = t0; t < t1; t++)
+        {
+            uint* row = line + (long)t * Line;
+            if (!odd) PrefetchPosition((byte*)(row + PrefetchPositions * Line));
+            var raw = Vector512.Load(row);
+            var x = odd ? Odd(raw) : Even(raw);
+            float* p = probabilities + t * Lanes;
+            r0 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[0]), r0);
+            r1 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[1]), r1);
+            r2 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[2]), r2);
+            r3 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[3]), r3);
+            r4 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[4]), r4);
+            r5 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[5]), r5);
+            r6 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[6]), r6);
+            r7 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[7]), r7);
+            r8 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[8]), r8);
+            r9 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[9]), r9);
+            r10 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[10]), r10);
+            r11 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[11]), r11);
+            r12 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[12]), r12);
+            r13 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[13]), r13);
+            r14 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[14]), r14);
+            r15 = Avx512F.FusedMultiplyAdd(x, Vector512.Create(p[15]), r15);
+        }
+        r0.Store(sums); r1.Store(sums + Stride); r2.Store(sums + 2 * Stride); r3.Store(sums + 3 * Stride);
+        r4.Store(sums + 4 * Stride); r5.Store(sums + 5 * Stride); r6.Store(sums + 6 * Stride);
+        r7.Store(sums + 7 * Stride); r8.Store(sums + 8 * Stride); r9.Store(sums + 9 * Stride);
+        r10.Store(sums + 10 * Stride); r11.Store(sums + 11 * Stride); r12.Store(sums + 12 * Stride);
+        r13.Store(sums + 13 * Stride); r14.Store(sums + 14 * Stride); r15.Store(sums + 15 * Stride);
+    }
+
+    /// <summary>Where dimension <paramref name="d"/> of a 128-dim head lands when each 32-element line is widened as
+    /// its 16 even elements then its 16 odd ones (<see cref="Even"/>, <see cref="Odd"/>).</summary>
+    private static int WidenedOrder(int d) => (d & ~31) | ((d & 1) << 4) | ((d & 31) >> 1);
 
     /// <summary>Prefetches one 128-dim bf16 position (four cache lines).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
