@@ -18,13 +18,14 @@ namespace MinLora.Quantization;
 /// then float32 and one fused multiply-add: int8 costs 3 vector instructions per 16 weights, int4 7 per 32 weights
 /// (both nibbles of a byte feed one lane each: the activations are de-interleaved once per call into even/odd halves
 /// of each 32-column chunk so that a byte's high nibble meets column 2j and its low nibble 2j+1). With int8
-/// activations (AVX-VNNI) <c>vpdpbusd</c> does the int8 products (4 instructions per 32 weights) and 512-bit
+/// activations <c>vpdpbusd</c> (AVX-VNNI) does the int8 products (4 instructions per 32 weights; 7 with
+/// <c>vpabsb</c>/<c>vpsignb</c>/<c>vpmaddubsw</c>/<c>vpmaddwd</c> where the CPU lacks AVX-VNNI) and 512-bit
 /// <c>vpmaddubsw</c>/<c>vpmaddwd</c> the int4 ones (9 per 128 weights).
 /// </para>
 /// <para>
 /// bf16 weights, and int8/int4 weights with float32 activations: float32 arithmetic on the exact stored values, the
 /// activations not rounded to bfloat16, so the result is closer to the float64 reference than libtorch's bf16 kernels.
-/// int8 and int4 on AVX-VNNI CPUs: int8 activations by default (<see cref="Int8Vnni"/>, <see cref="Int4Vnni"/>). Per group the int4 sum is
+/// int8 and int4 on AVX-512 CPUs: int8 activations by default (<see cref="Int8Vnni{TDot}"/>, <see cref="Int4Vnni{TDot}"/>). Per group the int4 sum is
 /// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by flipping bit 3 of each
 /// nibble (an XOR with 0x88, or in the VNNI loop one <c>vpternlogd</c> per nibble), one group per row and z = 0.
 /// </para>
@@ -48,14 +49,16 @@ internal static unsafe class CpuGemv
 
     /// <summary>
     /// An int8 per-row product. <paramref name="scales"/>: N float32; <paramref name="bias"/>: N float32 or null.
-    /// With <paramref name="int8Activations"/> on AVX-VNNI CPUs the activations are quantized per 32-column block and
-    /// multiplied with integer dot products (<see cref="Int8Vnni"/>); otherwise float32 on the exact stored values.
+    /// With <paramref name="int8Activations"/> (and <see cref="Int8ActivationsSupported"/>) the activations are quantized
+    /// per 32-column block and multiplied with integer dot products (<see cref="Int8Vnni{TDot}"/>); otherwise float32
+    /// on the exact stored values.
     /// </summary>
     internal static void Int8(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n, bool int8Activations = false)
     {
-        if (int8Activations && VnniSupported && k >= 32)
+        if (int8Activations && Int8ActivationsSupported && k >= 32)
         {
-            Int8Vnni(x, rows, k, w, scales, bias, y, n);
+            if (UseAvxVnni) Int8Vnni<VnniDot>(x, rows, k, w, scales, bias, y, n);
+            else Int8Vnni<PairDot>(x, rows, k, w, scales, bias, y, n);
             return;
         }
         var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
@@ -68,9 +71,10 @@ internal static unsafe class CpuGemv
     /// </summary>
     internal static void Int4(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n, bool int8Activations = false)
     {
-        if (int8Activations && VnniSupported && k >= 64 && (signedNibbles || group % 64 == 0))
+        if (int8Activations && Int8ActivationsSupported && k >= 64 && (signedNibbles || group % 64 == 0))
         {
-            Int4Vnni(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
+            if (UseAvxVnni) Int4Vnni<VnniDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
+            else Int4Vnni<PairDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
             return;
         }
         // De-interleave each 32-column chunk of x into [16 even | 16 odd] and sum x over each group (the zero term).
@@ -140,10 +144,68 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>
-    /// True when the int8-activation kernels (int4 × int8 and int8 × int8) can run: AVX-VNNI (256-bit), and AVX-512VL for
-    /// the int4 loop's <c>vpternlogd</c>.
+    /// True when the int8-activation kernels (int4 × int8 and int8 × int8) can run: AVX-512 F/BW, AVX2, and AVX-512VL for
+    /// the int4 loop's <c>vpternlogd</c>. AVX-VNNI is used where present (<see cref="UseAvxVnni"/>), not required.
     /// </summary>
-    internal static bool VnniSupported => IsSupported && AvxVnni.IsSupported && Avx2.IsSupported && Avx512F.VL.IsSupported;
+    internal static bool Int8ActivationsSupported => IsSupported && Avx2.IsSupported && Avx512F.VL.IsSupported;
+
+    /// <summary>
+    /// Whether the 256-bit byte products use AVX-VNNI's <c>vpdpbusd</c> (<see cref="VnniDot"/>) or
+    /// <c>vpmaddubsw</c> + <c>vpmaddwd</c> (<see cref="PairDot"/>; CPUs with AVX-512 VNNI but not the VEX-encoded
+    /// AVX-VNNI, such as AMD Zen 4, since .NET 10 reaches 512-bit <c>vpdpbusd</c> only through AVX10). Defaults to
+    /// what the CPU has; tests turn it off to run the second form on CPUs that have both.
+    /// </summary>
+    /// <exception cref="PlatformNotSupportedException">Set to true on a CPU without AVX-VNNI.</exception>
+    internal static bool UseAvxVnni
+    {
+        get => s_useAvxVnni;
+        set => s_useAvxVnni = !value || AvxVnni.IsSupported ? value : throw new PlatformNotSupportedException("this CPU has no AVX-VNNI");
+    }
+
+    private static bool s_useAvxVnni = AvxVnni.IsSupported;
+
+    /// <summary>The 256-bit byte products of the int8-activation kernels (see <see cref="UseAvxVnni"/>).</summary>
+    private interface IByteDot
+    {
+        /// <summary>acc + Σ of each int32 lane's 4 adjacent products u·x; u ≤ 15 (a nibble).</summary>
+        static abstract Vector256<int> Nibbles(Vector256<int> acc, Vector256<byte> u, Vector256<sbyte> x);
+
+        /// <summary>Σ of each int32 lane's 4 adjacent products (w + <see cref="Int8Offset"/>)·x, for int8 weights w and
+        /// activations |x| ≤ 127.</summary>
+        static abstract Vector256<int> Int8(Vector256<sbyte> w, Vector256<sbyte> x);
+
+        /// <summary>What <see cref="Int8"/> adds to each weight: 128 where the weights are flipped to unsigned.</summary>
+        static abstract float Int8Offset { get; }
+    }
+
+    /// <summary>AVX-VNNI: one <c>vpdpbusd</c>, which takes one unsigned operand, so int8 weights are flipped to w + 128
+    /// by an XOR with 0x80 (the kernel takes 128·Σx off again).</summary>
+    private readonly struct VnniDot : IByteDot
+    {
+        public static Vector256<int> Nibbles(Vector256<int> acc, Vector256<byte> u, Vector256<sbyte> x) => AvxVnni.MultiplyWideningAndAdd(acc, u, x);
+
+        public static Vector256<int> Int8(Vector256<sbyte> w, Vector256<sbyte> x) =>
+            AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, w.AsByte() ^ Vector256.Create((byte)0x80), x);
+
+        public static float Int8Offset => 128f;
+    }
+
+    /// <summary>
+    /// AVX2: <c>vpmaddubsw</c> (unsigned × signed bytes, adjacent pairs added in int16, saturating) then <c>vpmaddwd</c>
+    /// with ones (pairs of those added in int32): the same int32 lanes as <c>vpdpbusd</c> wherever no pair sum passes
+    /// 32,767. Nibbles: at most 2·15·127. int8 weights: |w| as the unsigned operand and x with w's sign as the signed
+    /// one (<c>vpabsb</c>, <c>vpsignb</c>): at most 2·128·127, and no offset.
+    /// </summary>
+    private readonly struct PairDot : IByteDot
+    {
+        public static Vector256<int> Nibbles(Vector256<int> acc, Vector256<byte> u, Vector256<sbyte> x) =>
+            acc + Avx2.MultiplyAddAdjacent(Avx2.MultiplyAddAdjacent(u, x), Vector256.Create((short)1));
+
+        public static Vector256<int> Int8(Vector256<sbyte> w, Vector256<sbyte> x) =>
+            Avx2.MultiplyAddAdjacent(Avx2.MultiplyAddAdjacent(Avx2.Abs(w), Avx2.Sign(x, w)), Vector256.Create((short)1));
+
+        public static float Int8Offset => 0f;
+    }
 
     /// <summary>
     /// int4 × int8: the activations are quantized per 32-column block (symmetric, scale max|x|/127, round to nearest),
@@ -153,7 +215,8 @@ internal static unsafe class CpuGemv
     /// max|x_block|/254 per activation (measured in the tests against that bound and in the model benchmark).
     /// Columns past the last full 64 (ChatGLM per-row layers only) are computed exactly in float32.
     /// </summary>
-    private static void Int4Vnni(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n)
+    private static void Int4Vnni<TDot>(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n)
+        where TDot : struct, IByteDot
     {
         int pairs = k / 64;                         // 64-column pairs of 32-column blocks, 32 packed bytes each
         int groups = signedNibbles ? 1 : k / group;
@@ -193,7 +256,7 @@ internal static unsafe class CpuGemv
                     Y = y,
                     N = n,
                 };
-                Run(ref job, &Int4VnniBlock);
+                Run(ref job, &Int4VnniBlock<TDot>);
             }
         }
         finally
@@ -363,9 +426,11 @@ internal static unsafe class CpuGemv
     /// values, so only float32 rounding of that sum remains: far below the activations' own rounding). 4 instructions
     /// per 32 weights against 6 for float32 conversion; measured over a
     /// 1.5 GB int8 matrix set on the 2-core Xeon VM: 14.4 against 12.5 GB/s. Added error: at most max|x_block|/254 per
-    /// activation. Columns past the last full block are computed exactly in float32.
+    /// activation. Columns past the last full block are computed exactly in float32. Without AVX-VNNI
+    /// (<see cref="PairDot"/>) the same integer sums come from the signed weights with no offset.
     /// </summary>
-    private static void Int8Vnni(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+    private static void Int8Vnni<TDot>(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+        where TDot : struct, IByteDot
     {
         int blocks = k / 32;
         var bytePool = ArrayPool<sbyte>.Shared;
@@ -379,9 +444,9 @@ internal static unsafe class CpuGemv
             fixed (float* ps = xs, po = offsets)
             {
                 for (int r = 0; r < rows; r++)
-                    QuantizeBlocks(x + (long)r * k, blocks, pq + (long)r * blocks * 32, ps + (long)r * blocks, po + r);
+                    po[r] = TDot.Int8Offset * QuantizeBlocks(x + (long)r * k, blocks, pq + (long)r * blocks * 32, ps + (long)r * blocks);
                 var job = new Job { X = x, Xq = pq, XScales = ps, Sums = po, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
-                Run(ref job, &Int8VnniBlock);
+                Run(ref job, &Int8VnniBlock<TDot>);
             }
         }
         finally
@@ -403,9 +468,9 @@ internal static unsafe class CpuGemv
         return (amax / 127f, pre, amax > 0 ? 127f / (amax * pre) : 0f);
     }
 
-    /// <summary>One row of activations → int8 per 32-column block in column order, the block scales, and Σ_b 128·s_b·Σ xq_b.</summary>
+    /// <summary>One row of activations → int8 per 32-column block in column order and the block scales; returns Σ_b s_b·Σ xq_b.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void QuantizeBlocks(float* x, int blocks, sbyte* q, float* scales, float* offset)
+    private static float QuantizeBlocks(float* x, int blocks, sbyte* q, float* scales)
     {
         float total = 0;
         for (int b = 0; b < blocks; b++)
@@ -414,11 +479,12 @@ internal static unsafe class CpuGemv
             scales[b] = scale;
             total += scale * sum;
         }
-        *offset = 128f * total;
+        return total;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int8VnniBlock(in Job j, int n0, int n1)
+    private static void Int8VnniBlock<TDot>(in Job j, int n0, int n1)
+        where TDot : struct, IByteDot
     {
         int k = j.K, blocks = k / 32;
         for (int n = n0; n < n1; n++)
@@ -427,7 +493,7 @@ internal static unsafe class CpuGemv
             float b = j.Bias == null ? 0f : j.Bias[n];
             for (int r = 0; r < j.Rows; r++)
             {
-                float dot = Int8RowDot(w, j.Xq + (long)r * blocks * 32, j.XScales + (long)r * blocks, blocks) - j.Sums[r];
+                float dot = Int8RowDot<TDot>(w, j.Xq + (long)r * blocks * 32, j.XScales + (long)r * blocks, blocks) - j.Sums[r];
                 float* x = j.X + (long)r * k;
                 for (int c = blocks * 32; c < k; c++) dot += x[c] * w[c];
                 j.Y[(long)r * j.N + n] = dot * j.Scales[n] + b;
@@ -435,24 +501,25 @@ internal static unsafe class CpuGemv
         }
     }
 
-    /// <summary>Σ_b s_b·Σ((w + 128)·xq) over the full 32-column blocks of one int8 row, two blocks per iteration.</summary>
+    /// <summary>Σ_b s_b·Σ((w + offset)·xq) over the full 32-column blocks of one int8 row, two blocks per iteration
+    /// (offset: <see cref="IByteDot.Int8Offset"/>).</summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float Int8RowDot(sbyte* w, sbyte* xq, float* xs, int blocks)
+    private static float Int8RowDot<TDot>(sbyte* w, sbyte* xq, float* xs, int blocks)
+        where TDot : struct, IByteDot
     {
-        var flip = Vector256.Create((byte)0x80);
         Vector256<float> f0 = default, f1 = default;
         int b = 0;
         for (; b + 2 <= blocks; b += 2)
         {
             Sse.Prefetch1((byte*)w + b * 32 + L2PrefetchBytes);
-            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32) ^ flip, Vector256.Load(xq + b * 32));
-            var a1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32 + 32) ^ flip, Vector256.Load(xq + b * 32 + 32));
+            var a0 = TDot.Int8(Vector256.Load(w + b * 32), Vector256.Load(xq + b * 32));
+            var a1 = TDot.Int8(Vector256.Load(w + b * 32 + 32), Vector256.Load(xq + b * 32 + 32));
             f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Create(xs[b]), f0);
             f1 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a1), Vector256.Create(xs[b + 1]), f1);
         }
         if (b < blocks)
         {
-            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.Load((byte*)w + b * 32) ^ flip, Vector256.Load(xq + b * 32));
+            var a0 = TDot.Int8(Vector256.Load(w + b * 32), Vector256.Load(xq + b * 32));
             f0 = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a0), Vector256.Create(xs[b]), f0);
         }
         return Vector256.Sum(f0 + f1);
@@ -614,7 +681,8 @@ internal static unsafe class CpuGemv
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int4VnniBlock(in Job j, int n0, int n1)
+    private static void Int4VnniBlock<TDot>(in Job j, int n0, int n1)
+        where TDot : struct, IByteDot
     {
         int k = j.K, half = k / 2, pairs = k / 64;
         int groups = j.Signed ? 1 : k / j.Group;
@@ -632,7 +700,7 @@ internal static unsafe class CpuGemv
                 if (j.Signed)
                 {
                     // q = u − 8; the tail columns (past the last full 64) exactly in float32.
-                    float dot = SignedRowDot(w, xq, xs, pairs, j.Quads);
+                    float dot = SignedRowDot<TDot>(w, xq, xs, pairs, j.Quads);
                     float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
                     acc = (dot - 8f * qsums[0] + tailDot - 8f * j.Tails[r]) * j.Scales[n];
                 }
@@ -641,7 +709,7 @@ internal static unsafe class CpuGemv
                     // Σ((u − 8)·s + z)·x = s·Σu·x + (z − 8s)·Σx, Σx from the quantized values to cancel the offset.
                     ushort* sc = j.Bf16Scales + (long)n * groups;
                     ushort* ze = j.Bf16Zeros + (long)n * groups;
-                    acc = j.Quads > 0 ? GroupedQuadDot(w, xq, xs, groups, pairsPerGroup / 2, sc) : GroupedRowDot(w, xq, xs, groups, pairsPerGroup, sc);
+                    acc = j.Quads > 0 ? GroupedQuadDot(w, xq, xs, groups, pairsPerGroup / 2, sc) : GroupedRowDot<TDot>(w, xq, xs, groups, pairsPerGroup, sc);
                     for (int g = 0; g < groups; g++) acc += (Bf16(ze[g]) - 8f * Bf16(sc[g])) * qsums[g];
                 }
                 j.Y[(long)r * j.N + n] = acc + b;
@@ -658,7 +726,8 @@ internal static unsafe class CpuGemv
     /// <c>vpdpbusd</c>.
     /// </summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float SignedRowDot(byte* w, sbyte* xq, float* xs, int pairs, int quads)
+    private static float SignedRowDot<TDot>(byte* w, sbyte* xq, float* xs, int pairs, int quads)
+        where TDot : struct, IByteDot
     {
         var mask = Vector512.Create((byte)15);
         var eight = Vector512.Create((byte)8);
@@ -680,8 +749,8 @@ internal static unsafe class CpuGemv
             var m = mask.GetLower();
             var e = eight.GetLower();
             var v0 = Vector256.Load(w + p * 32);
-            var a0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Nibble(Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte(), m, e), Vector256.Load(xq + p * 64));
-            a0 = AvxVnni.MultiplyWideningAndAdd(a0, Nibble(v0, m, e), Vector256.Load(xq + p * 64 + 32));
+            var a0 = TDot.Nibbles(Vector256<int>.Zero, Nibble(Vector256.ShiftRightLogical(v0.AsUInt16(), 4).AsByte(), m, e), Vector256.Load(xq + p * 64));
+            a0 = TDot.Nibbles(a0, Nibble(v0, m, e), Vector256.Load(xq + p * 64 + 32));
             sum += Vector256.Sum(Avx.ConvertToVector256Single(a0) * Vector256.Load(xs + p * 8));
         }
         return sum;
@@ -717,7 +786,8 @@ internal static unsafe class CpuGemv
 
     /// <summary>Σ_g s_g·Σ sx·Σ(u·xq) over a grouped row (unsigned nibbles, bf16 group scales; groups of ≥ 64 columns).</summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float GroupedRowDot(byte* w, sbyte* xq, float* xs, int groups, int pairsPerGroup, ushort* scales)
+    private static float GroupedRowDot<TDot>(byte* w, sbyte* xq, float* xs, int groups, int pairsPerGroup, ushort* scales)
+        where TDot : struct, IByteDot
     {
         var mask = Vector256.Create((byte)15);
         var total = Vector256<float>.Zero;
@@ -729,8 +799,8 @@ internal static unsafe class CpuGemv
             {
                 Sse.Prefetch1(w + p * 32 + L2PrefetchBytes);
                 var v = Vector256.Load(w + p * 32);
-                var a = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Vector256.ShiftRightLogical(v.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
-                a = AvxVnni.MultiplyWideningAndAdd(a, v & mask, Vector256.Load(xq + p * 64 + 32));
+                var a = TDot.Nibbles(Vector256<int>.Zero, Vector256.ShiftRightLogical(v.AsUInt16(), 4).AsByte() & mask, Vector256.Load(xq + p * 64));
+                a = TDot.Nibbles(a, v & mask, Vector256.Load(xq + p * 64 + 32));
                 f = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a), Vector256.Load(xs + p * 8), f);
             }
             total = Fma.MultiplyAdd(f, Vector256.Create(Bf16(scales[g])), total);

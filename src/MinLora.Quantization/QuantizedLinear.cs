@@ -18,7 +18,7 @@ public enum QuantizedKernel
     Int4PackCuda,
     /// <summary>
     /// MinLora's own AVX-512 matrix-vector product on the stored bytes (CPU): no packed copy, any shape; int8 and int4
-    /// with int8 activations on AVX-VNNI CPUs (see <see cref="QuantizedLinearOptions.Int8Activations"/>), float32
+    /// with int8 activations on CPUs with AVX-512 BW/VL (see <see cref="QuantizedLinearOptions.Int8Activations"/>), float32
     /// activations otherwise. Used on CPUs with AVX-512; elsewhere libtorch's kernels.
     /// </summary>
     CpuGemv,
@@ -59,7 +59,7 @@ public sealed record QuantizedLinearOptions
     public int? CpuGemvMaxRows { get; init; }
 
     /// <summary>
-    /// For int4 and int8 layers in <see cref="QuantizedKernel.CpuGemv"/> on CPUs with AVX-VNNI: quantize the activations
+    /// For int4 and int8 layers in <see cref="QuantizedKernel.CpuGemv"/> (CPUs with AVX-512 BW/VL): quantize the activations
     /// to int8 per 32-column block (symmetric, max|x|/127) and multiply with integer dot products, as ggml's
     /// q4_0 × q8_0 and q8_0 × q8_0 do, at an added error of at most max|x_block|/254 per activation. int4: about 1.7×
     /// the throughput of float32 unpacking, the error far below the int4 weights' own rounding; int8: ~15 % faster

@@ -48,8 +48,12 @@ public class CpuGemvTests
     public void Kernel_EqualsFloat64Reference(QuantizationFormat format, long n, long k, int group)
     {
         Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW (elsewhere libtorch's kernels run, covered by QuantizedLinearTests)");
-        foreach (var int8Activations in new[] { false, true })
+        // int8 activations take vpdpbusd on AVX-VNNI CPUs and vpmaddubsw + vpmaddwd elsewhere: both where the CPU has both.
+        var paths = new List<(bool Int8Activations, bool AvxVnni)> { (false, false), (true, false) };
+        if (System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) paths.Add((true, true));
+        foreach (var (int8Activations, avxVnni) in paths)
         {
+            using var path = new ByteProducts(avxVnni);
             manual_seed(101 + n + k);
             using var linear = nn.Linear(k, n);
             var options = new QuantizedLinearOptions { Int8Activations = int8Activations };
@@ -57,7 +61,7 @@ public class CpuGemvTests
             Assert.Equal(QuantizedKernel.CpuGemv, q.Kernel);
             using var deq = q.Dequantize(ScalarType.Float64);
             using var bias = linear.bias!.to(ScalarType.Float64);
-            bool vnni = int8Activations && CpuGemv.VnniSupported && (format == QuantizationFormat.Int8PerRow
+            bool vnni = int8Activations && CpuGemv.Int8ActivationsSupported && (format == QuantizationFormat.Int8PerRow
                 ? k >= 32
                 : k >= 64 && (format == QuantizationFormat.Int4PerRowChatGlm || group % 64 == 0));
             bool exceededFloatBound = false;
@@ -88,6 +92,42 @@ public class CpuGemvTests
             }
             if (vnni) Assert.True(exceededFloatBound, "the int8-activation kernel was expected to run (its rounding shows)");
         }
+    }
+
+    /// <summary>
+    /// int4 × int8 through <c>vpdpbusd</c> and through <c>vpmaddubsw</c> + <c>vpmaddwd</c>: the same int32 sums (no
+    /// nibble pair can saturate 16 bits), so bit-identical outputs, on every int4 loop (512-bit quads, the odd 64-column
+    /// pair, groups of 64, byte tails).
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 11L, 456L, 0)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 33L, 4098L, 0)]
+    [InlineData(QuantizationFormat.Int4Grouped, 13L, 640L, 64)]
+    [InlineData(QuantizationFormat.Int4Grouped, 21L, 384L, 128)]
+    public void Int4ByteProducts_AreTheSameWithAndWithoutAvxVnni(QuantizationFormat format, long n, long k, int group)
+    {
+        Skip.IfNot(CpuGemv.Int8ActivationsSupported && System.Runtime.Intrinsics.X86.AvxVnni.IsSupported, "needs both forms: AVX-512 BW/VL and AVX-VNNI");
+        manual_seed(104);
+        using var linear = nn.Linear(k, n);
+        using var q = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group);
+        // Large activations with a shift: the 16-bit pair sums get close to their bound of 2·15·127.
+        using var x = randn(3, k).mul(50).add(3);
+        Tensor a, b;
+        using (new ByteProducts(true)) a = q.call(x);
+        using (new ByteProducts(false)) b = q.call(x);
+        Assert.True(T.Identical(a, b), "the two forms of the int4 × int8 products differ");
+        a.Dispose();
+        b.Dispose();
+    }
+
+    /// <summary>Selects the byte-product form for a scope and restores the CPU's default after.</summary>
+    private sealed class ByteProducts : IDisposable
+    {
+        private readonly bool _previous = CpuGemv.UseAvxVnni;
+
+        public ByteProducts(bool avxVnni) => CpuGemv.UseAvxVnni = avxVnni;
+
+        public void Dispose() => CpuGemv.UseAvxVnni = _previous;
     }
 
     [SkippableFact]
