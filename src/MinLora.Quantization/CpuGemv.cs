@@ -25,7 +25,7 @@ namespace MinLora.Quantization;
 /// <para>
 /// bf16 weights, and int8/int4 weights with float32 activations: float32 arithmetic on the exact stored values, the
 /// activations not rounded to bfloat16, so the result is closer to the float64 reference than libtorch's bf16 kernels.
-/// int8 and int4 on AVX-512 CPUs: int8 activations by default (<see cref="Int8Vnni{TDot}"/>, <see cref="Int4Vnni{TDot}"/>). Per group the int4 sum is
+/// int8 and int4 on AVX-512 CPUs: int8 activations by default (<see cref="Int8Dot{TDot}"/>, <see cref="Int4Dot{TDot}"/>). Per group the int4 sum is
 /// Σ(u·x)·s + (z − 8·s)·Σx (u the unsigned nibble); ChatGLM's signed nibbles become u = q + 8 by flipping bit 3 of each
 /// nibble (an XOR with 0x88, or in the VNNI loop one <c>vpternlogd</c> per nibble), one group per row and z = 0.
 /// </para>
@@ -50,15 +50,15 @@ internal static unsafe class CpuGemv
     /// <summary>
     /// An int8 per-row product. <paramref name="scales"/>: N float32; <paramref name="bias"/>: N float32 or null.
     /// With <paramref name="int8Activations"/> (and <see cref="Int8ActivationsSupported"/>) the activations are quantized
-    /// per 32-column block and multiplied with integer dot products (<see cref="Int8Vnni{TDot}"/>); otherwise float32
+    /// per 32-column block and multiplied with integer dot products (<see cref="Int8Dot{TDot}"/>); otherwise float32
     /// on the exact stored values.
     /// </summary>
     internal static void Int8(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n, bool int8Activations = false)
     {
         if (int8Activations && Int8ActivationsSupported && k >= 32)
         {
-            if (UseAvxVnni) Int8Vnni<VnniDot>(x, rows, k, w, scales, bias, y, n);
-            else Int8Vnni<PairDot>(x, rows, k, w, scales, bias, y, n);
+            if (UseAvxVnni) Int8Dot<VnniDot>(x, rows, k, w, scales, bias, y, n);
+            else Int8Dot<PairDot>(x, rows, k, w, scales, bias, y, n);
             return;
         }
         var job = new Job { X = x, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
@@ -73,8 +73,8 @@ internal static unsafe class CpuGemv
     {
         if (int8Activations && Int8ActivationsSupported && k >= 64 && (signedNibbles || group % 64 == 0))
         {
-            if (UseAvxVnni) Int4Vnni<VnniDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
-            else Int4Vnni<PairDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
+            if (UseAvxVnni) Int4Dot<VnniDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
+            else Int4Dot<PairDot>(x, rows, k, w, group, bf16Scales, bf16Zeros, rowScales, signedNibbles, bias, y, n);
             return;
         }
         // De-interleave each 32-column chunk of x into [16 even | 16 odd] and sum x over each group (the zero term).
@@ -211,11 +211,12 @@ internal static unsafe class CpuGemv
     /// int4 × int8: the activations are quantized per 32-column block (symmetric, scale max|x|/127, round to nearest),
     /// then integer dot products multiply the unsigned nibbles by the signed activations into int32 lanes: per 128
     /// columns 512-bit <c>vpmaddubsw</c>/<c>vpmaddwd</c> (<see cref="QuadSum"/>, 9 instructions), per remaining 64
-    /// <c>vpdpbusd</c> (7 per 64), against 14 per 64 with float32 conversion. The error this adds is at most
+    /// 256-bit products through <typeparamref name="TDot"/> (<c>vpdpbusd</c>: 7 per 64; without AVX-VNNI
+    /// <c>vpmaddubsw</c> + <c>vpmaddwd</c>: 9), against 14 per 64 with float32 conversion. The error this adds is at most
     /// max|x_block|/254 per activation (measured in the tests against that bound and in the model benchmark).
     /// Columns past the last full 64 (ChatGLM per-row layers only) are computed exactly in float32.
     /// </summary>
-    private static void Int4Vnni<TDot>(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n)
+    private static void Int4Dot<TDot>(float* x, int rows, int k, byte* w, int group, ushort* bf16Scales, ushort* bf16Zeros, float* rowScales, bool signedNibbles, float* bias, float* y, int n)
         where TDot : struct, IByteDot
     {
         int pairs = k / 64;                         // 64-column pairs of 32-column blocks, 32 packed bytes each
@@ -256,7 +257,7 @@ internal static unsafe class CpuGemv
                     Y = y,
                     N = n,
                 };
-                Run(ref job, &Int4VnniBlock<TDot>);
+                Run(ref job, &Int4DotBlock<TDot>);
             }
         }
         finally
@@ -429,7 +430,7 @@ internal static unsafe class CpuGemv
     /// activation. Columns past the last full block are computed exactly in float32. Without AVX-VNNI
     /// (<see cref="PairDot"/>) the same integer sums come from the signed weights with no offset.
     /// </summary>
-    private static void Int8Vnni<TDot>(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
+    private static void Int8Dot<TDot>(float* x, int rows, int k, sbyte* w, float* scales, float* bias, float* y, int n)
         where TDot : struct, IByteDot
     {
         int blocks = k / 32;
@@ -446,7 +447,7 @@ internal static unsafe class CpuGemv
                 for (int r = 0; r < rows; r++)
                     po[r] = TDot.Int8Offset * QuantizeBlocks(x + (long)r * k, blocks, pq + (long)r * blocks * 32, ps + (long)r * blocks);
                 var job = new Job { X = x, Xq = pq, XScales = ps, Sums = po, Rows = rows, K = k, W = (byte*)w, Scales = scales, Bias = bias, Y = y, N = n };
-                Run(ref job, &Int8VnniBlock<TDot>);
+                Run(ref job, &Int8DotBlock<TDot>);
             }
         }
         finally
@@ -483,7 +484,7 @@ internal static unsafe class CpuGemv
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int8VnniBlock<TDot>(in Job j, int n0, int n1)
+    private static void Int8DotBlock<TDot>(in Job j, int n0, int n1)
         where TDot : struct, IByteDot
     {
         int k = j.K, blocks = k / 32;
@@ -681,7 +682,7 @@ internal static unsafe class CpuGemv
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int4VnniBlock<TDot>(in Job j, int n0, int n1)
+    private static void Int4DotBlock<TDot>(in Job j, int n0, int n1)
         where TDot : struct, IByteDot
     {
         int k = j.K, half = k / 2, pairs = k / 64;
@@ -722,8 +723,8 @@ internal static unsafe class CpuGemv
 
     /// <summary>
     /// Σ sx·Σ(u·xq) over a ChatGLM row (signed nibbles, flipped to u = q + 8): the first <paramref name="quads"/>
-    /// 128-column quads in 512-bit registers (<see cref="QuadSum"/>), two per iteration; a last odd pair with
-    /// <c>vpdpbusd</c>.
+    /// 128-column quads in 512-bit registers (<see cref="QuadSum"/>), two per iteration; a last odd pair through
+    /// <typeparamref name="TDot"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
     private static float SignedRowDot<TDot>(byte* w, sbyte* xq, float* xs, int pairs, int quads)

@@ -24,18 +24,23 @@ public class DecodeAttentionTests
     [InlineData(ScalarType.BFloat16, 128, 37, true, 4, 1)]
     [InlineData(ScalarType.BFloat16, 64, 50, false, 4, 2)]
     // Four or more query heads per key/value head take the multi-query kernel (one lane per head): ChatGLM2/3's 32
-    // heads in 2 groups; 20 heads in one group (a block of 16 lanes and one of 4) over two value chunks and a short
-    // score block; 4 heads per group with a cache shorter than one score block.
+    // heads in 2 groups; 20 heads in one group (a block of 16 lanes and one of 4) over three value chunks and a short
+    // score block; 4 heads per group with a cache shorter than one score block; the same planned for 16 and 8 cores
+    // (blocks of 4 and of 5 lanes, so that every core gets an item).
     [InlineData(ScalarType.BFloat16, 128, 300, true, 32, 2)]
     [InlineData(ScalarType.BFloat16, 128, 601, false, 20, 1)]
     [InlineData(ScalarType.BFloat16, 128, 5, true, 8, 2)]
+    [InlineData(ScalarType.BFloat16, 128, 300, true, 32, 2, false, 16)]
+    [InlineData(ScalarType.BFloat16, 128, 601, false, 20, 1, false, 8)]
     // ChatGLM2's mask value, −∞, through all three kernels.
     [InlineData(ScalarType.BFloat16, 128, 40, true, 4, 2, true)]
     [InlineData(ScalarType.BFloat16, 128, 40, true, 32, 2, true)]
     [InlineData(ScalarType.Float32, 20, 40, true, 3, 3, true)]
-    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups, bool minusInfinity = false)
+    public void Kernel_MatchesFloat64Reference(ScalarType dtype, int hd, int length, bool masked, int heads, int groups, bool minusInfinity = false, int cores = 2)
     {
         Skip.IfNot(DecodeAttention.IsSupported, "needs AVX-512 (elsewhere the model takes the libtorch path, covered by every other decode test)");
+        // The rows above are chosen for the multi-query kernel taking 4 or more query heads per key/value head.
+        Assert.Equal(heads / groups >= 4, DecodeAttention.UsesGroupKernel(heads, groups));
         manual_seed(11);
         long b = 2, capacity = length + 5;
         // Cache entries past `length` hold large garbage: the kernel must not read them.
@@ -54,7 +59,7 @@ public class DecodeAttentionTests
         double norm = Math.Sqrt(hd) * 3, coeff = 3;
 
         float maskValue = minusInfinity ? float.NegativeInfinity : -10000f;
-        var got = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff, maskValue).to(ScalarType.Float64).reshape(b, heads, hd);
+        var got = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff, maskValue, cores).to(ScalarType.Float64).reshape(b, heads, hd);
 
         // Each group of heads / groups consecutive query heads reads one key/value head.
         var k = keys.narrow(2, 0, length).to(ScalarType.Float64).repeat_interleave(heads / groups, 1);
@@ -68,6 +73,22 @@ public class DecodeAttentionTests
         var bound = dtype == ScalarType.BFloat16 ? expected.abs() * Math.Pow(2, -8) + 1e-5 : expected.abs() * 1e-5 + 1e-5;
         var excess = ((got - expected).abs() - bound).max().item<double>();
         Assert.True(excess <= 0, $"kernel exceeds its bound by {excess}");
+    }
+
+    /// <summary>The multi-query kernel's plan: every group's heads in one pass when that keeps every core busy, else
+    /// blocks of fewer heads (never below 4) so that it does.</summary>
+    [Theory]
+    [InlineData(2, 16, 2, 16)]     // ChatGLM3 at batch 1 on 2 cores: one item per group
+    [InlineData(2, 16, 16, 4)]     // on 16 cores: 4 blocks of 4 heads per group
+    [InlineData(1, 20, 8, 4)]      // 5 blocks of 4
+    [InlineData(1, 16, 3, 6)]      // 3 blocks (6, 6, 4)
+    [InlineData(1, 5, 16, 5)]      // too few heads to split
+    [InlineData(64, 16, 16, 16)]   // a batch gives enough items already
+    public void GroupLanes_KeepsEveryCoreBusy(long cacheItems, long perGroup, int cores, int expected)
+    {
+        int lanes = DecodeAttention.GroupLanes(cacheItems, perGroup, cores);
+        Assert.Equal(expected, lanes);
+        Assert.InRange(lanes, 4, 16);
     }
 
     [SkippableTheory]

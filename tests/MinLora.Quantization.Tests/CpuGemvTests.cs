@@ -38,7 +38,7 @@ public class CpuGemvTests
     /// nibble-order mistake, which changes results by O(Σ|x·w|).
     /// </summary>
     /// <remarks>
-    /// With <see cref="QuantizedLinearOptions.Int8Activations"/> (int4 on AVX-VNNI CPUs) each activation in the first
+    /// With <see cref="QuantizedLinearOptions.Int8Activations"/> (CPUs with AVX-512 BW/VL) each activation in the first
     /// ⌊K/64⌋·64 columns is replaced by its int8 rounding, off by at most max|x_block|/254 (32-column blocks), so the
     /// bound gains Σₖ |w_nk|·max|x_block(k)|/254: the exact worst case of that rounding, still far below any layout
     /// mistake. The test also checks the int8 path is really taken (its error exceeds the float32 bound somewhere).
@@ -96,28 +96,74 @@ public class CpuGemvTests
 
     /// <summary>
     /// int4 × int8 through <c>vpdpbusd</c> and through <c>vpmaddubsw</c> + <c>vpmaddwd</c>: the same int32 sums (no
-    /// nibble pair can saturate 16 bits), so bit-identical outputs, on every int4 loop (512-bit quads, the odd 64-column
-    /// pair, groups of 64, byte tails).
+    /// nibble pair can saturate 16 bits), so bit-identical outputs, on every loop that differs between the two forms
+    /// (the 512-bit quads are the same code in both): a ChatGLM row's last odd 64-column pair, with and without a byte
+    /// tail, and grouped rows in groups of 64 columns (one pair per group; groups of 128 and 256 take the quads).
     /// </summary>
     [SkippableTheory]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 11L, 456L, 0)]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 33L, 4098L, 0)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 11L, 456L, 0)]     // 3 quads, a last pair, an 8-column tail
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 33L, 4162L, 0)]    // ChatGLM's 32 quads + 1 pair + 2 columns
     [InlineData(QuantizationFormat.Int4Grouped, 13L, 640L, 64)]
-    [InlineData(QuantizationFormat.Int4Grouped, 21L, 384L, 128)]
+    [InlineData(QuantizationFormat.Int4Grouped, 21L, 192L, 64)]
     public void Int4ByteProducts_AreTheSameWithAndWithoutAvxVnni(QuantizationFormat format, long n, long k, int group)
     {
         Skip.IfNot(CpuGemv.Int8ActivationsSupported && System.Runtime.Intrinsics.X86.AvxVnni.IsSupported, "needs both forms: AVX-512 BW/VL and AVX-VNNI");
         manual_seed(104);
         using var linear = nn.Linear(k, n);
         using var q = QuantizedLinear.FromLinear(linear, format, group == 0 ? 128 : group);
-        // Large activations with a shift: the 16-bit pair sums get close to their bound of 2·15·127.
-        using var x = randn(3, k).mul(50).add(3);
+        // Activations shifted to mostly one sign: each block's largest quantizes to ±127 and the 16-bit pair sums of
+        // large nibbles get close to their bound of 2·15·127.
+        using var x = randn(3, k).add(3);
         Tensor a, b;
         using (new ByteProducts(true)) a = q.call(x);
         using (new ByteProducts(false)) b = q.call(x);
         Assert.True(T.Identical(a, b), "the two forms of the int4 × int8 products differ");
         a.Dispose();
         b.Dispose();
+    }
+
+    /// <summary>
+    /// The int8 code −128, which <see cref="QuantizedLinear.FromLinear"/> never makes (it clamps to ±127) but a loaded
+    /// checkpoint may hold, against activations at ±127 after quantization: without AVX-VNNI its magnitude is the
+    /// unsigned operand (128, at most 2·128·127 per 16-bit pair: no saturation), with it the +128 flip makes it 0. Each
+    /// 32-column block's largest |x| is 1, so the int8 activations are exact and float32 rounding is the only error.
+    /// </summary>
+    [SkippableFact]
+    public unsafe void Int8Weights_AtMinus128_AreExactInEveryForm()
+    {
+        Skip.IfNot(CpuGemv.Int8ActivationsSupported, "needs AVX-512 BW/VL");
+        const int n = 3, k = 96 + 5;   // three 32-column blocks and a float32 tail
+        var rng = new Random(7);
+        var w = new sbyte[n * k];
+        var x = new float[k];
+        for (int c = 0; c < k; c++)
+        {
+            w[c] = -128;                                                 // a row of −128
+            w[k + c] = c % 2 == 0 ? (sbyte)-128 : (sbyte)127;            // the extremes alternating
+            w[2 * k + c] = (sbyte)rng.Next(-128, 128);
+            x[c] = c % 3 == 0 ? -1f : 1f;
+        }
+        float[] scales = [0.5f, 0.25f, 1f / 127];
+        var forms = new List<bool> { false };
+        if (System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) forms.Add(true);
+        foreach (bool avxVnni in forms)
+        {
+            using var form = new ByteProducts(avxVnni);
+            var y = new float[n];
+            fixed (float* px = x, ps = scales, py = y)
+            fixed (sbyte* pw = w)
+                CpuGemv.Int8(px, 1, k, pw, ps, null, py, n, int8Activations: true);
+            for (int r = 0; r < n; r++)
+            {
+                double expected = 0, magnitude = 0;
+                for (int c = 0; c < k; c++)
+                {
+                    expected += (double)x[c] * w[r * k + c] * scales[r];
+                    magnitude += Math.Abs((double)x[c] * w[r * k + c] * scales[r]);
+                }
+                Assert.True(Math.Abs(y[r] - expected) <= 1e-6 * magnitude, $"row {r}, AVX-VNNI {avxVnni}: {y[r]} against {expected}");
+            }
+        }
     }
 
     /// <summary>Selects the byte-product form for a scope and restores the CPU's default after.</summary>

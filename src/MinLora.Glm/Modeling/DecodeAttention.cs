@@ -42,8 +42,9 @@ internal static unsafe class DecodeAttention
     /// <param name="norm">The query is divided by this (√hd·(layer+1)).</param>
     /// <param name="coeff">The masked scores are multiplied by this ((layer+1)) before the softmax.</param>
     /// <param name="maskValue">The score of a masked position (ChatGLM-6B −10000, ChatGLM2 −∞).</param>
+    /// <param name="cores">The cores to plan the multi-query kernel's items for (default: this machine's).</param>
     /// <returns>The context [1, b, heads·hd] in the query's type.</returns>
-    internal static Tensor Run(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask, double norm, double coeff, float maskValue = -10000f)
+    internal static Tensor Run(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask, double norm, double coeff, float maskValue = -10000f, int? cores = null)
     {
         long b = keys.shape[0], groups = keys.shape[1], capacity = keys.shape[2], hd = keys.shape[3];
         long heads = query.shape[2];
@@ -71,8 +72,11 @@ internal static unsafe class DecodeAttention
             job.Query16 = (ushort*)TensorMemory.Pointer(query);
             job.Output16 = (ushort*)TensorMemory.Pointer(result);
             long perGroup = heads / groups;
-            if (perGroup >= MinGroupHeads)
-                ForEachItem((int)(b * groups * ((perGroup + Lanes - 1) / Lanes)), i => Group128(job, i));
+            if (UsesGroupKernel(heads, groups))
+            {
+                job.GroupLanes = GroupLanes(b * groups, perGroup, cores ?? Environment.ProcessorCount);
+                ForEachItem((int)(b * groups * ((perGroup + job.GroupLanes - 1) / job.GroupLanes)), i => Group128(job, i));
+            }
             else
                 ForEachItem(items, i => Head128(job, i));
             GC.KeepAlive(query);
@@ -131,7 +135,7 @@ internal static unsafe class DecodeAttention
         public nint Keys, Values;
         public bool Bf16;
         public long Capacity;
-        public int Length, Heads, Groups, HeadDim;
+        public int Length, Heads, Groups, HeadDim, GroupLanes;
         public byte* Mask;
         public float Scale, Coeff, MaskValue;
         public float* Output;
@@ -299,8 +303,28 @@ internal static unsafe class DecodeAttention
     /// and GLM-4 have 16). Below, each head streams the cache itself (<see cref="Head128"/>).</summary>
     private const int MinGroupHeads = 4;
 
-    /// <summary>Query heads per pass of <see cref="Group128"/>: one float32 lane each.</summary>
+    /// <summary>Query heads per pass of <see cref="Group128"/> at most: one float32 lane each.</summary>
     private const int Lanes = 16;
+
+    /// <summary>Whether a 128-dim bf16 cache with <paramref name="heads"/> query heads over <paramref name="groups"/>
+    /// key/value heads runs <see cref="Group128"/> (at least <see cref="MinGroupHeads"/> query heads per group).</summary>
+    internal static bool UsesGroupKernel(long heads, long groups) => heads / groups >= MinGroupHeads;
+
+    /// <summary>
+    /// Query heads per <see cref="Group128"/> item: all of a group's (up to 16) in one pass when that gives every core
+    /// an item; otherwise fewer per pass, down to <see cref="MinGroupHeads"/>, so that more cores share the step (each
+    /// item then reads the group's cache again: at batch 1 ChatGLM2/3 and GLM-4 have only 2 groups).
+    /// </summary>
+    /// <param name="cacheItems">Sequences × key/value heads.</param>
+    /// <param name="perGroup">Query heads per key/value head.</param>
+    /// <param name="cores">The cores to keep busy.</param>
+    internal static int GroupLanes(long cacheItems, long perGroup, int cores)
+    {
+        long blocks = (perGroup + Lanes - 1) / Lanes;
+        if (cacheItems * blocks >= cores) return Lanes;
+        long wanted = Math.Min((cores + cacheItems - 1) / cacheItems, Math.Max(blocks, perGroup / MinGroupHeads));
+        return (int)Math.Min(Lanes, (perGroup + wanted - 1) / wanted);
+    }
 
     /// <summary>Positions whose scores <see cref="Group128"/> computes together (independent accumulators).</summary>
     private const int ScoreBlock = 8;
@@ -313,7 +337,7 @@ internal static unsafe class DecodeAttention
     /// Up to 16 query heads that share one 128-dim bf16 key/value head (multi-query attention), in one pass over it,
     /// with one float32 lane per query head: each key and value is read and widened once for all of them (where
     /// <see cref="Head128"/> would read the group's cache once per head), scores need no horizontal sums, and the
-    /// softmax runs across heads. Item = (sequence, group, block of 16 heads).
+    /// softmax runs across heads. Item = (sequence, group, block of up to 16 heads: <see cref="GroupLanes"/>).
     /// </summary>
     /// <remarks>
     /// Dimensions are taken in the order the widening produces (each 32-element line's even elements, then its odd
@@ -324,10 +348,10 @@ internal static unsafe class DecodeAttention
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Group128(in Job j, int item)
     {
-        int perGroup = j.Heads / j.Groups, blocks = (perGroup + Lanes - 1) / Lanes;
+        int perGroup = j.Heads / j.Groups, lanes = j.GroupLanes, blocks = (perGroup + lanes - 1) / lanes;
         int block = item % blocks, cacheItem = item / blocks, sequence = cacheItem / j.Groups;
-        int first = sequence * j.Heads + cacheItem % j.Groups * perGroup + block * Lanes;   // query row of lane 0
-        int count = Math.Min(Lanes, perGroup - block * Lanes);
+        int first = sequence * j.Heads + cacheItem % j.Groups * perGroup + block * lanes;   // query row of lane 0
+        int count = Math.Min(lanes, perGroup - block * lanes);
         long start = (long)cacheItem * j.Capacity * LineHeadDim;
         uint* k = (uint*)((ushort*)j.Keys + start);
         uint* v = (uint*)((ushort*)j.Values + start);
@@ -416,7 +440,7 @@ internal static unsafe class DecodeAttention
                 {
                     int t1 = Math.Min(n, t0 + ValueChunk);
                     for (int half = 0; half < LineHeadDim / 16; half++)
-                        SumValues(v + half / 2 * 16, (half & 1) != 0, scores, t0, t1, sums + half * 16, t0 == 0);
+                        SumValues(v + half / 2 * 16, (half & 1) != 0, half == 0, scores, t0, t1, sums + half * 16, t0 == 0);
                 }
 
                 float* totals = stackalloc float[Lanes];
@@ -454,13 +478,15 @@ internal static unsafe class DecodeAttention
     /// </summary>
     /// <param name="line">Position t's line starts at <paramref name="line"/> + t·64 uints.</param>
     /// <param name="odd">Whether to take the line's odd elements rather than its even ones.</param>
+    /// <param name="prefetch">Whether to prefetch whole positions ahead (the first of a chunk's passes; the others find
+    /// the chunk in cache).</param>
     /// <param name="probabilities">[position][lane].</param>
     /// <param name="t0">The first position.</param>
     /// <param name="t1">One past the last position.</param>
     /// <param name="sums">Lane i's 16 sums at <paramref name="sums"/> + i·128.</param>
     /// <param name="fresh">Whether the sums start at zero rather than at what <paramref name="sums"/> holds.</param>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void SumValues(uint* line, bool odd, float* probabilities, int t0, int t1, float* sums, bool fresh)
+    private static void SumValues(uint* line, bool odd, bool prefetch, float* probabilities, int t0, int t1, float* sums, bool fresh)
     {
         const int Line = LineHeadDim / 2, Stride = LineHeadDim;
         Vector512<float> r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15;
@@ -482,7 +508,7 @@ internal static unsafe class DecodeAttention
         for (int t = t0; t < t1; t++)
         {
             uint* row = line + (long)t * Line;
-            if (!odd) PrefetchPosition((byte*)(row + PrefetchPositions * Line));
+            if (prefetch) PrefetchPosition((byte*)(row + PrefetchPositions * Line));
             var raw = Vector512.Load(row);
             var x = odd ? Odd(raw) : Even(raw);
             float* p = probabilities + t * Lanes;
