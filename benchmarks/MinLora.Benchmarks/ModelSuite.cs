@@ -482,7 +482,7 @@ internal static class ModelSuite
     }
 
     /// <summary>Plain read of a buffer several times the last-level cache, all cores, 64-byte vectors.</summary>
-    private sealed unsafe class ReadBandwidth
+    internal sealed unsafe class ReadBandwidth
     {
         private readonly long _bytes;
         private readonly nint _buffer;

@@ -44,12 +44,13 @@ if (suite == "model")
 }
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
+if (suite == "gemv-probe") return GemvProbe.Run(rounds);
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
 if (suite == "prompt-products") { QuantSuite.RunPrompt(rounds); return 0; }
 if (suite == "tokenizer") return TokenizerSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover, prompt-products)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover, prompt-products, attention-probe, gemv-probe)");
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +
