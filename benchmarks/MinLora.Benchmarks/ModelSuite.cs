@@ -97,6 +97,7 @@ internal static class ModelSuite
         bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
+        bool abTwoStreams = args.Contains("--ab-two-streams");
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
         {
             HugePages = huge,
@@ -240,9 +241,11 @@ internal static class ModelSuite
         {
             Progress($"decode at context {context}");
             ArgumentNullException.ThrowIfNull(readBest);
-            var (stepMs, bestMs, cacheBytes) = Decode(model, config, context, steps, readBest);
+            var (stepMs, bestMs, cacheBytes, oneStream) = Decode(model, config, context, steps, readBest, abTwoStreams);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
+            if (oneStream is var (oneMs, oneBest))
+                rows.Add(new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}"));
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token (best step {bestMs:F1})", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", $"{Pct(boundMs / stepMs)} (best step {Pct(boundMs / bestMs)})"));
         }
         if (readBest is not null)
@@ -358,7 +361,7 @@ internal static class ModelSuite
     private static void Progress(string what) =>
         Console.Error.WriteLine($"  … {what} (RSS {Rss.Current() / 1e9:F2} GB, peak {Rss.Peak() / 1e9:F2} GB)");
 
-    private static (double MsPerToken, double BestMs, long CacheBytes) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read)
+    private static (double MsPerToken, double BestMs, long CacheBytes, (double Ms, double Best)? OneStream) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read, bool abTwoStreams)
     {
         using var noGrad = no_grad();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
@@ -375,9 +378,13 @@ internal static class ModelSuite
         }
         ids.Dispose();
         var times = new List<double>();
+        var oneStream = new List<double>();
         long cacheBytes = 0;
         for (int step = 0; step < steps; step++)
         {
+            // --ab-two-streams: odd steps take the kernels' one-row form (CpuGemv.TwoStreams off), timed apart.
+            bool one = abTwoStreams && step % 2 == 1;
+            CpuGemv.TwoStreams = !one;
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -396,7 +403,7 @@ internal static class ModelSuite
                 stepIds.Dispose();
                 stepIds = next;
             }
-            times.Add(sw.Elapsed.TotalMilliseconds);
+            (one ? oneStream : times).Add(sw.Elapsed.TotalMilliseconds);
             if (step % 3 == 2) read.Pass();
         }
         if (cache is not null)
@@ -408,8 +415,10 @@ internal static class ModelSuite
         stepIds.Dispose();
         mask?.Dispose();
         positions.Dispose();
+        CpuGemv.TwoStreams = true;
         var measured = times.Skip(1).ToList();
-        return (MedianOf(measured), measured.Count == 0 ? double.NaN : measured.Min(), cacheBytes);
+        (double, double)? oneForm = oneStream.Count == 0 ? null : (MedianOf(oneStream), oneStream.Min());
+        return (MedianOf(measured), measured.Count == 0 ? double.NaN : measured.Min(), cacheBytes, oneForm);
     }
 
     /// <summary>Random ids ending in ChatGLM's <c>[gMASK] &lt;sop&gt;</c> (the layout generation starts from).</summary>

@@ -49,11 +49,13 @@ public class CpuGemvTests
     {
         Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW (elsewhere libtorch's kernels run, covered by QuantizedLinearTests)");
         // int8 activations take vpdpbusd on AVX-VNNI CPUs and vpmaddubsw + vpmaddwd elsewhere: both where the CPU has both.
-        var paths = new List<(bool Int8Activations, bool AvxVnni)> { (false, false), (true, false) };
-        if (System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) paths.Add((true, true));
-        foreach (var (int8Activations, avxVnni) in paths)
+        // Each with the kernels' two-row form (the default) and where it applies also the one-row form.
+        var paths = new List<(bool Int8Activations, bool AvxVnni, bool TwoStreams)> { (false, false, true), (true, false, true), (true, false, false) };
+        if (System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) paths.Add((true, true, true));
+        foreach (var (int8Activations, avxVnni, twoStreams) in paths)
         {
             using var path = new ByteProducts(avxVnni);
+            using var streams = new Streams(twoStreams);
             manual_seed(101 + n + k);
             using var linear = nn.Linear(k, n);
             var options = new QuantizedLinearOptions { Int8Activations = int8Activations };
@@ -88,7 +90,7 @@ public class CpuGemvTests
                     exceededFloatBound |= (err - floatBound).max().item<double>() > 0;
                 }
                 var worst = (err - bound).max().item<double>();
-                Assert.True(worst <= 0, $"{format} {n}x{k} g{group} rows {rows} int8 activations {int8Activations}: error exceeds the bound by {worst}");
+                Assert.True(worst <= 0, $"{format} {n}x{k} g{group} rows {rows} int8 activations {int8Activations}, two streams {twoStreams}: error exceeds the bound by {worst}");
             }
             if (vnni) Assert.True(exceededFloatBound, "the int8-activation kernel was expected to run (its rounding shows)");
         }
@@ -164,6 +166,48 @@ public class CpuGemvTests
                 Assert.True(Math.Abs(y[r] - expected) <= 1e-6 * magnitude, $"row {r}, AVX-VNNI {avxVnni}: {y[r]} against {expected}");
             }
         }
+    }
+
+    /// <summary>The two-row form of the kernels gives each row exactly what the one-row form gives it (the same terms in
+    /// the same order): bit-identical outputs, on N odd (a row left for the one-row loop) and even, K with tails.</summary>
+    [SkippableTheory]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 37L, 4162L)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 64L, 456L)]
+    [InlineData(QuantizationFormat.Int8PerRow, 37L, 4100L)]
+    [InlineData(QuantizationFormat.Int8PerRow, 50L, 96L)]
+    public void TwoStreams_GiveTheOneRowResults(QuantizationFormat format, long n, long k)
+    {
+        Skip.IfNot(CpuGemv.Int8ActivationsSupported, "needs AVX-512 BW/VL");
+        manual_seed(106);
+        using var linear = nn.Linear(k, n);
+        using var q = QuantizedLinear.FromLinear(linear, format);
+        using var bf16 = nn.Linear(k, n, dtype: ScalarType.BFloat16);
+        using var x = randn(3, k).add(1);
+        using var noGrad = no_grad();
+        Tensor a, b, c, d;
+        using (new Streams(true))
+        {
+            a = q.call(x);
+            c = CpuLinear.Forward(bf16, x);
+        }
+        using (new Streams(false))
+        {
+            b = q.call(x);
+            d = CpuLinear.Forward(bf16, x);
+        }
+        Assert.True(T.Identical(a, b), $"{format}: the two-row form differs from the one-row form");
+        Assert.True(T.Identical(c, d), "bf16: the two-row form differs from the one-row form");
+        foreach (var t in new[] { a, b, c, d }) t.Dispose();
+    }
+
+    /// <summary>Selects the kernels' two-row (default) or one-row form for a scope.</summary>
+    private sealed class Streams : IDisposable
+    {
+        private readonly bool _previous = CpuGemv.TwoStreams;
+
+        public Streams(bool two) => CpuGemv.TwoStreams = two;
+
+        public void Dispose() => CpuGemv.TwoStreams = _previous;
     }
 
     /// <summary>Selects the byte-product form for a scope and restores the CPU's default after.</summary>
@@ -258,8 +302,9 @@ public class CpuGemvTests
         using var linear = nn.Linear(k, n, dtype: ScalarType.BFloat16);
         using var w = linear.weight!.to(ScalarType.Float64);
         using var bias = linear.bias!.to(ScalarType.Float64);
-        foreach (var rows in new[] { 1L, 3L, 8L })
+        foreach (var (rows, twoStreams) in new[] { (1L, true), (3L, true), (8L, true), (1L, false), (3L, false) })
         {
+            using var streams = new Streams(twoStreams);
             using var x = randn(rows, k);
             using var noGrad = no_grad(); // the weights want gradients: the kernel runs for inference only
             using var y = CpuLinear.Forward(linear, x);
