@@ -5,23 +5,27 @@ using TorchSharp;
 using static TorchSharp.torch;
 
 /// <summary>
-/// The one-row kernels' rate, streaming against in cache: each format's 4096-column layers read once per pass from a
+/// The decoding kernels' rate (one activation row), streaming against in cache: each format's 4096-column layers read once per pass from a
 /// set far larger than the last-level cache, and the same kernel on a 4 MB layer that stays in cache, in interleaved
 /// rounds beside a plain read of memory. Streaming close to the plain read means the kernel is bound by memory; an
 /// in-cache rate not far above the streaming rate means it is bound by its own instructions. The last column is the
-/// fixed cost of a call (a 64-row layer: activations converted, output allocated, one fork/join).
+/// time of a call on a 64-row layer: the fixed cost (activations converted, output allocated, one fork/join) plus
+/// reading its 128–512 KB of weights from cache (2–7 µs).
 /// </summary>
-/// <remarks><c>gemv-probe [--rounds N]</c>. Weights are zeros (the kernels' time does not depend on values).</remarks>
+/// <remarks><c>gemv-probe [--rounds N] [--one-stream]</c>: the kernels' default form reads two weight rows at once
+/// (<c>CpuGemv.TwoStreams</c>); <c>--one-stream</c> takes the one-row form. Weights are zeros (the kernels' time does not
+/// depend on values), on huge pages as the model's and the plain read's are.</remarks>
 internal static class GemvProbe
 {
     private const long K = 4096;
 
-    public static int Run(int rounds)
+    public static int Run(int rounds, bool oneStream)
     {
         using var noGrad = no_grad();
+        CpuGemv.TwoStreams = !oneStream;
         var read = new ModelSuite.ReadBandwidth(hugePages: true);
-        Console.WriteLine($"gemv-probe: {Environment.ProcessorCount} cores, {rounds} interleaved rounds, 1 row, K = {K}");
-        Console.WriteLine("| weights | streaming GB/s (median / best) | in cache GB/s (median / best) | streaming ÷ plain read (best ÷ best) | µs per call of a 64-row layer (median / best) |");
+        Console.WriteLine($"gemv-probe: {Environment.ProcessorCount} cores, {rounds} interleaved rounds, 1 row, K = {K}, {(oneStream ? "one row at a time" : "two rows at once where the kernel has that form")}");
+        Console.WriteLine("| weights | streaming GB/s (median / best) | in cache GB/s (median / best) | streaming ÷ plain read (best ÷ best) | µs per call of a 64-row layer, weights in cache (median / best) |");
         Console.WriteLine("|---|---|---|---|---|");
         var modules = new List<IDisposable>();
         foreach (var format in new[] { "bf16", "int8", "int4 chatglm", "int4 g128" })
@@ -70,6 +74,7 @@ internal static class GemvProbe
         {
             var linear = nn.Linear(K, rows, hasBias: false, dtype: ScalarType.BFloat16);
             modules.Add(linear);
+            _ = linear.UseHugePages();
             return x => CpuLinear.Forward(linear, x);
         }
         var q = QuantizedLinear.Empty(K, rows, hasBias: false, format switch
@@ -78,6 +83,7 @@ internal static class GemvProbe
             "int4 chatglm" => QuantizationFormat.Int4PerRowChatGlm,
             _ => QuantizationFormat.Int4Grouped,
         }, 128, ScalarType.BFloat16);
+        _ = q.UseHugePages();
         q.RefreshKernel();
         modules.Add(q);
         return x => q.call(x);

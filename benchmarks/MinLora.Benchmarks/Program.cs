@@ -44,7 +44,7 @@ if (suite == "model")
 }
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
-if (suite == "gemv-probe") return GemvProbe.Run(rounds);
+if (suite == "gemv-probe") return GemvProbe.Run(rounds, argsList.Contains("--one-stream"));
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
 if (suite == "prompt-products") { QuantSuite.RunPrompt(rounds); return 0; }
 if (suite == "tokenizer") return TokenizerSuite.Run(argsList);

@@ -30,7 +30,8 @@ namespace MinLora.Quantization;
 /// nibble (an XOR with 0x88, or in the VNNI loop one <c>vpternlogd</c> per nibble), one group per row and z = 0.
 /// </para>
 /// Work is split over output rows with <see cref="CpuParallel.For"/>; each block's weight rows are
-/// contiguous, so every core streams its own part of the matrix.
+/// contiguous, and the decoding kernels read its two halves at once (<see cref="TwoStreams"/>), so every core streams
+/// two parts of the matrix.
 /// </remarks>
 internal static unsafe class CpuGemv
 {
@@ -46,10 +47,11 @@ internal static unsafe class CpuGemv
 
     /// <summary>
     /// The bf16, int8 × int8 and ChatGLM int4 × int8 kernels take two weight rows half a block apart at once: two
-    /// independent streams per core, and each activation load serves both rows. Measured on a 2-core Zen 5 VM in one
-    /// process (decode steps alternating between the two forms, ChatGLM-6B): int4 157 → 119–123 ms per token, bf16
-    /// 379 → 328–339 ms, int8 284 → 262 ms; two rows side by side instead (one stream) were slower than one row. A
-    /// field so that tests and the benchmark's A/B can take the one-row form.
+    /// independent streams per core, and each activation load serves both rows. Measured on a 2-core Zen 5 VM with
+    /// decode steps alternating between the two forms in one process (ChatGLM-6B, context 16 / 1,024): int4 0.82 /
+    /// 0.79× the one-row time, bf16 0.85 / 0.89×, int8 0.95 / 1.03× (docs/measurements/cpu-model-6b.md); two rows side
+    /// by side instead (one stream) were slower than one row. A field so that tests and the benchmark's A/B can take
+    /// the one-row form; both forms give bit-identical outputs.
     /// </summary>
     internal static bool TwoStreams = true;
 

@@ -17,8 +17,8 @@ public class DecodeAttentionTests
     [InlineData(ScalarType.BFloat16, 20, 300, true, 3, 3)]
     [InlineData(ScalarType.BFloat16, 128, 17, true, 3, 3)]
     [InlineData(ScalarType.Float32, 33, 64, true, 3, 3)]
-    // 128-dim bf16 heads take the register kernel: one position, long caches, grouped keys (ChatGLM2's multi-query
-    // attention), one group for all heads.
+    // 128-dim bf16 heads take the register kernel: one position, long caches, grouped keys (2 query heads per
+    // key/value head); 4 heads in one group take the multi-query kernel below.
     [InlineData(ScalarType.BFloat16, 128, 1, false, 3, 3)]
     [InlineData(ScalarType.BFloat16, 128, 300, false, 4, 2)]
     [InlineData(ScalarType.BFloat16, 128, 37, true, 4, 1)]

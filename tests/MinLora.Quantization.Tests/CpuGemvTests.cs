@@ -171,33 +171,40 @@ public class CpuGemvTests
     /// <summary>The two-row form of the kernels gives each row exactly what the one-row form gives it (the same terms in
     /// the same order): bit-identical outputs, on N odd (a row left for the one-row loop) and even, K with tails.</summary>
     [SkippableTheory]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 37L, 4162L)]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 64L, 456L)]
-    [InlineData(QuantizationFormat.Int8PerRow, 37L, 4100L)]
-    [InlineData(QuantizationFormat.Int8PerRow, 50L, 96L)]
-    public void TwoStreams_GiveTheOneRowResults(QuantizationFormat format, long n, long k)
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 37L, 4162L, true)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 64L, 456L, false)]
+    [InlineData(QuantizationFormat.Int8PerRow, 37L, 4100L, false)]
+    [InlineData(QuantizationFormat.Int8PerRow, 50L, 96L, true)]
+    public void TwoStreams_GiveTheOneRowResults(QuantizationFormat format, long n, long k, bool hasBias)
     {
         Skip.IfNot(CpuGemv.Int8ActivationsSupported, "needs AVX-512 BW/VL");
         manual_seed(106);
-        using var linear = nn.Linear(k, n);
+        using var linear = nn.Linear(k, n, hasBias);
         using var q = QuantizedLinear.FromLinear(linear, format);
-        using var bf16 = nn.Linear(k, n, dtype: ScalarType.BFloat16);
+        using var bf16 = nn.Linear(k, n, hasBias, dtype: ScalarType.BFloat16);
         using var x = randn(3, k).add(1);
         using var noGrad = no_grad();
-        Tensor a, b, c, d;
-        using (new Streams(true))
+        // Both byte-product forms where the CPU has both.
+        var forms = new List<bool> { false };
+        if (System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) forms.Add(true);
+        foreach (bool avxVnni in forms)
         {
-            a = q.call(x);
-            c = CpuLinear.Forward(bf16, x);
+            using var form = new ByteProducts(avxVnni);
+            Tensor a, b, c, d;
+            using (new Streams(true))
+            {
+                a = q.call(x);
+                c = CpuLinear.Forward(bf16, x);
+            }
+            using (new Streams(false))
+            {
+                b = q.call(x);
+                d = CpuLinear.Forward(bf16, x);
+            }
+            Assert.True(T.Identical(a, b), $"{format}, AVX-VNNI {avxVnni}: the two-row form differs from the one-row form");
+            Assert.True(T.Identical(c, d), "bf16: the two-row form differs from the one-row form");
+            foreach (var t in new[] { a, b, c, d }) t.Dispose();
         }
-        using (new Streams(false))
-        {
-            b = q.call(x);
-            d = CpuLinear.Forward(bf16, x);
-        }
-        Assert.True(T.Identical(a, b), $"{format}: the two-row form differs from the one-row form");
-        Assert.True(T.Identical(c, d), "bf16: the two-row form differs from the one-row form");
-        foreach (var t in new[] { a, b, c, d }) t.Dispose();
     }
 
     /// <summary>Selects the kernels' two-row (default) or one-row form for a scope.</summary>

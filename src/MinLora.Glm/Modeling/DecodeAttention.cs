@@ -312,8 +312,10 @@ internal static unsafe class DecodeAttention
 
     /// <summary>
     /// Query heads per <see cref="Group128"/> item: all of a group's (up to 16) in one pass when that gives every core
-    /// an item; otherwise fewer per pass, down to <see cref="MinGroupHeads"/>, so that more cores share the step (each
-    /// item then reads the group's cache again: at batch 1 ChatGLM2/3 and GLM-4 have only 2 groups).
+    /// an item; otherwise blocks of fewer, down to <see cref="MinGroupHeads"/> (a group's last block may hold fewer
+    /// still), so that more cores share the step: at batch 1 ChatGLM2/3 and GLM-4 have only 2 groups. Each item then
+    /// reads the group's cache again and does the full 16-lane arithmetic however few lanes it uses (at 4 lanes, four
+    /// times the arithmetic of one 16-lane pass): a trade for many-core hosts, not measured on one.
     /// </summary>
     /// <param name="cacheItems">Sequences × key/value heads.</param>
     /// <param name="perGroup">Query heads per key/value head.</param>
