@@ -23,6 +23,8 @@ public class CpuGemvTests
         { QuantizationFormat.Int4Grouped, 40, 4096, 128 },
         { QuantizationFormat.Int4Grouped, 21, 384, 128 },  // three groups of one 128-column quad (the 512-bit loop)
         { QuantizationFormat.Int4Grouped, 13, 640, 64 },   // groups of one 64-column pair: the 256-bit loop
+        { QuantizationFormat.Int4Grouped, 23, 2432, 128 }, // 19 groups: vector and scalar zero term, an odd last group
+        { QuantizationFormat.Int4Grouped, 9, 4352, 256 },  // 17 groups of two quads
         { QuantizationFormat.Int4PerRowChatGlm, 37, 40, 0 },  // K % 32 != 0: byte tail
         { QuantizationFormat.Int4PerRowChatGlm, 9, 2, 0 },    // K = 2: one byte
         { QuantizationFormat.Int4PerRowChatGlm, 33, 4098, 0 },
