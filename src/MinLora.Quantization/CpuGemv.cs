@@ -268,8 +268,8 @@ internal static unsafe class CpuGemv
                     Y = y,
                     N = n,
                 };
-                if (!signedNibbles && quads > 0) Run(ref job, &Int4GroupedQuadBlock);
-                else Run(ref job, &Int4DotBlock<TDot>);
+                if (signedNibbles) Run(ref job, &Int4DotBlock<TDot>);
+                else Run(ref job, &Int4GroupedBlock<TDot>);
             }
         }
         finally
@@ -824,10 +824,9 @@ internal static unsafe class CpuGemv
     private static void Int4DotBlock<TDot>(in Job j, int n0, int n1)
         where TDot : struct, IByteDot
     {
+        // ChatGLM rows (signed nibbles, one scale per row); grouped rows: Int4GroupedBlock.
         int k = j.K, half = k / 2, pairs = k / 64;
-        int groups = j.Signed ? 1 : k / j.Group;
-        int pairsPerGroup = j.Signed ? pairs : j.Group / 64;
-        int split = j.Signed && TwoStreams ? (n1 - n0) / 2 : 0;
+        int split = TwoStreams ? (n1 - n0) / 2 : 0;
         for (int i = 0; i < split; i++)
         {
             // Two rows half a block apart: two independent streams per core (see TwoStreams).
@@ -837,7 +836,7 @@ internal static unsafe class CpuGemv
             {
                 sbyte* xq = j.Xq + (long)r * pairs * 64;
                 float* xs = j.XScales + (long)r * pairs * 8;
-                float qsum = j.Sums[(long)r * groups], tails = j.Tails[r];
+                float qsum = j.Sums[r], tails = j.Tails[r];
                 float dotA = SignedRowDot2<TDot>(wa, wb, xq, xs, pairs, j.Quads, out float dotB);
                 float tailA = Tail4(j.X + (long)r * k, wa, pairs * 32, half, 0x88);
                 float tailB = Tail4(j.X + (long)r * k, wb, pairs * 32, half, 0x88);
@@ -852,26 +851,10 @@ internal static unsafe class CpuGemv
             float b = j.Bias == null ? 0f : j.Bias[n];
             for (int r = 0; r < j.Rows; r++)
             {
-                sbyte* xq = j.Xq + (long)r * pairs * 64;
-                float* xs = j.XScales + (long)r * pairs * 8;
-                float* qsums = j.Sums + (long)r * groups;
-                float acc;
-                if (j.Signed)
-                {
-                    // q = u − 8; the tail columns (past the last full 64) exactly in float32.
-                    float dot = SignedRowDot<TDot>(w, xq, xs, pairs, j.Quads);
-                    float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
-                    acc = (dot - 8f * qsums[0] + tailDot - 8f * j.Tails[r]) * j.Scales[n];
-                }
-                else
-                {
-                    // Σ((u − 8)·s + z)·x = s·Σu·x + (z − 8s)·Σx, Σx from the quantized values to cancel the offset.
-                    ushort* sc = j.Bf16Scales + (long)n * groups;
-                    ushort* ze = j.Bf16Zeros + (long)n * groups;
-                    acc = GroupedRowDot<TDot>(w, xq, xs, groups, pairsPerGroup, sc);   // groups of whole quads: Int4GroupedQuadBlock
-                    for (int g = 0; g < groups; g++) acc += (Bf16(ze[g]) - 8f * Bf16(sc[g])) * qsums[g];
-                }
-                j.Y[(long)r * j.N + n] = acc + b;
+                // q = u − 8; the tail columns (past the last full 64) exactly in float32.
+                float dot = SignedRowDot<TDot>(w, j.Xq + (long)r * pairs * 64, j.XScales + (long)r * pairs * 8, pairs, j.Quads);
+                float tailDot = Tail4(j.X + (long)r * k, w, pairs * 32, half, 0x88);
+                j.Y[(long)r * j.N + n] = (dot - 8f * j.Sums[r] + tailDot - 8f * j.Tails[r]) * j.Scales[n] + b;
             }
         }
     }
@@ -999,9 +982,10 @@ internal static unsafe class CpuGemv
     private static Vector256<byte> Nibble(Vector256<byte> v, Vector256<byte> mask, Vector256<byte> eight) =>
         Avx512F.VL.TernaryLogic(v, mask, eight, 0x6A);
 
-    /// <summary>Σ_g s_g·Σ sx·Σ(u·xq) over a grouped row (unsigned nibbles, bf16 group scales; groups of ≥ 64 columns).</summary>
+    /// <summary>Σ_g s_g·Σ sx·Σ(u·xq) over a grouped row (unsigned nibbles, float32 group scales; groups of 64·m
+    /// columns), in 256-bit registers.</summary>
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float GroupedRowDot<TDot>(byte* w, sbyte* xq, float* xs, int groups, int pairsPerGroup, ushort* scales)
+    private static float GroupedRowDot<TDot>(byte* w, sbyte* xq, float* xs, int groups, int pairsPerGroup, float* scales)
         where TDot : struct, IByteDot
     {
         var mask = Vector256.Create((byte)15);
@@ -1018,22 +1002,24 @@ internal static unsafe class CpuGemv
                 a = TDot.Nibbles(a, v & mask, Vector256.Load(xq + p * 64 + 32));
                 f = Fma.MultiplyAdd(Avx.ConvertToVector256Single(a), Vector256.Load(xs + p * 8), f);
             }
-            total = Fma.MultiplyAdd(f, Vector256.Create(Bf16(scales[g])), total);
+            total = Fma.MultiplyAdd(f, Vector256.Create(scales[g]), total);
         }
         return Vector256.Sum(total);
     }
 
     /// <summary>
-    /// Grouped int4 rows whose groups are whole 128-column quads (the unsigned nibbles as stored, <see cref="QuadSum"/>)
-    /// against int8 activations: each row's bf16 group scales and zeros widened to float32 once (vector loads), then
-    /// <see cref="GroupedQuadDot"/> and the zero term Σ_g (z_g − 8·s_g)·Σxq_g in 512-bit registers. Measured with
-    /// <c>gemv-probe</c> on a 2-core Zen 5 VM: the per-group scalar conversions it replaces had made this loop bound by
-    /// its instructions (in cache no faster than streaming).
+    /// Grouped int4 rows (the unsigned nibbles as stored) against int8 activations: each row's bf16 group scales and
+    /// zeros widened to float32 once (vector loads), then <see cref="GroupedQuadDot"/> where the groups are whole
+    /// 128-column quads (<see cref="Job.Quads"/> &gt; 0), else <see cref="GroupedRowDot{TDot}"/> (groups of 64 columns),
+    /// and the zero term Σ_g (z_g − 8·s_g)·Σxq_g in 512-bit registers. Measured with <c>gemv-probe</c> on a 2-core Zen 5
+    /// VM: the per-group scalar conversions this replaced had made the g128 loop bound by its instructions (in cache no
+    /// faster than streaming).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Int4GroupedQuadBlock(in Job j, int n0, int n1)
+    private static void Int4GroupedBlock<TDot>(in Job j, int n0, int n1)
+        where TDot : struct, IByteDot
     {
-        int k = j.K, half = k / 2, pairs = k / 64, groups = k / j.Group, quadsPerGroup = j.Group / 128;
+        int k = j.K, half = k / 2, pairs = k / 64, groups = k / j.Group, quadsPerGroup = j.Group / 128, pairsPerGroup = j.Group / 64;
         float[] rented = ArrayPool<float>.Shared.Rent(2 * groups + 32);
         try
         {
@@ -1049,7 +1035,9 @@ internal static unsafe class CpuGemv
                     for (int r = 0; r < j.Rows; r++)
                     {
                         // Σ((u − 8)·s + z)·x = s·Σu·x + (z − 8s)·Σx, Σx from the quantized values to cancel the offset.
-                        float dot = GroupedQuadDot(w, j.Xq + (long)r * pairs * 64, j.XScales + (long)r * pairs * 8, groups, quadsPerGroup, scales);
+                        sbyte* xq = j.Xq + (long)r * pairs * 64;
+                        float* xs = j.XScales + (long)r * pairs * 8;
+                        float dot = j.Quads > 0 ? GroupedQuadDot(w, xq, xs, groups, quadsPerGroup, scales) : GroupedRowDot<TDot>(w, xq, xs, groups, pairsPerGroup, scales);
                         j.Y[(long)r * j.N + n] = dot + ZeroTerm(scales, zeros, j.Sums + (long)r * groups, groups) + b;
                     }
                 }
