@@ -61,17 +61,29 @@ internal static unsafe class Int8Gemm
     private static readonly bool Vnni = AvxVnni.IsSupported || (X86Base.IsSupported && (X86Base.CpuId(7, 0).Ecx & (1 << 11)) != 0);
 
     /// <summary>
+    /// At most K / this many outlier columns (<see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/>) per call: with
+    /// more, the call takes the bfloat16 path.
+    /// </summary>
+    internal const int MaxOutlierShare = 16;
+
+    /// <summary>
     /// y = x·dequant(W)ᵀ + b for <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous); returns [M, N] bfloat16,
-    /// or null when a row is not finite or K is beyond <see cref="MaxDepth"/> for the format (the caller then takes the bfloat16 path,
-    /// which propagates NaN and ∞ as IEEE does). The GEMM runs in row tiles of W of about <paramref name="tileElements"/>
-    /// codes (int4 codes widened to int8 into one reused tile), so the int32 result is one tile wide, not N.
+    /// or null when a row is not finite, K is beyond <see cref="MaxDepth"/> for the format or more than K/<see cref="MaxOutlierShare"/>
+    /// columns are outliers (the caller then takes the bfloat16 path, which propagates NaN and ∞ as IEEE does). The GEMM
+    /// runs in row tiles of W of about <paramref name="tileElements"/> codes (int4 codes widened to int8 into one reused
+    /// tile), so the int32 result is one tile wide, not N. Outlier columns (some |x| above the layer's threshold) are zero
+    /// in the quantized rows and multiplied in float32 with the dequantized weight columns instead; that product is added
+    /// to the rescaled integer sums before the one rounding to bfloat16.
     /// </summary>
     internal static Tensor? Forward(QuantizedLinear layer, Tensor x, Tensor? bias, long tileElements = TiledProduct.TileElements)
     {
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
         if (k > MaxDepth(layer.Format)) return null;
-        using var q = Quantize(x, null, out var rowScales);
+        int[] outliers = OutlierColumns(x, layer.Options.Int8GemmOutlierThreshold);
+        if (outliers.Length > k / MaxOutlierShare) return null;
+        using var keep = outliers.Length == 0 ? null : KeepMask(k, outliers);
+        using var q = Quantize(x, keep, out var rowScales);
         if (q is null) return null;
         using var scales = TensorMemory.ContiguousFloat32(layer.ScaleBuffer);
         using var detached = bias?.detach();
@@ -82,6 +94,10 @@ internal static unsafe class Int8Gemm
         ushort* py = (ushort*)TensorMemory.Pointer(y);
         bool int4 = layer.Format == QuantizationFormat.Int4PerRowChatGlm;
         var weight = layer.WeightBuffer;
+        // The outlier columns: x's in float32 [M, C] and the weight's, dequantized, [N, C].
+        using var index = outliers.Length == 0 ? null : tensor(outliers.Select(c => (long)c).ToArray());
+        using var xOutliers = index is null ? null : x.index_select(1, index).to(ScalarType.Float32);
+        using var wOutliers = index is null ? null : OutlierWeights(layer, outliers, sw);
         long tileRows = TiledProduct.TileRows(n, k, tileElements);
         using var tile = int4 ? empty(new[] { tileRows, k }, dtype: ScalarType.Int8) : null;
         var packed = int4 ? (byte*)TensorMemory.Pointer(weight) : null;
@@ -93,9 +109,109 @@ internal static unsafe class Int8Gemm
             using var w = int4 ? tile!.narrow(0, 0, rows) : weight.narrow(0, r0, rows);
             using var wt = w.t();
             using var acc = QuantizationKernels.IntMm(q, wt);
-            RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n);
+            using var wSide = wOutliers?.narrow(0, r0, rows);
+            using var side = wSide is null ? null : xOutliers!.matmul(wSide.t()).contiguous();
+            RescaleInto(acc, rowScales, sw + r0, pb is null ? null : pb + r0, py + r0, n,
+                side is null ? null : (float*)TensorMemory.Pointer(side), rows);
         }
         return y;
+    }
+
+    /// <summary>
+    /// The columns of <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous) where some |x| exceeds
+    /// <paramref name="threshold"/>, ascending; none when the threshold is +∞. A NaN is no outlier (the quantize pass
+    /// rejects its row); an ∞ is.
+    /// </summary>
+    internal static int[] OutlierColumns(Tensor x, float threshold)
+    {
+        if (float.IsPositiveInfinity(threshold)) return [];
+        int m = checked((int)x.shape[0]), k = checked((int)x.shape[1]);
+        bool bf16 = x.dtype == ScalarType.BFloat16;
+        nint src = TensorMemory.Pointer(x);
+        var max = new float[k];
+        int chunks = (k + ColumnChunk - 1) / ColumnChunk;
+        void Chunk(int c)
+        {
+            fixed (float* pm = max)
+                ColumnAbsMax((void*)src, bf16, m, k, c * ColumnChunk, Math.Min(k, (c + 1) * ColumnChunk), pm);
+        }
+        if (chunks > 1 && (long)m * k >= FastDequantize.MinimumParallelElements) Parallel.For(0, chunks, Chunk);
+        else for (int c = 0; c < chunks; c++) Chunk(c);
+        GC.KeepAlive(x);
+        var outliers = new List<int>();
+        for (int j = 0; j < k; j++)
+        {
+            if (max[j] > threshold) outliers.Add(j);
+        }
+        return outliers.ToArray();
+    }
+
+    /// <summary>Columns per block of <see cref="ColumnAbsMax"/> (16 vectors of maxima, resident in L1).</summary>
+    private const int ColumnChunk = 256;
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void ColumnAbsMax(void* x, bool bf16, int m, int k, int c0, int c1, float* max)
+    {
+        var acc = stackalloc float[ColumnChunk];
+        new Span<float>(acc, ColumnChunk).Clear();
+        int width = c1 - c0, vectorWidth = width / 16 * 16;
+        for (int r = 0; r < m; r++)
+        {
+            void* row = bf16 ? (ushort*)x + (long)r * k : (float*)x + (long)r * k;
+            int j = 0;
+            for (; j < vectorWidth; j += 16)
+                Avx512F.Max(Vector512.Load(acc + j), Vector512.Abs(Load(row, bf16, c0 + j))).Store(acc + j);
+            for (; j < width; j++)
+                acc[j] = MathF.Max(acc[j], MathF.Abs(Element(row, bf16, c0 + j)));
+        }
+        for (int j = 0; j < width; j++) max[c0 + j] = acc[j];
+    }
+
+    /// <summary>float32 [K]: 1, and 0 at <paramref name="columns"/> (the quantize pass's column scales).</summary>
+    private static Tensor KeepMask(long k, int[] columns)
+    {
+        var mask = Enumerable.Repeat(1f, checked((int)k)).ToArray();
+        foreach (int c in columns) mask[c] = 0f;
+        return tensor(mask);
+    }
+
+    /// <summary>
+    /// The dequantized weight columns <paramref name="columns"/> as float32 [N, C]: code × row scale, as
+    /// <see cref="QuantizedLinear.Dequantize"/> gives them in float32.
+    /// </summary>
+    internal static Tensor OutlierWeights(QuantizedLinear layer, int[] columns, float* rowScales)
+    {
+        long n = layer.OutFeatures, k = layer.InFeatures;
+        int c = columns.Length;
+        var result = empty(new[] { n, c }, dtype: ScalarType.Float32);
+        bool int4 = layer.Format == QuantizationFormat.Int4PerRowChatGlm;
+        nint src = TensorMemory.Pointer(layer.WeightBuffer), dst = TensorMemory.Pointer(result), scales = (nint)rowScales;
+        ForRowBlocks(checked((int)n), n * c, (r0, r1) =>
+        {
+            for (long r = r0; r < r1; r++)
+            {
+                float s = ((float*)scales)[r];
+                float* o = (float*)dst + r * c;
+                for (int j = 0; j < c; j++)
+                {
+                    long col = columns[j];
+                    int code;
+                    if (int4)
+                    {
+                        byte b = ((byte*)src)[r * (k / 2) + col / 2];
+                        int u = (col & 1) == 0 ? b >> 4 : b & 15;
+                        code = u >= 8 ? u - 16 : u;
+                    }
+                    else
+                    {
+                        code = ((sbyte*)src)[r * k + col];
+                    }
+                    o[j] = code * s;
+                }
+            }
+        });
+        GC.KeepAlive(layer);
+        return result;
     }
 
     /// <summary>
@@ -220,19 +336,22 @@ internal static unsafe class Int8Gemm
     }
 
     /// <summary>
-    /// destination[m·stride + j] = bf16(acc[m, j]·rowScales[m]·columnScales[j] + bias[j]) for int32 <paramref name="acc"/>
-    /// [M, J] (column scales and bias optional).
+    /// destination[m·stride + j] = bf16(acc[m, j]·rowScales[m]·columnScales[j] + addend[m·addendStride + j] + bias[j]) for
+    /// int32 <paramref name="acc"/> [M, J] (column scales, addend and bias optional).
     /// </summary>
-    internal static void RescaleInto(Tensor acc, float[] rowScales, float* columnScales, float* bias, ushort* destination, long stride)
+    internal static void RescaleInto(Tensor acc, float[] rowScales, float* columnScales, float* bias, ushort* destination, long stride, float* addend = null, long addendStride = 0)
     {
         int m = checked((int)acc.shape[0]), width = checked((int)acc.shape[1]);
         using var contiguous = acc.contiguous();
         nint src = TensorMemory.Pointer(contiguous), dst = (nint)destination;
-        nint column = (nint)columnScales, add = (nint)bias;
+        nint column = (nint)columnScales, add = (nint)bias, extra = (nint)addend;
         ForRowBlocks(m, (long)m * width, (r0, r1) =>
         {
             for (int r = r0; r < r1; r++)
-                RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add, (ushort*)dst + r * stride);
+            {
+                RescaleRow((int*)(src + (long)r * width * 4), width, rowScales[r], (float*)column, (float*)add,
+                    extra == 0 ? null : (float*)extra + r * addendStride, (ushort*)dst + r * stride);
+            }
         });
     }
 
@@ -304,19 +423,21 @@ internal static unsafe class Int8Gemm
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void RescaleRow(int* acc, int width, float rowScale, float* columnScales, float* bias, ushort* y)
+    private static void RescaleRow(int* acc, int width, float rowScale, float* columnScales, float* bias, float* addend, ushort* y)
     {
         var vs = Vector512.Create(rowScale);
         int j = 0;
         for (; j + 16 <= width; j += 16)
         {
             var v = Avx512F.ConvertToVector512Single(Vector512.Load(acc + j)) * (columnScales != null ? Vector512.Load(columnScales + j) * vs : vs);
+            if (addend != null) v += Vector512.Load(addend + j);
             if (bias != null) v += Vector512.Load(bias + j);
             Avx512F.ConvertToVector256UInt16(FastDequantize.RoundToBf16(v)).Store(y + j);
         }
         for (; j < width; j++)
         {
             float v = acc[j] * (columnScales != null ? columnScales[j] * rowScale : rowScale);
+            if (addend != null) v += addend[j];
             if (bias != null) v += bias[j];
             y[j] = FastDequantize.RoundToBf16(v);
         }

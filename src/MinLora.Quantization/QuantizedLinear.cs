@@ -89,6 +89,32 @@ public sealed record QuantizedLinearOptions
     /// <value>The default value is false.</value>
     public bool Int8Gemm { get; init; }
 
+    /// <summary>
+    /// For <see cref="Int8Gemm"/> forward products: input columns (features) where any row of the call holds a value with
+    /// |x| above this threshold are taken out of the int8 product and multiplied in float32 with the dequantized weight
+    /// columns, as LLM.int8() does (bitsandbytes' <c>llm_int8_threshold</c>, 6.0 by default there too). Large models' hidden
+    /// states carry a few such outlier features, tens of times larger than the rest; left in, one of them sets its row's
+    /// int8 step and rounds every other activation of the row to a handful of levels. Split off, each row is quantized at
+    /// max|row without the outliers|/127, and the outlier columns add no error beyond float32 rounding. A call with more
+    /// than K/16 outlier columns takes the bfloat16 path instead (the float32 side product would cost more than the int8
+    /// GEMM saves). The input gradient is not split: its rows are quantized whole.
+    /// <see cref="float.PositiveInfinity"/> turns the split off.
+    /// </summary>
+    /// <value>The default value is 6.</value>
+    /// <exception cref="ArgumentOutOfRangeException">The value is NaN, zero or negative.</exception>
+    public float Int8GemmOutlierThreshold
+    {
+        get => _int8GemmOutlierThreshold;
+        init
+        {
+            if (float.IsNaN(value) || value <= 0)
+                throw new ArgumentOutOfRangeException(nameof(Int8GemmOutlierThreshold), value, "The outlier threshold must be positive (PositiveInfinity turns the outlier split off).");
+            _int8GemmOutlierThreshold = value;
+        }
+    }
+
+    private readonly float _int8GemmOutlierThreshold = 6f;
+
     /// <summary>Use libtorch's fused kernels where they apply (false: always dequantize).</summary>
     /// <value>The default value is true.</value>
     public bool UseKernels { get; init; } = true;

@@ -362,6 +362,128 @@ public class Int8GemmTests
         Assert.Equal(new long[] { 0, 40 }, gx!.shape);
     }
 
+    /// <summary>
+    /// Activations with outlier features (a few columns 5–40× the rest, as large models' hidden states carry): the columns
+    /// above the threshold are found exactly, left out of the int8 rows (their codes are 0, the rows' scales come from
+    /// the other columns) and multiplied in float32 with the dequantized weight columns: y equals
+    /// s_x·s_w·Σ q_x·q_w + x_O·dequant(W)_Oᵀ + b in float64 within the output's bfloat16 rounding. Odd shapes, int4 columns
+    /// in both nibbles, 1, 3, 8 and 130 rows; outlier columns in only some rows.
+    /// </summary>
+    [SkippableTheory]
+    [MemberData(nameof(Shapes))]
+    public void Forward_SplitsOutlierColumns_IntoAFloatProduct(QuantizationFormat format, long n, long k)
+    {
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        manual_seed(81);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
+        using var _ = linear;
+        var columns = new long[] { 1, 6, k / 2 + 1, k - 1 };   // odd and even (both int4 nibbles), the last column
+        foreach (long rows in new[] { 1L, 3L, 8L, 130L })
+        {
+            using var x32 = randn(rows, k).clamp(-4, 4);
+            foreach (long c in columns)
+                x32[TensorIndex.Slice(0, null, 2), c] = x32[TensorIndex.Slice(0, null, 2), c].abs().mul(40).add(20).mul(c % 2 == 0 ? 1 : -1);
+            using var x = x32.to(ScalarType.BFloat16);
+            Assert.Equal(columns.Select(c => (int)c).ToArray(), Int8Gemm.OutlierColumns(x, 6f));
+            using var y = Int8Gemm.Forward(layer, x, layer.Bias, tileElements: 64 * k);
+            Assert.NotNull(y);
+
+            using var keep = ones(k);
+            foreach (long c in columns) keep[c] = 0f;
+            using var codes = Int8Gemm.Quantize(x, keep, out var scales)!;
+            using var q = codes.to(ScalarType.Float64);
+            Assert.Equal(0, q.index_select(1, tensor(columns)).abs().sum().item<double>());
+            using var sx = tensor(scales).to(ScalarType.Float64).unsqueeze(1);
+            using var w64 = Codes(layer);
+            using var sw = layer.ScaleBuffer.to(ScalarType.Float32).to(ScalarType.Float64);
+            using var wd = layer.Dequantize(ScalarType.Float32).to(ScalarType.Float64);
+            using var xo = x.to(ScalarType.Float64).index_select(1, tensor(columns));
+            using var wo = wd.index_select(1, tensor(columns));
+            using var reference = q.matmul(w64.t()).mul(sx).mul(sw).add(xo.matmul(wo.t())).add(layer.Bias!.to(ScalarType.Float64));
+            using var magnitude = q.abs().matmul(w64.abs().t()).mul(sx).mul(sw).add(xo.abs().matmul(wo.abs().t()));
+            AssertWithin(y!, reference, magnitude, $"{format} {n}x{k} rows {rows}");
+        }
+    }
+
+    /// <summary>
+    /// The point of the split, against the exact product of the stored weights: with the outliers split off, each
+    /// activation moves by at most max|row without them|/254, so |y − x·dequant(W)ᵀ| ≤ that·Σ_k|w| plus bfloat16
+    /// rounding; the same call with the split turned off (+∞) breaks that bound (one outlier sets the row's step) and
+    /// errs several times more in the mean.
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(QuantizationFormat.Int8PerRow)]
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    public void OutlierSplit_BoundsTheErrorByTheOrdinaryActivations(QuantizationFormat format)
+    {
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        manual_seed(82);
+        long n = 96, k = 256;
+        using var linear = nn.Linear(k, n);
+        using var split = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = true });
+        using var whole = QuantizedLinear.FromLinear(linear, format,
+            options: new QuantizedLinearOptions { Int8Gemm = true, Int8GemmOutlierThreshold = float.PositiveInfinity });
+        using var x32 = randn(4, 10, k).clamp(-4, 4);
+        x32[TensorIndex.Ellipsis, 17] = x32[TensorIndex.Ellipsis, 17].mul(20).add(60);
+        x32[TensorIndex.Ellipsis, 200] = x32[TensorIndex.Ellipsis, 200].mul(20).sub(60);
+        using var x = x32.to(ScalarType.BFloat16);
+        using var noGrad = no_grad();
+        using var ySplit = split.forward(x);
+        using var yWhole = whole.forward(x);
+        using var wd = split.Dequantize(ScalarType.Float64);
+        using var x64 = x.to(ScalarType.Float64).reshape(40, k);
+        using var exact = x64.matmul(wd.t()).add(split.Bias!.to(ScalarType.Float64));
+        using var ordinary = x64.clone();
+        ordinary[TensorIndex.Colon, 17] = 0;
+        ordinary[TensorIndex.Colon, 200] = 0;
+        using var step = ordinary.abs().amax(new long[] { 1 }, keepdim: true).div(127);
+        using var bound = step.mul(0.5).matmul(wd.abs().sum(1).unsqueeze(0)).add(exact.abs().mul(Math.Pow(2, -8))).mul(1.001);
+        using var errorSplit = (ySplit.to(ScalarType.Float64).reshape(40, n) - exact).abs();
+        using var errorWhole = (yWhole.to(ScalarType.Float64).reshape(40, n) - exact).abs();
+        Assert.True((errorSplit - bound).max().item<double>() <= 0, "with the split, an error beyond the ordinary activations' rounding");
+        Assert.True((errorWhole - bound).max().item<double>() > 0, "without the split the same bound should break");
+        double ratio = errorWhole.mean().item<double>() / errorSplit.mean().item<double>();
+        Assert.True(ratio > 3, $"the split should cut the mean error several times, got {ratio:F2}×");
+    }
+
+    /// <summary>More than K/16 outlier columns: the call takes the bfloat16 path (the layer's output is the tiled product's).</summary>
+    [SkippableFact]
+    public void ManyOutlierColumns_TakeTheBf16Path()
+    {
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        manual_seed(83);
+        long k = 160;
+        using var layer = MakeLayer(32, k, out var linear, int8Gemm: true);
+        using var _ = linear;
+        using var x32 = randn(20, k).clamp(-4, 4);
+        for (long c = 0; c < k / Int8Gemm.MaxOutlierShare; c++) x32[3, c * 7] = 50f;   // exactly K/16: still split
+        Assert.NotNull(Int8Gemm.Forward(layer, x32, null));
+        x32[5, 1] = -50f;                                                               // one more
+        Assert.Null(Int8Gemm.Forward(layer, x32, null));
+        using var y = layer.forward(x32);
+        using var xb = x32.to(ScalarType.BFloat16);
+        using var tiled = TiledProduct.Forward(layer, xb, layer.Bias);
+        Assert.Equal(0, (y.to(ScalarType.BFloat16) - tiled).abs().max().to(ScalarType.Float32).item<float>());
+    }
+
+    /// <summary>The threshold must be positive; +∞ turns the split off (no column is ever an outlier).</summary>
+    [Fact]
+    public void OutlierThreshold_IsValidated()
+    {
+        foreach (var bad in new[] { float.NaN, 0f, -1f, float.NegativeInfinity })
+        {
+            var e = Assert.Throws<ArgumentOutOfRangeException>(() => new QuantizedLinearOptions { Int8GemmOutlierThreshold = bad });
+            Assert.Equal(nameof(QuantizedLinearOptions.Int8GemmOutlierThreshold), e.ParamName);
+        }
+        Assert.Equal(6f, new QuantizedLinearOptions().Int8GemmOutlierThreshold);
+        Assert.Equal(0.5f, new QuantizedLinearOptions { Int8GemmOutlierThreshold = 0.5f }.Int8GemmOutlierThreshold);
+        if (!Supported) return;
+        using var x = full(3, 40, 1e30f);
+        Assert.Empty(Int8Gemm.OutlierColumns(x, float.PositiveInfinity));
+        Assert.Equal(40, Int8Gemm.OutlierColumns(x, 1e29f).Length);
+        Assert.Empty(Int8Gemm.OutlierColumns(x, 1e30f));   // strictly above the threshold
+    }
+
     /// <summary>y against s_x·s_w·Σ q_x·q_w + b in float64, from the codes <see cref="Int8Gemm.Quantize"/> gives for x.</summary>
     private static void AssertForwardFromCodes(QuantizedLinear layer, Tensor x, Tensor y, string what)
     {
