@@ -88,17 +88,20 @@ internal static class QuantSuite
 
     /// <summary>
     /// Many-row products (prompts, training) at ChatGLM-6B's four projection shapes: bf16 <c>linear</c> against the
-    /// quantized layer's default path (bf16 tiles) and <see cref="QuantizedLinearOptions.Int8Gemm"/>, int8 and ChatGLM
-    /// int4, forward alone and forward + input gradient through autograd (a training step's use of a frozen layer),
-    /// interleaved rounds; and each path's relative error (mean |y − ref| ÷ mean |ref|)
-    /// against the float64 product of its own stored weights, on Gaussian activations.
+    /// quantized layer's default path (bf16 tiles) and <see cref="QuantizedLinearOptions.Int8Gemm"/> (with its outlier
+    /// split, and without: threshold +∞), int8 and ChatGLM int4, forward alone and forward + input gradient through
+    /// autograd (a training step's use of a frozen layer), interleaved rounds; and each path's relative error
+    /// (mean |y − ref| ÷ mean |ref|) against the float64 product of its own stored weights. Two kinds of activations:
+    /// Gaussian, and Gaussian with K/512 outlier features (every row ±(20 + 10·|z|) there, as the hidden states of
+    /// 6B-and-larger models carry: LLM.int8(), Dettmers et al. 2022, reports up to 6–7 such dimensions at 6.7B with
+    /// magnitudes up to ~60). The input-gradient step does not depend on the activations and is timed once.
     /// </summary>
     public static void RunPrompt(int rounds)
     {
         var shapes = new[] { (K: 4096L, N: 12288L), (K: 4096L, N: 4096L), (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) };
         Console.WriteLine();
-        Console.WriteLine("| K→N | rows | path | forward | ratio to bf16 | forward + input gradient (autograd) | ratio to bf16 | forward error |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| K→N | rows | activations | path | forward | ratio to bf16 | forward + input gradient (autograd) | ratio to bf16 | forward error |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var (k, n) in shapes)
         {
             using var scope = NewDisposeScope();
@@ -108,10 +111,11 @@ internal static class QuantSuite
             // A training step's use of a frozen layer: forward, then the input gradient through autograd.
             Func<Tensor, Tensor> Step(Func<Tensor, Tensor> forward) => g =>
             {
+                using var stepScope = NewDisposeScope();
                 using var x = zeros(g.shape[0], k, dtype: ScalarType.BFloat16).requires_grad_(true);
                 using var y = forward(x);
                 y.backward(new[] { g });
-                return x.grad!.detach().clone();
+                return x.grad!.detach().clone().MoveToOuterDisposeScope();
             };
             Tensor Bf16(Tensor x) => nn.functional.linear(x, wbf);
             // Each path's float64 reference weight, made once per shape.
@@ -122,33 +126,49 @@ internal static class QuantSuite
             var layers = new List<QuantizedLinear>();
             foreach (var format in new[] { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4PerRowChatGlm })
             {
-                foreach (bool int8Gemm in new[] { false, true })
+                foreach (var (int8Gemm, threshold, label) in new[] { (false, 6f, " default (bf16 tiles)"), (true, 6f, " Int8Gemm"), (true, float.PositiveInfinity, " Int8Gemm, no outlier split") })
                 {
                     using var linear = nn.Linear(k, n, hasBias: false);
                     using (no_grad()) linear.weight!.copy_(w);
-                    var layer = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+                    var layer = QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm, Int8GemmOutlierThreshold = threshold });
                     layers.Add(layer);
-                    string name = (format == QuantizationFormat.Int8PerRow ? "int8" : "int4 ChatGLM") + (int8Gemm ? " Int8Gemm" : " default (bf16 tiles)");
+                    string name = (format == QuantizationFormat.Int8PerRow ? "int8" : "int4 ChatGLM") + label;
                     paths.Add((name, layer.call, Step(layer.call), layer.Dequantize(ScalarType.Float64)));
                 }
             }
             foreach (long rows in new[] { 16L, 128L, 512L })
             {
-                using var x = randn(rows, k).to(ScalarType.BFloat16);
                 using var g = randn(rows, n).to(ScalarType.BFloat16);
-                var forward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var noGrad = no_grad(); using var y = p.Forward(x); }))).ToArray();
                 var backward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var gx = p.Step(g); }))).ToArray();
-                var tf = LoraSuite.Measure(rounds, forward, 1);
                 var tb = LoraSuite.Measure(rounds, backward, 1);
-                using var x64 = x.to(ScalarType.Float64);
-                for (int i = 0; i < paths.Count; i++)
+                foreach (bool outliers in new[] { false, true })
                 {
-                    using var noGrad = no_grad();
-                    using var y = paths[i].Forward(x);
-                    using var reference = x64.matmul(paths[i].Reference.t());
-                    double error = (y.to(ScalarType.Float64) - reference).abs().mean().item<double>() / reference.abs().mean().item<double>();
-                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"| {k}→{n} | {rows} | {paths[i].Name} | {tf[i]:F1} ms | {tf[0] / tf[i]:F2} | {tb[i]:F1} ms | {tb[0] / tb[i]:F2} | {error:E1} |"));
+                    using var x32 = randn(rows, k);
+                    if (outliers)
+                    {
+                        // K/512 feature columns spread over K, alternating in sign.
+                        for (long c = 0; c < k / 512; c++)
+                        {
+                            long column = 97 + c * 509 % (k - 97);
+                            x32[TensorIndex.Colon, column] = x32[TensorIndex.Colon, column].abs().mul(10).add(20).mul(c % 2 == 0 ? 1 : -1);
+                        }
+                    }
+                    using var x = x32.to(ScalarType.BFloat16);
+                    var forward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var noGrad = no_grad(); using var y = p.Forward(x); }))).ToArray();
+                    var tf = LoraSuite.Measure(rounds, forward, 1);
+                    using var x64 = x.to(ScalarType.Float64);
+                    for (int i = 0; i < paths.Count; i++)
+                    {
+                        // Its own scope: the float64 temporaries of 7 paths × 2 kinds of activations exhaust 24 GB otherwise.
+                        using var errorScope = NewDisposeScope();
+                        using var noGrad = no_grad();
+                        using var y = paths[i].Forward(x);
+                        using var reference = x64.matmul(paths[i].Reference.t());
+                        double error = (y.to(ScalarType.Float64) - reference).abs().mean().item<double>() / reference.abs().mean().item<double>();
+                        string step = outliers ? "| — | — " : string.Create(CultureInfo.InvariantCulture, $"| {tb[i]:F1} ms | {tb[0] / tb[i]:F2} ");
+                        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                            $"| {k}→{n} | {rows} | {(outliers ? "K/512 outlier features" : "Gaussian")} | {paths[i].Name} | {tf[i]:F1} ms | {tf[0] / tf[i]:F2} {step}| {error:E1} |"));
+                    }
                 }
             }
             foreach (var layer in layers) layer.Dispose();

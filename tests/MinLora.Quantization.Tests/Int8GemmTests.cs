@@ -370,7 +370,10 @@ public class Int8GemmTests
     /// in both nibbles, 1, 3, 8 and 130 rows; outlier columns in only some rows.
     /// </summary>
     [SkippableTheory]
-    [MemberData(nameof(Shapes))]
+    [InlineData(QuantizationFormat.Int8PerRow, 67, 302)]
+    [InlineData(QuantizationFormat.Int8PerRow, 33, 517)]          // odd K
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 67, 302)]   // tiles of 64 rows: several, and a short last one
+    [InlineData(QuantizationFormat.Int4PerRowChatGlm, 130, 640)]
     public void Forward_SplitsOutlierColumns_IntoAFloatProduct(QuantizationFormat format, long n, long k)
     {
         Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
@@ -446,7 +449,55 @@ public class Int8GemmTests
         Assert.True(ratio > 3, $"the split should cut the mean error several times, got {ratio:F2}×");
     }
 
-    /// <summary>More than K/16 outlier columns: the call takes the bfloat16 path (the layer's output is the tiled product's).</summary>
+    /// <summary>
+    /// The outlier weight columns are kept for the next call with the same columns (bit-identical results), replaced for
+    /// other columns, and dropped when the stored weights change (<see cref="QuantizedLinear.AddToWeight"/>,
+    /// <see cref="QuantizedLinear.RefreshKernel"/>): a changed weight is never multiplied through stale columns.
+    /// </summary>
+    [SkippableFact]
+    public void OutlierWeights_AreReusedForTheSameColumns_AndDroppedWhenTheWeightChanges()
+    {
+        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        manual_seed(84);
+        long n = 40, k = 256;
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var _ = linear;
+        Tensor Input(long column, int seed)
+        {
+            manual_seed(seed);
+            using var x32 = randn(12, k).clamp(-4, 4);
+            x32[TensorIndex.Colon, column] = 30f;
+            return x32.to(ScalarType.BFloat16);
+        }
+        using var a = Input(9, 1);
+        using var ya = Int8Gemm.Forward(layer, a, layer.Bias)!;
+        var cached = layer.OutlierWeights;
+        Assert.NotNull(cached);
+        Assert.Equal(new[] { 9 }, cached!.Columns);
+        using var again = Int8Gemm.Forward(layer, a, layer.Bias)!;
+        Assert.Same(cached, layer.OutlierWeights);
+        Assert.Equal(0, (again - ya).abs().max().to(ScalarType.Float32).item<float>());
+        using var b = Input(100, 2);
+        using var yb = Int8Gemm.Forward(layer, b, layer.Bias)!;
+        Assert.Equal(new[] { 100 }, layer.OutlierWeights!.Columns);
+
+        using var delta = zeros(n, k);
+        delta[TensorIndex.Colon, 100] = 0.5f;   // changes exactly the cached column
+        layer.AddToWeight(delta);
+        Assert.Null(layer.OutlierWeights);
+        using var changed = Int8Gemm.Forward(layer, b, layer.Bias)!;
+        using var fresh = QuantizedLinear.FromLinear(linear, QuantizationFormat.Int8PerRow, options: layer.Options);
+        using (no_grad()) fresh.WeightBuffer.copy_(layer.WeightBuffer);
+        using (no_grad()) fresh.ScaleBuffer.copy_(layer.ScaleBuffer);
+        fresh.RefreshKernel();
+        using var expected = Int8Gemm.Forward(fresh, b, layer.Bias)!;
+        Assert.Equal(0, (changed - expected).abs().max().to(ScalarType.Float32).item<float>());
+        Assert.True((changed - yb).abs().max().to(ScalarType.Float32).item<float>() > 1);   // 30·0.5 moved through column 100
+        layer.RefreshKernel();
+        Assert.Null(layer.OutlierWeights);
+    }
+
+    /// <summary>More than K/64 outlier columns: the call takes the bfloat16 path (the layer's output is the tiled product's).</summary>
     [SkippableFact]
     public void ManyOutlierColumns_TakeTheBf16Path()
     {
@@ -456,7 +507,7 @@ public class Int8GemmTests
         using var layer = MakeLayer(32, k, out var linear, int8Gemm: true);
         using var _ = linear;
         using var x32 = randn(20, k).clamp(-4, 4);
-        for (long c = 0; c < k / Int8Gemm.MaxOutlierShare; c++) x32[3, c * 7] = 50f;   // exactly K/16: still split
+        for (long c = 0; c < k / Int8Gemm.MaxOutlierShare; c++) x32[3, c * 7] = 50f;   // exactly K/64: still split
         Assert.NotNull(Int8Gemm.Forward(layer, x32, null));
         x32[5, 1] = -50f;                                                               // one more
         Assert.Null(Int8Gemm.Forward(layer, x32, null));
