@@ -84,9 +84,17 @@ internal static class ModelSuite
         if (args.Contains("--layers")) config = config with { NumLayers = Int(args, "--layers", config.NumLayers) };   // for probes, not figures
         // --int8-gemm: int8 × int8 products for prompts and training (QuantizedLinearOptions.Int8Gemm; per-row formats).
         bool int8Gemm = args.Contains("--int8-gemm");
+        // --outlier-threshold X|inf: QuantizedLinearOptions.Int8GemmOutlierThreshold (inf: no outlier split).
+        float outlierThreshold = Str(args, "--outlier-threshold", "6") is var th && th == "inf" ? float.PositiveInfinity : float.Parse(th, CultureInfo.InvariantCulture);
+        // --outlier-features N: make N hidden features outliers, as trained LLMs' are (LLM.int8(), Dettmers et al. 2022): their
+        // weight in every block's two LayerNorms × 30, so the inputs of query_key_value and dense_h_to_4h carry N columns
+        // of |x| ~ 30·|z| (random weights alone give none above the threshold).
+        int outlierFeatures = Int(args, "--outlier-features", 0);
         if (int8Gemm && !(bits == 8 || (bits == 4 && int4 == "chatglm"))) { Console.Error.WriteLine("--int8-gemm needs --bits 8, or --bits 4 with the chatglm int4 format"); return 2; }
         string label = (bits == 0 ? "bf16" : bits == 8 ? "int8" : $"int4 {int4}") + (args.Contains("--quantize-head") && bits > 0 ? " + head" : "") +
-            (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "") + (int8Gemm ? " + int8 GEMM" : "");
+            (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "") + (int8Gemm ? " + int8 GEMM" : "") +
+            (int8Gemm && float.IsPositiveInfinity(outlierThreshold) ? " (no outlier split)" : int8Gemm && outlierThreshold != 6f ? $" (outlier threshold {outlierThreshold})" : "") +
+            (outlierFeatures > 0 ? $", {outlierFeatures} outlier features" : "");
         Console.WriteLine($"{(v2 ? "ChatGLM3-6B" : "ChatGLM-6B")} shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.ModelVocabSize}{(v2 ? $", {config.KvGroups} KV groups" : "")}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
         bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
@@ -98,6 +106,8 @@ internal static class ModelSuite
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
         bool abTwoStreams = args.Contains("--ab-two-streams");
+        bool abOutlierSplit = args.Contains("--ab-outlier-split");
+        if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
         {
             HugePages = huge,
@@ -105,9 +115,18 @@ internal static class ModelSuite
             Int4Format = format,
             QuantizeLmHead = quantizeHead && bits > 0,
             QuantizeEmbeddings = quantizeEmbeddings && bits > 0,
-            QuantizedLayer = int8Gemm ? new QuantizedLinearOptions { Int8Gemm = true } : null,
+            QuantizedLayer = int8Gemm ? new QuantizedLinearOptions { Int8Gemm = true, Int8GemmOutlierThreshold = outlierThreshold } : null,
         });
         model.eval();
+        if (outlierFeatures > 0)
+        {
+            using var noGrad = no_grad();
+            long h = config.HiddenSize;
+            var columns = Enumerable.Range(0, outlierFeatures).Select(c => 97 + c * 509L % (h - 97)).Distinct().ToArray();
+            using var index = tensor(columns);
+            foreach (var (name, p) in model.named_parameters().Where(p => p.name.EndsWith("layernorm.weight", StringComparison.Ordinal)))
+                p.index_copy_(0, index, p.index_select(0, index).mul(30));
+        }
         double buildS = sw.Elapsed.TotalSeconds;
         long hugeBytes = Rss.AnonHugePages();
         long size = model.GetSizeInBytes();
@@ -216,6 +235,17 @@ internal static class ModelSuite
                 using var o = m.call(new GlmInput(ids));
             });
             double bound = gemm.ForwardSeconds(s, 1);
+            if (abOutlierSplit)
+            {
+                // --ab-outlier-split: the same model with Int8Gemm's outlier split on and off (Int8Gemm.SplitOutliers), in
+                // interleaved rounds.
+                double Whole() { Int8Gemm.SplitOutliers = false; try { return Prefill(model); } finally { Int8Gemm.SplitOutliers = true; } }
+                int abRounds = quick ? 2 : 5;
+                var (ts, tw) = Alternate(abRounds, () => Prefill(model), Whole);
+                rows.Add(new($"prefill {s} tokens", $"{s / ts:F1} tok/s ({ts * 1e3:F0} ms)", $"{s / bound:F1} tok/s bf16 GEMM", Pct(bound / ts)));
+                rows.Add(new($"  A/B: outlier split off, {s} tokens", $"{s / tw:F1} tok/s ({tw * 1e3:F0} ms): split ÷ whole rows **{ts / tw:F2}** (medians of {abRounds} interleaved rounds)", "", ""));
+                continue;
+            }
             if (twin is null)
             {
                 double t = Median(quick ? 2 : 3, () => Prefill(model));
@@ -229,6 +259,13 @@ internal static class ModelSuite
                 "", $"logits: {LogitsDifference(model, twin, ids)}"));
         }
         twin?.Dispose();   // before decoding: the read buffer needs the memory
+        if (int8Gemm && doPrefill)
+        {
+            // Int8Gemm's outlier split (QuantizedLinearOptions.Int8GemmOutlierThreshold): the layers where some prompt
+            // call had outlier feature columns, and how many (random weights alone: none; see --outlier-features).
+            var split = model.modules().OfType<QuantizedLinear>().Select(q => q.OutlierWeights?.Columns.Length ?? 0).ToList();
+            rows.Add(new("  Int8Gemm outlier split", $"{split.Count(c => c > 0)} of {split.Count} layers split outlier columns off (the last such call: at most {split.DefaultIfEmpty().Max()} columns)", "", ""));
+        }
 
         // The read roofline: a buffer of 4 × the last-level cache, read between decode steps.
         var readBest = doDecode ? new ReadBandwidth(huge) : null;

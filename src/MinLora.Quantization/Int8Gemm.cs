@@ -21,7 +21,8 @@ namespace MinLora.Quantization;
 /// the summed dimension, so they are folded into the gradient before it is quantized:
 /// dx[m, k] = s_g[m]·Σ_n q_g[m, n]·q_w[n, k] with q_g = round(g[m, n]·s_w[n] / s_g[m]). The only error beyond the
 /// stored weights' own is the rounding of the quantized operand: at most s/2 = max|row|/254 per element. In the forward,
-/// outlier feature columns (<see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/>) are left out of the rows
+/// outlier feature columns (<see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/>: a column maximum over that many
+/// times the median column maximum) are left out of the rows
 /// (so the max is over the other columns) and added exactly: Σ_{k∈O} x[m, k]·dequant(W)[n, k] in float32, fused into the
 /// rescale pass, with the weight's columns there kept on the layer for the next call with the same columns.
 /// </remarks>
@@ -65,6 +66,12 @@ internal static unsafe class Int8Gemm
     private static readonly bool Vnni = AvxVnni.IsSupported || (X86Base.IsSupported && (X86Base.CpuId(7, 0).Ecx & (1 << 11)) != 0);
 
     /// <summary>
+    /// False: every call quantizes whole rows, whatever <see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/> says.
+    /// Only for A/B timing in one process (the benchmark's <c>--ab-outlier-split</c>); not thread-safe to change.
+    /// </summary>
+    internal static bool SplitOutliers = true;
+
+    /// <summary>
     /// At most K / this many outlier columns (<see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/>) per call: with
     /// more, the call takes the bfloat16 path. The float32 side product then costs at most 1/64 of the GEMM's
     /// multiply-adds, a quarter of its time or less at int8 rates (VNNI: 4× float32's multiply-adds per instruction).
@@ -76,7 +83,7 @@ internal static unsafe class Int8Gemm
     /// or null when a row is not finite, K is beyond <see cref="MaxDepth"/> for the format or more than K/<see cref="MaxOutlierShare"/>
     /// columns are outliers (the caller then takes the bfloat16 path, which propagates NaN and ∞ as IEEE does). The GEMM
     /// runs in row tiles of W of about <paramref name="tileElements"/> codes (int4 codes widened to int8 into one reused
-    /// tile), so the int32 result is one tile wide, not N. Outlier columns (some |x| above the layer's threshold) are zero
+    /// tile), so the int32 result is one tile wide, not N. Outlier columns (a column maximum above the layer's threshold times the median one) are zero
     /// in the quantized rows and multiplied in float32 with the dequantized weight columns instead; that product is added
     /// to the rescaled integer sums before the one rounding to bfloat16.
     /// </summary>
@@ -85,7 +92,7 @@ internal static unsafe class Int8Gemm
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
         if (k > MaxDepth(layer.Format)) return null;
-        int[] outliers = OutlierColumns(x, layer.Options.Int8GemmOutlierThreshold);
+        int[] outliers = OutlierColumns(x, SplitOutliers ? layer.Options.Int8GemmOutlierThreshold : float.PositiveInfinity);
         if (outliers.Length > k / MaxOutlierShare) return null;
         using var keep = outliers.Length == 0 ? null : KeepMask(k, outliers);
         using var q = Quantize(x, keep, out var rowScales);
@@ -142,14 +149,16 @@ internal static unsafe class Int8Gemm
     }
 
     /// <summary>
-    /// The columns of <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous) where some |x| exceeds
-    /// <paramref name="threshold"/>, ascending; none when the threshold is +∞. A NaN is no outlier (the quantize pass
+    /// The columns of <paramref name="x"/> [M, K] (float32 or bfloat16, contiguous) whose largest |x| exceeds
+    /// <paramref name="threshold"/> times the median over columns of that largest |x| (the call's typical column),
+    /// ascending; none when the threshold is +∞ or that median is 0 or not finite. A NaN is no outlier (the quantize pass
     /// rejects its row); an ∞ is.
     /// </summary>
     internal static int[] OutlierColumns(Tensor x, float threshold)
     {
         if (float.IsPositiveInfinity(threshold)) return [];
         int m = checked((int)x.shape[0]), k = checked((int)x.shape[1]);
+        if (m == 0 || k == 0) return [];
         bool bf16 = x.dtype == ScalarType.BFloat16;
         nint src = TensorMemory.Pointer(x);
         var max = new float[k];
@@ -162,12 +171,43 @@ internal static unsafe class Int8Gemm
         if (chunks > 1 && (long)m * k >= FastDequantize.MinimumParallelElements) Parallel.For(0, chunks, Chunk);
         else for (int c = 0; c < chunks; c++) Chunk(c);
         GC.KeepAlive(x);
+        float limit = threshold * Median(max);
+        if (!(limit > 0) || !float.IsFinite(limit)) return [];
         var outliers = new List<int>();
         for (int j = 0; j < k; j++)
         {
-            if (max[j] > threshold) outliers.Add(j);
+            if (max[j] > limit) outliers.Add(j);
         }
         return outliers.ToArray();
+    }
+
+    /// <summary>The lower median of <paramref name="values"/> (NaN counted as 0), by selection on a copy: O(n).</summary>
+    internal static float Median(float[] values)
+    {
+        var a = new float[values.Length];
+        for (int i = 0; i < a.Length; i++) a[i] = float.IsNaN(values[i]) ? 0f : values[i];
+        int target = (a.Length - 1) / 2, lo = 0, hi = a.Length - 1;
+        while (lo < hi)
+        {
+            // Hoare partition around the middle element's value.
+            float pivot = a[lo + (hi - lo) / 2];
+            int i = lo, j = hi;
+            while (i <= j)
+            {
+                while (a[i] < pivot) i++;
+                while (a[j] > pivot) j--;
+                if (i <= j)
+                {
+                    (a[i], a[j]) = (a[j], a[i]);
+                    i++;
+                    j--;
+                }
+            }
+            if (target <= j) hi = j;
+            else if (target >= i) lo = i;
+            else break;
+        }
+        return a[target];
     }
 
     /// <summary>Columns per block of <see cref="ColumnAbsMax"/> (16 vectors of maxima, resident in L1).</summary>

@@ -90,14 +90,18 @@ public sealed record QuantizedLinearOptions
     public bool Int8Gemm { get; init; }
 
     /// <summary>
-    /// For <see cref="Int8Gemm"/> forward products: input columns (features) where any row of the call holds a value with
-    /// |x| above this threshold are taken out of the int8 product and multiplied in float32 with the dequantized weight
-    /// columns, as LLM.int8() does (bitsandbytes' <c>llm_int8_threshold</c>, 6.0 by default there too). Large models' hidden
-    /// states carry a few such outlier features, tens of times larger than the rest; left in, one of them sets its row's
-    /// int8 step and rounds every other activation of the row to a handful of levels. Split off, each row is quantized at
-    /// max|row without the outliers|/127, and the outlier columns add no error beyond float32 rounding. A call with more
-    /// than K/64 outlier columns takes the bfloat16 path instead (the float32 side product would cost more than the int8
-    /// GEMM saves; LLM.int8() found at most 0.2 % of a 6.7B model's features to be outliers). The input gradient is not split: its rows are quantized whole.
+    /// For <see cref="Int8Gemm"/> forward products: input columns (features) whose largest |x| in the call exceeds this
+    /// many times the median over all columns of that largest |x| are taken out of the int8 product and multiplied in
+    /// float32 with the dequantized weight columns, as LLM.int8() does with its outlier features. Large models' hidden
+    /// states carry a few such features, tens of times larger than the rest; left in, one of them sets its row's int8
+    /// step and rounds every other activation of the row to a handful of levels. Split off, each row is quantized at
+    /// max|row without them|/127, and the outlier columns add no error beyond float32 rounding. The threshold is
+    /// relative, so it means the same at any activation scale (bitsandbytes' <c>llm_int8_threshold</c> is an absolute
+    /// 6.0, which assumes activations of order 1: in layers whose inputs are larger every column would exceed it). At 6
+    /// Gaussian activations give no outliers from 2 rows up (their largest column maximum is 1.7–4.3× the median at
+    /// K = 4,096–16,384), and features 20–50 times the rest are caught at any row count. A call with more than K/64 outlier columns takes the
+    /// bfloat16 path (the float32 side product would cost more than the int8 GEMM saves; LLM.int8() found at most
+    /// 0.2 % of a 6.7B model's features to be outliers). The input gradient is not split: its rows are quantized whole.
     /// <see cref="float.PositiveInfinity"/> turns the split off.
     /// </summary>
     /// <value>The default value is 6.</value>

@@ -20,10 +20,15 @@ public class Int8GemmTests
         }
     }
 
-    private static QuantizedLinear MakeLayer(long n, long k, out Linear linear, bool int8Gemm, bool bias = true, QuantizationFormat format = QuantizationFormat.Int8PerRow)
+    /// <summary>A layer from a fresh Linear; the outlier split off unless <paramref name="split"/> (the checks from codes model whole rows).</summary>
+    private static QuantizedLinear MakeLayer(long n, long k, out Linear linear, bool int8Gemm, bool bias = true, QuantizationFormat format = QuantizationFormat.Int8PerRow, bool split = false)
     {
         linear = nn.Linear(k, n, hasBias: bias);
-        return QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions { Int8Gemm = int8Gemm });
+        return QuantizedLinear.FromLinear(linear, format, options: new QuantizedLinearOptions
+        {
+            Int8Gemm = int8Gemm,
+            Int8GemmOutlierThreshold = split ? 6f : float.PositiveInfinity,
+        });
     }
 
     /// <summary>The stored codes as float64 [N, K]: dequant(W)/s_w is exact in float64 (q·s is, and so is its quotient).</summary>
@@ -378,12 +383,12 @@ public class Int8GemmTests
     {
         Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(81);
-        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format, split: true);
         using var _ = linear;
         var columns = new long[] { 1, 6, k / 2 + 1, k - 1 };   // odd and even (both int4 nibbles), the last column
         foreach (long rows in new[] { 1L, 3L, 8L, 130L })
         {
-            using var x32 = randn(rows, k).clamp(-4, 4);
+            using var x32 = randn(rows, k).clamp(-2, 2);   // even one row's largest |x| stays under 6× its median (≈ 0.67)
             foreach (long c in columns)
                 x32[TensorIndex.Slice(0, null, 2), c] = x32[TensorIndex.Slice(0, null, 2), c].abs().mul(40).add(20).mul(c % 2 == 0 ? 1 : -1);
             using var x = x32.to(ScalarType.BFloat16);
@@ -460,7 +465,7 @@ public class Int8GemmTests
         Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(84);
         long n = 40, k = 256;
-        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true);
+        using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, split: true);
         using var _ = linear;
         Tensor Input(long column, int seed)
         {
@@ -504,7 +509,7 @@ public class Int8GemmTests
         Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
         manual_seed(83);
         long k = 160;
-        using var layer = MakeLayer(32, k, out var linear, int8Gemm: true);
+        using var layer = MakeLayer(32, k, out var linear, int8Gemm: true, split: true);
         using var _ = linear;
         using var x32 = randn(20, k).clamp(-4, 4);
         for (long c = 0; c < k / Int8Gemm.MaxOutlierShare; c++) x32[3, c * 7] = 50f;   // exactly K/64: still split
@@ -529,10 +534,39 @@ public class Int8GemmTests
         Assert.Equal(6f, new QuantizedLinearOptions().Int8GemmOutlierThreshold);
         Assert.Equal(0.5f, new QuantizedLinearOptions { Int8GemmOutlierThreshold = 0.5f }.Int8GemmOutlierThreshold);
         if (!Supported) return;
-        using var x = full(3, 40, 1e30f);
-        Assert.Empty(Int8Gemm.OutlierColumns(x, float.PositiveInfinity));
-        Assert.Equal(40, Int8Gemm.OutlierColumns(x, 1e29f).Length);
-        Assert.Empty(Int8Gemm.OutlierColumns(x, 1e30f));   // strictly above the threshold
+        // Relative to the median column maximum: the same at any scale, strictly above, none without a typical column.
+        foreach (float scale in new[] { 1e-30f, 1f, 1e30f })
+        {
+            using var x = ones(3, 41).mul(scale);
+            x[1, 5] = 6.5f * scale;
+            x[2, 17] = -6f * scale;
+            x[0, 40] = float.PositiveInfinity;
+            Assert.Equal(new[] { 5, 40 }, Int8Gemm.OutlierColumns(x, 6f));
+            Assert.Equal(new[] { 5, 17, 40 }, Int8Gemm.OutlierColumns(x, 5.5f));
+            Assert.Empty(Int8Gemm.OutlierColumns(x, float.PositiveInfinity));
+        }
+        using var sparse = zeros(4, 40);
+        sparse[2, 3] = 1f;
+        Assert.Empty(Int8Gemm.OutlierColumns(sparse, 6f));   // median 0: no scale to measure outliers by
+    }
+
+    /// <summary>The selection median equals the sorted array's lower middle element: odd and even lengths, ties, NaN as 0.</summary>
+    [Fact]
+    public void Median_IsTheLowerMiddleOfTheSortedValues()
+    {
+        var random = new Random(85);
+        foreach (int length in new[] { 1, 2, 3, 10, 257, 4096 })
+        {
+            for (int trial = 0; trial < 5; trial++)
+            {
+                var values = Enumerable.Range(0, length).Select(_ => (float)random.Next(0, trial + 2) * (trial % 2 == 0 ? 1f : (float)random.NextDouble())).ToArray();
+                if (length > 3 && trial == 4) values[1] = float.NaN;
+                var sorted = values.Select(v => float.IsNaN(v) ? 0f : v).OrderBy(v => v).ToArray();
+                var copy = values.ToArray();
+                Assert.Equal(sorted[(length - 1) / 2], Int8Gemm.Median(values));
+                Assert.Equal(copy, values);   // the input is left as it was
+            }
+        }
     }
 
     /// <summary>y against s_x·s_w·Σ q_x·q_w + b in float64, from the codes <see cref="Int8Gemm.Quantize"/> gives for x.</summary>
