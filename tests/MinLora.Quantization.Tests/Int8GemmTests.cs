@@ -10,6 +10,8 @@ namespace MinLora.Quantization.Tests;
 /// </summary>
 public class Int8GemmTests
 {
+    private const string NeedsInt8Gemm = "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)";
+
     private static bool Supported
     {
         get
@@ -60,7 +62,7 @@ public class Int8GemmTests
     [InlineData(ScalarType.Float32, 45, true)]
     public void Quantize_RoundsEachRowToItsOwnScale(ScalarType dtype, long width, bool columnScaled)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(71);
         using var x32 = randn(40, width).mul(arange(40).add(1).unsqueeze(1));   // rows of very different magnitude
         x32[5].zero_();
@@ -95,7 +97,7 @@ public class Int8GemmTests
     [MemberData(nameof(Shapes))]
     public void Forward_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(72);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
         using var _ = linear;
@@ -118,7 +120,7 @@ public class Int8GemmTests
     [MemberData(nameof(Shapes))]
     public void InputGradient_IsTheExactIntegerProductRescaled(QuantizationFormat format, long n, long k)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(73);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, bias: false, format: format);
         using var _ = linear;
@@ -142,7 +144,7 @@ public class Int8GemmTests
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
     public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding(QuantizationFormat format)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(74);
         long n = 96, k = 200;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
@@ -183,7 +185,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void IsOptIn()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(75);
         using var layer = MakeLayer(64, 128, out var linear, int8Gemm: false);
         using var _ = linear;
@@ -231,7 +233,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void NonFiniteRows_TakeTheBf16Path()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(76);
         using var layer = MakeLayer(48, 80, out var linear, int8Gemm: true);
         using var _ = linear;
@@ -288,7 +290,7 @@ public class Int8GemmTests
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
     public void LargeCalls_RunInParallelBlocks_AndAgree(QuantizationFormat format)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(78);
         long n = 1024, k = 1024, rows = 300;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format);
@@ -308,7 +310,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void TinyRows_AreQuantizedLikeOthers()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(79);
         using var x = randn(3, 70);
         x[0].mul_(1e-38f);
@@ -334,7 +336,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void SumsBeyondTheExactInt32Depth_TakeTheBf16Path()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(80);
         long depth = Int8Gemm.MaxDepth(QuantizationFormat.Int8PerRow) + 2;   // even, for the int4 layer below
         Assert.Equal(132_106, depth);
@@ -358,7 +360,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void ZeroRows_GiveEmptyResults()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         using var layer = MakeLayer(24, 40, out var linear, int8Gemm: true);
         using var _ = linear;
         using var y = Int8Gemm.Forward(layer, empty(0, 40, dtype: ScalarType.BFloat16), null);
@@ -381,7 +383,7 @@ public class Int8GemmTests
     [InlineData(QuantizationFormat.Int4PerRowChatGlm, 130, 640)]
     public void Forward_SplitsOutlierColumns_IntoAFloatProduct(QuantizationFormat format, long n, long k)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(81);
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, format: format, split: true);
         using var _ = linear;
@@ -424,7 +426,7 @@ public class Int8GemmTests
     [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
     public void OutlierSplit_BoundsTheErrorByTheOrdinaryActivations(QuantizationFormat format)
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(82);
         long n = 96, k = 256;
         using var linear = nn.Linear(k, n);
@@ -462,7 +464,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void OutlierWeights_AreReusedForTheSameColumns_AndDroppedWhenTheWeightChanges()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(84);
         long n = 40, k = 256;
         using var layer = MakeLayer(n, k, out var linear, int8Gemm: true, split: true);
@@ -506,7 +508,7 @@ public class Int8GemmTests
     [SkippableFact]
     public void ManyOutlierColumns_TakeTheBf16Path()
     {
-        Skip.IfNot(Supported, "needs AVX-512 and AVX-VNNI or AMX, and the int8 GEMM kernel (elsewhere the bf16 path runs, covered by the other tests)");
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(83);
         long k = 160;
         using var layer = MakeLayer(32, k, out var linear, int8Gemm: true, split: true);
