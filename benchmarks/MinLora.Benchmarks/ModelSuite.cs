@@ -124,7 +124,7 @@ internal static class ModelSuite
             long h = config.HiddenSize;
             var columns = Enumerable.Range(0, outlierFeatures).Select(c => 97 + c * 509L % (h - 97)).Distinct().ToArray();
             using var index = tensor(columns);
-            foreach (var (name, p) in model.named_parameters().Where(p => p.name.EndsWith("layernorm.weight", StringComparison.Ordinal)))
+            foreach (var (name, p) in model.named_parameters().Where(p => p.name.EndsWith("input_layernorm.weight", StringComparison.Ordinal) || p.name.EndsWith("post_attention_layernorm.weight", StringComparison.Ordinal)))
                 p.index_copy_(0, index, p.index_select(0, index).mul(30));
         }
         double buildS = sw.Elapsed.TotalSeconds;

@@ -92,6 +92,8 @@ internal static unsafe class Int8Gemm
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
         if (k > MaxDepth(layer.Format)) return null;
+        RequireRows(x, nameof(x));
+        int generation = Volatile.Read(ref layer.WeightGeneration);
         int[] outliers = OutlierColumns(x, SplitOutliers ? layer.Options.Int8GemmOutlierThreshold : float.PositiveInfinity);
         if (outliers.Length > k / MaxOutlierShare) return null;
         using var keep = outliers.Length == 0 ? null : KeepMask(k, outliers);
@@ -113,10 +115,12 @@ internal static unsafe class Int8Gemm
         if (outliers.Length > 0)
         {
             wOutliers = Volatile.Read(ref layer.OutlierWeights);
-            if (wOutliers is null || !wOutliers.Columns.AsSpan().SequenceEqual(outliers))
+            if (wOutliers is null || wOutliers.Generation != generation || !wOutliers.Columns.AsSpan().SequenceEqual(outliers))
             {
-                wOutliers = new OutlierCache(outliers, OutlierWeights(layer, outliers, sw));
-                Volatile.Write(ref layer.OutlierWeights, wOutliers);
+                wOutliers = new OutlierCache(outliers, OutlierWeights(layer, outliers, sw), generation);
+                // Kept unless the weights changed meanwhile; one kept in a race with DropPlan carries the old generation,
+                // which the check above never uses.
+                if (Volatile.Read(ref layer.WeightGeneration) == generation) Volatile.Write(ref layer.OutlierWeights, wOutliers);
             }
         }
         var side = wOutliers is null ? default
@@ -139,10 +143,16 @@ internal static unsafe class Int8Gemm
     }
 
     /// <summary>Outlier feature columns and the layer's dequantized weight columns there, float32 [C, N] in a pinned array.</summary>
-    internal sealed class OutlierCache(int[] columns, float[] weights)
+    internal sealed class OutlierCache(int[] columns, float[] weights, int generation)
     {
         /// <summary>The input columns, ascending.</summary>
         public int[] Columns { get; } = columns;
+
+        /// <summary>The layer's <see cref="QuantizedLinear.WeightGeneration"/> the columns were read at.</summary>
+        public int Generation { get; } = generation;
+
+        /// <summary>Bytes held.</summary>
+        public long Bytes => (long)weights.Length * sizeof(float);
 
         /// <summary>The weights (pinned: the address stays valid while this object lives).</summary>
         public float* Pointer => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(weights));
@@ -157,6 +167,7 @@ internal static unsafe class Int8Gemm
     internal static int[] OutlierColumns(Tensor x, float threshold)
     {
         if (float.IsPositiveInfinity(threshold)) return [];
+        RequireRows(x, nameof(x));
         int m = checked((int)x.shape[0]), k = checked((int)x.shape[1]);
         if (m == 0 || k == 0) return [];
         bool bf16 = x.dtype == ScalarType.BFloat16;
@@ -359,6 +370,13 @@ internal static unsafe class Int8Gemm
         return dx;
     }
 
+    /// <summary>Throws unless <paramref name="a"/> is a contiguous 2-D float32 or bfloat16 CPU tensor (the raw loops read it).</summary>
+    private static void RequireRows(Tensor a, string name)
+    {
+        if (a.dtype is not (ScalarType.Float32 or ScalarType.BFloat16) || a.dim() != 2 || !a.is_contiguous() || a.device_type != DeviceType.CPU)
+            throw new ArgumentException($"Int8Gemm reads contiguous 2-D float32 or bfloat16 CPU tensors, got {a.dtype} [{string.Join(", ", a.shape)}] on {a.device_type}.", name);
+    }
+
     /// <summary>
     /// Widens ChatGLM int4 codes (two signed values per byte, even column in the high nibble; rows of k/2 bytes) of rows
     /// [r0, r1) and columns [c0, c1) (c0 even) to int8, row after row of c1 − c0 values, on all cores.
@@ -409,8 +427,7 @@ internal static unsafe class Int8Gemm
     /// </summary>
     internal static Tensor? Quantize(Tensor a, Tensor? columnScales, out float[] rowScales)
     {
-        if (a.dtype is not (ScalarType.Float32 or ScalarType.BFloat16) || a.dim() != 2 || !a.is_contiguous())
-            throw new ArgumentException($"Int8Gemm quantizes contiguous 2-D float32 or bfloat16 tensors, got {a.dtype} [{string.Join(", ", a.shape)}].", nameof(a));
+        RequireRows(a, nameof(a));
         int m = checked((int)a.shape[0]), c = checked((int)a.shape[1]);
         var codes = empty(new long[] { m, c }, dtype: ScalarType.Int8);
         var scales = new float[m];

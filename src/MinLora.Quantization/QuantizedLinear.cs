@@ -99,7 +99,9 @@ public sealed record QuantizedLinearOptions
     /// relative, so it means the same at any activation scale (bitsandbytes' <c>llm_int8_threshold</c> is an absolute
     /// 6.0, which assumes activations of order 1: in layers whose inputs are larger every column would exceed it). At 6
     /// Gaussian activations give no outliers from 2 rows up (their largest column maximum is 1.7–4.3× the median at
-    /// K = 4,096–16,384), and features 20–50 times the rest are caught at any row count. A call with more than K/64 outlier columns takes the
+    /// K = 4,096–16,384); the cut-off is 6× the typical column's largest |x|, which for Gaussian activations of standard
+    /// deviation σ lies at about 17σ over 128 rows, 19σ over 512 and 21σ over 2,048 (features whose largest values
+    /// reach 20–60σ are split at those sizes). A call with more than K/64 outlier columns takes the
     /// bfloat16 path (the float32 side product would cost more than the int8 GEMM saves; LLM.int8() found at most
     /// 0.2 % of a 6.7B model's features to be outliers). The input gradient is not split: its rows are quantized whole.
     /// <see cref="float.PositiveInfinity"/> turns the split off.
@@ -132,7 +134,8 @@ public sealed record QuantizedLinearOptions
 /// <remarks>
 /// State-dict keys: <c>weight</c>, <c>weight_scale</c>, <c>weight_zero</c> (group-wise int4 only) and <c>bias</c>, as in
 /// ChatGLM's quantized checkpoints. The fast-kernel form of the weight (libtorch's packed int4 layouts, which depend on
-/// the device and CPU instruction set) is derived from those and never saved. After copying new values into the
+/// the device and CPU instruction set) is derived from those and never saved, as are the weight columns that
+/// <see cref="QuantizedLinearOptions.Int8Gemm"/> keeps for outlier features. After copying new values into the
 /// buffers directly (e.g. <c>load_state_dict</c>), call <see cref="RefreshKernel"/> or use
 /// <see cref="QuantizeExtensions.LoadQuantizedStateDict"/>.
 /// </remarks>
@@ -190,7 +193,9 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <summary>
     /// Why <see cref="QuantizedLinearOptions.Int8Gemm"/> is ignored for this layer, wholly (format, compute type,
     /// device or CPU) or for its forward or input-gradient products (a summed length beyond what an int32 sum holds
-    /// exactly), or null when the option is off or takes effect. Calls with non-finite rows fall back one by one.
+    /// exactly), or null when the option is off or takes effect. Calls with non-finite rows, and forward calls with more
+    /// than K/64 outlier columns (<see cref="QuantizedLinearOptions.Int8GemmOutlierThreshold"/>; for K below 64, any),
+    /// fall back one by one.
     /// </summary>
     public string? Int8GemmFallbackReason
     {
@@ -282,12 +287,15 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <returns>A new tensor.</returns>
     public Tensor Dequantize(ScalarType dtype = ScalarType.Float32) => QuantizationMath.Dequantize(QuantizedWeight, dtype);
 
-    /// <summary>Bytes of the stored state (weights, scales, zeros, bias) plus the kernel's packed copy, if any.</summary>
+    /// <summary>
+    /// Bytes of the stored state (weights, scales, zeros, bias) plus the kernel's packed copy, if any, and the float32
+    /// weight columns kept for <see cref="QuantizedLinearOptions.Int8Gemm"/>'s outlier features (at most K·N/16 bytes).
+    /// </summary>
     /// <returns>The byte count.</returns>
     public long GetSizeInBytes()
     {
         long bytes = Bytes(weight) + Bytes(weight_scale) + (weight_zero is null ? 0 : Bytes(weight_zero)) + (bias is null ? 0 : Bytes(bias));
-        return bytes + KernelBytes;
+        return bytes + KernelBytes + (OutlierWeights?.Bytes ?? 0);
     }
 
     /// <summary>Bytes of the derived kernel form (packed weight, converted scales and bias), which are not registered buffers.</summary>
@@ -306,6 +314,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// call after call. Dropped with the kernel plan whenever the stored weights may change.
     /// </summary>
     internal Int8Gemm.OutlierCache? OutlierWeights;
+
+    /// <summary>
+    /// Counts <see cref="DropPlan"/> calls: <see cref="OutlierWeights"/> built from the weights of an earlier generation
+    /// (a product that ran while the weights changed) are neither used nor kept.
+    /// </summary>
+    internal int WeightGeneration;
 
     /// <inheritdoc />
     /// <remarks>
@@ -416,6 +430,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     /// <summary>Disposes the kernel plan, leaving the unbuilt one in place first (never a disposed plan, even if what follows throws).</summary>
     private void DropPlan()
     {
+        Interlocked.Increment(ref WeightGeneration);
         OutlierWeights = null;   // derived from the stored weights, like the plan
         var old = _kernel;
         _kernel = KernelPlan.Unbuilt;

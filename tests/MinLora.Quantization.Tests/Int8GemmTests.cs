@@ -229,24 +229,30 @@ public class Int8GemmTests
         else Assert.NotNull(deep.Int8GemmFallbackReason);
     }
 
-    /// <summary>A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN.</summary>
+    /// <summary>
+    /// A row with NaN or ∞ cannot be scaled: the call takes the bfloat16 path, so only that row's outputs are NaN; with the
+    /// outlier split too.
+    /// </summary>
     [SkippableFact]
     public void NonFiniteRows_TakeTheBf16Path()
     {
         Skip.IfNot(Supported, NeedsInt8Gemm);
         manual_seed(76);
-        using var layer = MakeLayer(48, 80, out var linear, int8Gemm: true);
-        using var _ = linear;
-        foreach (var bad in new[] { float.NaN, float.PositiveInfinity })
-        {
-            using var x = randn(20, 80);
-            x[7, 33] = bad;
-            Assert.Null(Int8Gemm.Forward(layer, x, null));
-            using var y = layer.forward(x);
-            using var finite = y.isfinite();
-            Assert.Equal(0, finite[7].sum().item<long>());
-            Assert.Equal(19 * 48, finite.sum().item<long>());
-        }
+        foreach (bool split in new[] { false, true })
+            foreach (var bad in new[] { float.NaN, float.PositiveInfinity })
+            {
+                // With the split an ∞ makes its column an outlier: zeroed in the rows, 0·∞ = NaN still rejects the row.
+                using var layer = MakeLayer(48, 80, out var linear, int8Gemm: true, split: split);
+                using var _ = linear;
+                using var x = randn(20, 80);
+                x[7, 33] = bad;
+                if (split && float.IsInfinity(bad)) Assert.Equal(new[] { 33 }, Int8Gemm.OutlierColumns(x, 6f));
+                Assert.Null(Int8Gemm.Forward(layer, x, null));
+                using var y = layer.forward(x);
+                using var finite = y.isfinite();
+                Assert.Equal(0, finite[7].sum().item<long>());
+                Assert.Equal(19 * 48, finite.sum().item<long>());
+            }
     }
 
     /// <summary>
@@ -502,6 +508,16 @@ public class Int8GemmTests
         Assert.True((changed - yb).abs().max().to(ScalarType.Float32).item<float>() > 1);   // 30·0.5 moved through column 100
         layer.RefreshKernel();
         Assert.Null(layer.OutlierWeights);
+
+        // Columns read before a weight change but stored after it (a product racing DropPlan) carry the old generation
+        // and are never used: here garbage columns of generation − 1.
+        using var before = Int8Gemm.Forward(layer, b, layer.Bias)!;
+        var junk = GC.AllocateArray<float>((int)n, pinned: true);
+        Array.Fill(junk, 1e6f);
+        layer.OutlierWeights = new Int8Gemm.OutlierCache(new[] { 100 }, junk, layer.WeightGeneration - 1);
+        using var after = Int8Gemm.Forward(layer, b, layer.Bias)!;
+        Assert.Equal(0, (after - before).abs().max().to(ScalarType.Float32).item<float>());
+        Assert.Equal(layer.WeightGeneration, layer.OutlierWeights!.Generation);
     }
 
     /// <summary>More than K/64 outlier columns: the call takes the bfloat16 path (the layer's output is the tiled product's).</summary>
@@ -535,7 +551,16 @@ public class Int8GemmTests
         }
         Assert.Equal(6f, new QuantizedLinearOptions().Int8GemmOutlierThreshold);
         Assert.Equal(0.5f, new QuantizedLinearOptions { Int8GemmOutlierThreshold = 0.5f }.Int8GemmOutlierThreshold);
-        if (!Supported) return;
+    }
+
+    /// <summary>
+    /// Outlier columns are relative to the median column maximum: the same at any scale, strictly above the threshold,
+    /// an ∞ among them; none at +∞ or without a typical column (median 0).
+    /// </summary>
+    [SkippableFact]
+    public void OutlierColumns_AreRelativeToTheMedianColumn()
+    {
+        Skip.IfNot(Supported, NeedsInt8Gemm);
         // Relative to the median column maximum: the same at any scale, strictly above, none without a typical column.
         foreach (float scale in new[] { 1e-30f, 1f, 1e30f })
         {
