@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 
 // MinLora benchmarks: each figure is a ratio to a baseline measured in the same run, in interleaved rounds
 // (medians), cycling over enough weight copies to exceed the last-level cache.
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--rounds N] [--quick] [--default-malloc]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--shape KxN] [--rounds N] [--quick] [--default-malloc]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- load [--chatglm6b-layers N]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm [--outlier-threshold X|inf]] [--outlier-features N] [--ab-outlier-split] [--train] [--steps N] [--compare-bf16] [--ab-two-streams]
 //   any suite: [--default-malloc | --retain-below BYTES] (glibc policy: keep every freed block by default)
@@ -46,7 +46,13 @@ if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
 if (suite == "gemv-probe") return GemvProbe.Run(rounds, argsList.Contains("--one-stream"));
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
-if (suite == "prompt-products") { QuantSuite.RunPrompt(rounds); return 0; }
+if (suite == "prompt-products")
+{
+    // --shape KxN: one of the four projection shapes only.
+    int at = argsList.IndexOf("--shape");
+    QuantSuite.RunPrompt(rounds, at >= 0 && at + 1 < argsList.Count ? argsList[at + 1] : null);
+    return 0;
+}
 if (suite == "tokenizer") return TokenizerSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {

@@ -96,9 +96,11 @@ internal static class QuantSuite
     /// 6B-and-larger models carry: LLM.int8(), Dettmers et al. 2022, reports up to 6–7 such dimensions at 6.7B with
     /// magnitudes up to ~60). The input-gradient step does not depend on the activations and is timed once.
     /// </summary>
-    public static void RunPrompt(int rounds)
+    public static void RunPrompt(int rounds, string? onlyShape = null)
     {
-        var shapes = new[] { (K: 4096L, N: 12288L), (K: 4096L, N: 4096L), (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) };
+        var shapes = new[] { (K: 4096L, N: 12288L), (K: 4096L, N: 4096L), (K: 4096L, N: 16384L), (K: 16384L, N: 4096L) }
+            .Where(s => onlyShape is null || onlyShape == $"{s.K}x{s.N}").ToArray();
+        if (shapes.Length == 0) throw new ArgumentException($"--shape {onlyShape}: expected one of 4096x12288, 4096x4096, 4096x16384, 16384x4096");
         Console.WriteLine();
         Console.WriteLine("| K→N | rows | activations | path | forward | ratio to bf16 | forward + input gradient (autograd) | ratio to bf16 | forward error |");
         Console.WriteLine("|---|---|---|---|---|---|---|---|---|");

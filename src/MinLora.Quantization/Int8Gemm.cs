@@ -550,8 +550,23 @@ internal static unsafe class Int8Gemm
         for (; j + 16 <= width; j += 16)
         {
             var v = Avx512F.ConvertToVector512Single(Vector512.Load(acc + j)) * (columnScales != null ? Vector512.Load(columnScales + j) * vs : vs);
-            for (int o = 0; o < side.Count; o++)
-                v = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o]), Vector512.Load(sw + o * side.Stride + j), v);
+            if (side.Count > 0)
+            {
+                // Four independent sums: one chain of C dependent multiply-adds would wait on each one's latency.
+                Vector512<float> s0 = default, s1 = default, s2 = default, s3 = default;
+                int o = 0;
+                for (; o + 4 <= side.Count; o += 4)
+                {
+                    float* w0 = sw + o * side.Stride + j;
+                    s0 = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o]), Vector512.Load(w0), s0);
+                    s1 = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o + 1]), Vector512.Load(w0 + side.Stride), s1);
+                    s2 = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o + 2]), Vector512.Load(w0 + 2 * side.Stride), s2);
+                    s3 = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o + 3]), Vector512.Load(w0 + 3 * side.Stride), s3);
+                }
+                for (; o < side.Count; o++)
+                    s0 = Avx512F.FusedMultiplyAdd(Vector512.Create(sx[o]), Vector512.Load(sw + o * side.Stride + j), s0);
+                v += (s0 + s1) + (s2 + s3);
+            }
             if (bias != null) v += Vector512.Load(bias + j);
             Avx512F.ConvertToVector256UInt16(FastDequantize.RoundToBf16(v)).Store(y + j);
         }

@@ -102,8 +102,8 @@ public sealed record QuantizedLinearOptions
     /// K = 4,096–16,384); the cut-off is 6× the typical column's largest |x|, which for Gaussian activations of standard
     /// deviation σ lies at about 17σ over 128 rows, 19σ over 512 and 21σ over 2,048 (features whose largest values
     /// reach 20–60σ are split at those sizes). A call with more than K/64 outlier columns takes the
-    /// bfloat16 path (the float32 side product would cost more than the int8 GEMM saves; LLM.int8() found at most
-    /// 0.2 % of a 6.7B model's features to be outliers). The input gradient is not split: its rows are quantized whole.
+    /// bfloat16 path (the float32 side product would cost more than the int8 GEMM saves; LLM.int8() found the
+    /// outliers of a 6.7B model in about 6 of its 4,096 features). The input gradient is not split: its rows are quantized whole.
     /// <see cref="float.PositiveInfinity"/> turns the split off.
     /// </summary>
     /// <value>The default value is 6.</value>
