@@ -41,6 +41,9 @@ public class Int8GemmTests
         return w.div(s);
     }
 
+    /// <summary>The formats the int8 GEMM takes: per-row scales only.</summary>
+    public static TheoryData<QuantizationFormat> PerRowFormats => new() { QuantizationFormat.Int8PerRow, QuantizationFormat.Int4PerRowChatGlm };
+
     public static TheoryData<QuantizationFormat, long, long> Shapes => new()
     {
         { QuantizationFormat.Int8PerRow, 67, 302 },
@@ -140,8 +143,7 @@ public class Int8GemmTests
     /// the layer ([4, 10, K]: more rows than the decoding kernel takes), forward and backward.
     /// </summary>
     [SkippableTheory]
-    [InlineData(QuantizationFormat.Int8PerRow)]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    [MemberData(nameof(PerRowFormats))]
     public void ThroughTheLayer_TheErrorIsBoundedByTheActivationRounding(QuantizationFormat format)
     {
         Skip.IfNot(Supported, NeedsInt8Gemm);
@@ -292,8 +294,7 @@ public class Int8GemmTests
     /// 256 K-element threshold), whole-K tiles as in production: the same float64 check from the same codes.
     /// </summary>
     [SkippableTheory]
-    [InlineData(QuantizationFormat.Int8PerRow)]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    [MemberData(nameof(PerRowFormats))]
     public void LargeCalls_RunInParallelBlocks_AndAgree(QuantizationFormat format)
     {
         Skip.IfNot(Supported, NeedsInt8Gemm);
@@ -429,8 +430,7 @@ public class Int8GemmTests
     /// errs several times more in the mean.
     /// </summary>
     [SkippableTheory]
-    [InlineData(QuantizationFormat.Int8PerRow)]
-    [InlineData(QuantizationFormat.Int4PerRowChatGlm)]
+    [MemberData(nameof(PerRowFormats))]
     public void OutlierSplit_BoundsTheErrorByTheOrdinaryActivations(QuantizationFormat format)
     {
         Skip.IfNot(Supported, NeedsInt8Gemm);
