@@ -121,9 +121,7 @@ internal static class ModelSuite
         if (outlierFeatures > 0)
         {
             using var noGrad = no_grad();
-            long h = config.HiddenSize;
-            var columns = Enumerable.Range(0, outlierFeatures).Select(c => 97 + c * 509L % (h - 97)).Distinct().ToArray();
-            using var index = tensor(columns);
+            using var index = tensor(QuantSuite.OutlierFeatureColumns(config.HiddenSize, outlierFeatures));
             foreach (var (name, p) in model.named_parameters().Where(p => p.name.EndsWith("input_layernorm.weight", StringComparison.Ordinal) || p.name.EndsWith("post_attention_layernorm.weight", StringComparison.Ordinal)))
                 p.index_copy_(0, index, p.index_select(0, index).mul(30));
         }

@@ -149,11 +149,9 @@ internal static class QuantSuite
                     if (outliers)
                     {
                         // K/512 feature columns spread over K, alternating in sign.
-                        for (long c = 0; c < k / 512; c++)
-                        {
-                            long column = 97 + c * 509 % (k - 97);
-                            x32[TensorIndex.Colon, column] = x32[TensorIndex.Colon, column].abs().mul(10).add(20).mul(c % 2 == 0 ? 1 : -1);
-                        }
+                        var columns = OutlierFeatureColumns(k, (int)(k / 512));
+                        for (int c = 0; c < columns.Length; c++)
+                            x32[TensorIndex.Colon, columns[c]] = x32[TensorIndex.Colon, columns[c]].abs().mul(10).add(20).mul(c % 2 == 0 ? 1 : -1);
                     }
                     using var x = x32.to(ScalarType.BFloat16);
                     var forward = paths.Select(p => (Func<int, double>)(_ => LoraSuite.Time(() => { using var noGrad = no_grad(); using var y = p.Forward(x); }))).ToArray();
@@ -176,6 +174,13 @@ internal static class QuantSuite
             foreach (var layer in layers) layer.Dispose();
         }
     }
+
+    /// <summary>
+    /// <paramref name="count"/> distinct feature columns spread over <paramref name="width"/> (97 + 509·c mod (width − 97)),
+    /// where the prompt-products and model suites put their outlier features.
+    /// </summary>
+    internal static long[] OutlierFeatureColumns(long width, int count) =>
+        Enumerable.Range(0, count).Select(c => 97 + c * 509L % (width - 97)).Distinct().ToArray();
 
     private static int Copies(long bytes) => (int)Math.Max(2, (CacheBytes + bytes - 1) / bytes);
 

@@ -92,7 +92,6 @@ internal static unsafe class Int8Gemm
         long m = x.shape[0], k = layer.InFeatures, n = layer.OutFeatures;
         if (m == 0) return empty(new[] { 0L, n }, dtype: ScalarType.BFloat16);
         if (k > MaxDepth(layer.Format)) return null;
-        RequireRows(x, nameof(x));
         int generation = Volatile.Read(ref layer.WeightGeneration);
         int[] outliers = OutlierColumns(x, SplitOutliers ? layer.Options.Int8GemmOutlierThreshold : float.PositiveInfinity);
         if (outliers.Length > k / MaxOutlierShare) return null;
@@ -310,18 +309,7 @@ internal static unsafe class Int8Gemm
                 float* o = (float*)dst + r;
                 for (int j = 0; j < c; j++)
                 {
-                    long col = columns[j];
-                    int code;
-                    if (int4)
-                    {
-                        byte b = ((byte*)src)[r * (k / 2) + col / 2];
-                        int u = (col & 1) == 0 ? b >> 4 : b & 15;
-                        code = u >= 8 ? u - 16 : u;
-                    }
-                    else
-                    {
-                        code = ((sbyte*)src)[r * k + col];
-                    }
+                    int code = int4 ? SignedNibble((byte*)src + r * (k / 2), columns[j]) : ((sbyte*)src)[r * k + columns[j]];
                     o[j * n] = code * s;
                 }
             }
@@ -413,12 +401,16 @@ internal static unsafe class Int8Gemm
                 Avx512BW.Shuffle(lut, index.AsSByte()).Store(dst + j);
             }
         }
-        for (; j < width; j++)
-        {
-            byte b = src[j / 2];
-            int u = (j & 1) == 0 ? b >> 4 : b & 15;
-            dst[j] = (sbyte)(u >= 8 ? u - 16 : u);
-        }
+        for (; j < width; j++) dst[j] = (sbyte)SignedNibble(src, j);
+    }
+
+    /// <summary>Column <paramref name="column"/> of a ChatGLM int4 row (even column in the high nibble): u for u ≤ 7, u − 16 above.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int SignedNibble(byte* row, long column)
+    {
+        byte b = row[column / 2];
+        int u = (column & 1) == 0 ? b >> 4 : b & 15;
+        return u >= 8 ? u - 16 : u;
     }
 
     /// <summary>
