@@ -12,15 +12,19 @@ using static TorchSharp.torch;
 /// time of a call on a 64-row layer: the fixed cost (activations converted, output allocated, one fork/join) plus
 /// reading its 128–512 KB of weights from cache (2–7 µs).
 /// </summary>
-/// <remarks><c>gemv-probe [--rounds N] [--one-stream]</c>: the kernels' default form reads two weight rows at once
-/// (<c>CpuGemv.TwoStreams</c>); <c>--one-stream</c> takes the one-row form. Weights are zeros (the kernels' time does not
+/// <remarks><c>gemv-probe [--rounds N] [--one-stream] [--k K] [--formats bf16,int8,…]</c>: the kernels' default form reads two
+/// weight rows at once (<c>CpuGemv.TwoStreams</c>); <c>--one-stream</c> takes the one-row form. <c>--k</c> sets the
+/// columns (default 4096; ChatGLM's dense_4h_to_h has 16,384); <c>--formats</c> takes some of bf16, int8,
+/// "int4 chatglm" (or int4), g128. bf16 is timed in two forms round by round: activations as bf16 pairs (the default,
+/// <c>CpuGemv.Bf16Activations</c>) and as float32. Weights are zeros (the kernels' time does not
 /// depend on values), on huge pages as the model's and the plain read's are.</remarks>
 internal static class GemvProbe
 {
-    private const long K = 4096;
+    private static long K = 4096;
 
-    public static int Run(int rounds, bool oneStream)
+    public static int Run(int rounds, bool oneStream, int k, string? formats)
     {
+        if (k > 0) K = k;
         using var noGrad = no_grad();
         CpuGemv.TwoStreams = !oneStream;
         var read = new ModelSuite.ReadBandwidth(hugePages: true);
@@ -28,7 +32,8 @@ internal static class GemvProbe
         Console.WriteLine("| weights | streaming GB/s (median / best) | in cache GB/s (median / best) | streaming ÷ plain read (best ÷ best) | µs per call of a 64-row layer, weights in cache (median / best) |");
         Console.WriteLine("|---|---|---|---|---|");
         var modules = new List<IDisposable>();
-        foreach (var format in new[] { "bf16", "int8", "int4 chatglm", "int4 g128" })
+        var chosen = formats?.Split(',').Select(f => f == "int4" ? "int4 chatglm" : f == "g128" ? "int4 g128" : f).ToHashSet();
+        foreach (var format in new[] { "bf16", "int8", "int4 chatglm", "int4 g128" }.Where(f => chosen == null || chosen.Contains(f)))
         {
             double bytesPerWeight = format == "bf16" ? 2 : format == "int8" ? 1 : 0.5;
             // Streaming: 16,384-row layers (ChatGLM's dense_h_to_4h) adding to ~1.5 GB; in cache: one layer of 4 MB,
@@ -43,24 +48,32 @@ internal static class GemvProbe
             double streamBytes = layers * streamRows * K * bytesPerWeight, cachedBytes = cachedRows * K * bytesPerWeight;
             int repeats = (int)Math.Max(1, streamBytes / cachedBytes);
             for (int i = 0; i < 3; i++) cached(x).Dispose();
-            var s = new List<double>();
-            var c = new List<double>();
-            var fixedCost = new List<double>();
+            // bf16 alternates its two activation forms round by round (bf16 pairs, float32 de-interleaved).
+            var variants = format == "bf16" ? new[] { (Name: "bf16", Bf16X: true), (Name: "bf16, float32 activations", Bf16X: false) } : new[] { (Name: format, Bf16X: true) };
+            var s = variants.Select(_ => new List<double>()).ToArray();
+            var c = variants.Select(_ => new List<double>()).ToArray();
+            var fixedCost = variants.Select(_ => new List<double>()).ToArray();
             for (int round = 0; round < rounds; round++)
             {
-                read.Pass();
-                var sw = Stopwatch.StartNew();
-                foreach (var layer in stream) layer(x).Dispose();
-                s.Add(streamBytes / sw.Elapsed.TotalSeconds / 1e9);
-                sw.Restart();
-                for (int i = 0; i < repeats; i++) cached(x).Dispose();
-                c.Add(cachedBytes * repeats / sw.Elapsed.TotalSeconds / 1e9);
-                sw.Restart();
-                for (int i = 0; i < 1000; i++) tiny(x).Dispose();
-                fixedCost.Add(sw.Elapsed.TotalMilliseconds);   // µs per call
+                for (int v = 0; v < variants.Length; v++)
+                {
+                    CpuGemv.Bf16Activations = variants[v].Bf16X;
+                    read.Pass();
+                    var sw = Stopwatch.StartNew();
+                    foreach (var layer in stream) layer(x).Dispose();
+                    s[v].Add(streamBytes / sw.Elapsed.TotalSeconds / 1e9);
+                    sw.Restart();
+                    for (int i = 0; i < repeats; i++) cached(x).Dispose();
+                    c[v].Add(cachedBytes * repeats / sw.Elapsed.TotalSeconds / 1e9);
+                    sw.Restart();
+                    for (int i = 0; i < 1000; i++) tiny(x).Dispose();
+                    fixedCost[v].Add(sw.Elapsed.TotalMilliseconds);   // µs per call
+                }
             }
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {format} | {ModelSuite.MedianOf(s):F1} / {s.Max():F1} | {ModelSuite.MedianOf(c):F1} / {c.Max():F1} | {s.Max() / read.BestGBs:P0} | {ModelSuite.MedianOf(fixedCost):F1} / {fixedCost.Min():F1} |"));
+            CpuGemv.Bf16Activations = true;
+            for (int v = 0; v < variants.Length; v++)
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"| {variants[v].Name} | {ModelSuite.MedianOf(s[v]):F1} / {s[v].Max():F1} | {ModelSuite.MedianOf(c[v]):F1} / {c[v].Max():F1} | {s[v].Max() / read.BestGBs:P0} | {ModelSuite.MedianOf(fixedCost[v]):F1} / {fixedCost[v].Min():F1} |"));
             foreach (var m in modules) m.Dispose();
             modules.Clear();
         }

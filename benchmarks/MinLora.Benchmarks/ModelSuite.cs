@@ -105,7 +105,8 @@ internal static class ModelSuite
         bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
-        bool abTwoStreams = args.Contains("--ab-two-streams");
+        // --ab-two-streams / --ab-bf16-activations: odd decode steps take the kernels' other form, timed apart.
+        string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations" : null;
         bool abOutlierSplit = args.Contains("--ab-outlier-split");
         if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
@@ -276,11 +277,13 @@ internal static class ModelSuite
         {
             Progress($"decode at context {context}");
             ArgumentNullException.ThrowIfNull(readBest);
-            var (stepMs, bestMs, cacheBytes, oneStream) = Decode(model, config, context, steps, readBest, abTwoStreams);
+            var (stepMs, bestMs, cacheBytes, oneStream) = Decode(model, config, context, steps, readBest, abForm);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
             if (oneStream is var (oneMs, oneBest))
-                rows.Add(new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}"));
+                rows.Add(abForm == "two-streams"
+                    ? new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}")
+                    : new($"  A/B: bf16 kernel on float32 activations (alternate steps; the row below: bf16 pairs)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"pairs ÷ float32: {stepMs / oneMs:F2}"));
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token (best step {bestMs:F1})", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", $"{Pct(boundMs / stepMs)} (best step {Pct(boundMs / bestMs)})"));
         }
         if (readBest is not null)
@@ -396,7 +399,7 @@ internal static class ModelSuite
     private static void Progress(string what) =>
         Console.Error.WriteLine($"  … {what} (RSS {Rss.Current() / 1e9:F2} GB, peak {Rss.Peak() / 1e9:F2} GB)");
 
-    private static (double MsPerToken, double BestMs, long CacheBytes, (double Ms, double Best)? OneStream) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read, bool abTwoStreams)
+    private static (double MsPerToken, double BestMs, long CacheBytes, (double Ms, double Best)? OneStream) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read, string? abForm)
     {
         using var noGrad = no_grad();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
@@ -417,9 +420,10 @@ internal static class ModelSuite
         long cacheBytes = 0;
         for (int step = 0; step < steps; step++)
         {
-            // --ab-two-streams: odd steps take the kernels' one-row form (CpuGemv.TwoStreams off), timed apart.
-            bool one = abTwoStreams && step % 2 == 1;
-            CpuGemv.TwoStreams = !one;
+            // --ab-…: odd steps take the kernels' other form (one row at a time, or float32 activations), timed apart.
+            bool one = abForm != null && step % 2 == 1;
+            CpuGemv.TwoStreams = !(one && abForm == "two-streams");
+            CpuGemv.Bf16Activations = !(one && abForm == "bf16-activations");
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -451,6 +455,7 @@ internal static class ModelSuite
         mask?.Dispose();
         positions.Dispose();
         CpuGemv.TwoStreams = true;
+        CpuGemv.Bf16Activations = true;
         var measured = times.Skip(1).ToList();
         var oneMeasured = oneStream.Skip(1).ToList();   // its first step may carry the one-row methods' compilation
         (double, double)? oneForm = oneMeasured.Count == 0 ? null : (MedianOf(oneMeasured), oneMeasured.Min());

@@ -44,7 +44,11 @@ if (suite == "model")
 }
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
-if (suite == "gemv-probe") return GemvProbe.Run(rounds, argsList.Contains("--one-stream"));
+if (suite == "gemv-probe")
+{
+    int f = argsList.IndexOf("--formats");
+    return GemvProbe.Run(rounds, argsList.Contains("--one-stream"), ReadInt("--k", 0), f >= 0 && f + 1 < argsList.Count ? argsList[f + 1] : null);
+}
 if (suite == "crossover") { QuantSuite.RunCrossover(rounds); return 0; }
 if (suite == "prompt-products")
 {

@@ -209,6 +209,16 @@ public class CpuGemvTests
         }
     }
 
+    /// <summary>Selects the bf16 kernel's bf16-pair (default) or float32 activation loop for a scope.</summary>
+    private sealed class Bf16Activations : IDisposable
+    {
+        private readonly bool _previous = CpuGemv.Bf16Activations;
+
+        public Bf16Activations(bool pairs) => CpuGemv.Bf16Activations = pairs;
+
+        public void Dispose() => CpuGemv.Bf16Activations = _previous;
+    }
+
     /// <summary>Selects the kernels' two-row (default) or one-row form for a scope.</summary>
     private sealed class Streams : IDisposable
     {
@@ -323,6 +333,72 @@ public class CpuGemvTests
             using var bound = x64.abs().matmul(w.abs().t()).mul(1e-5).add(1e-6);
             var worst = ((y.to(ScalarType.Float64) - reference).abs() - bound).max().item<double>();
             Assert.True(worst <= 0, $"{n}x{k} rows {rows}: error exceeds the float32 bound by {worst}");
+        }
+    }
+
+    /// <summary>
+    /// bf16 activations (a bf16 input, every value exactly a bfloat16) take the loop on bfloat16 pairs: the same terms
+    /// summed in the same order as the float32-activation loop, so the outputs are bit-identical to it, and within the
+    /// float32 bound of the float64 reference; both stream forms, 1/3/8 rows, K with and without 64- and 32-column tails.
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(37, 50)]
+    [InlineData(130, 4100)]
+    [InlineData(40, 96)]
+    [InlineData(17, 200)]
+    [InlineData(33, 4096)]
+    public void BFloat16Linear_Bf16ActivationsGiveTheFloat32Results(long n, long k)
+    {
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW");
+        manual_seed(107 + n);
+        using var linear = nn.Linear(k, n, dtype: ScalarType.BFloat16);
+        using var w = linear.weight!.to(ScalarType.Float64);
+        using var bias = linear.bias!.to(ScalarType.Float64);
+        using var noGrad = no_grad();
+        foreach (var (rows, twoStreams) in new[] { (1L, true), (3L, true), (8L, true), (1L, false), (3L, false) })
+        {
+            using var streams = new Streams(twoStreams);
+            using var x = randn(rows, k).to(ScalarType.BFloat16).to(ScalarType.Float32);   // float32 holding bf16 values
+            Tensor pairs, wide;
+            using (new Bf16Activations(true)) pairs = CpuLinear.Forward(linear, x);
+            using (new Bf16Activations(false)) wide = CpuLinear.Forward(linear, x);
+            using (pairs)
+            using (wide)
+            {
+                Assert.True(T.Identical(pairs, wide), $"{n}x{k} rows {rows}: the bf16-pair loop differs from the float32 loop");
+                using var x64 = x.to(ScalarType.Float64);
+                using var reference = x64.matmul(w.t()).add(bias);
+                using var bound = x64.abs().matmul(w.abs().t()).mul(1e-5).add(1e-6);
+                var worst = ((pairs.to(ScalarType.Float64) - reference).abs() - bound).max().item<double>();
+                Assert.True(worst <= 0, $"{n}x{k} rows {rows}: error exceeds the float32 bound by {worst}");
+            }
+        }
+    }
+
+    /// <summary>
+    /// One activation that is not a bfloat16, wherever it sits (first column, a vector lane, the scalar tail, the last
+    /// row), keeps the whole call on float32 activations: truncating it to a bfloat16 would change the result.
+    /// </summary>
+    [SkippableFact]
+    public void BFloat16Linear_Float32ActivationsAreNotTruncated()
+    {
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW");
+        manual_seed(108);
+        const long k = 100, rows = 3;   // 300 values: 18 vectors of 16 and a 12-value tail
+        using var linear = nn.Linear(k, 29, dtype: ScalarType.BFloat16);
+        using var noGrad = no_grad();
+        foreach (long at in new[] { 0L, 37L, 290L, rows * k - 1 })
+        {
+            using var exact = randn(rows, k).to(ScalarType.BFloat16).to(ScalarType.Float32);
+            float[] values = exact.data<float>().ToArray();
+            values[at] += 1e-3f * (1 + MathF.Abs(values[at]));
+            using var x = tensor(values).reshape(rows, k);
+            Tensor pairs, wide;
+            using (new Bf16Activations(true)) pairs = CpuLinear.Forward(linear, x);
+            using (new Bf16Activations(false)) wide = CpuLinear.Forward(linear, x);
+            using (pairs)
+            using (wide)
+                Assert.True(T.Identical(pairs, wide), $"a float32 activation at {at} was rounded to bf16");
         }
     }
 
