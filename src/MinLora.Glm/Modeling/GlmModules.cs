@@ -448,8 +448,10 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var h = CpuLinear.Forward(dense_h_to_4h, x);
-        // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²)))
-        var g = h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
+        // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²))); a decoding step's few rows in one managed pass.
+        var g = DecodeGelu.Applies(h, CpuLinear.MaxRows * h.shape[^1])
+            ? DecodeGelu.Apply(h)
+            : h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
         return CpuLinear.Forward(dense_4h_to_h, g).MoveToOuterDisposeScope();
     }
 }
