@@ -46,7 +46,8 @@ internal static unsafe class DecodeAttention
     /// <returns>The context [1, b, heads·hd] in the query's type.</returns>
     internal static Tensor Run(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask, double norm, double coeff, float maskValue = -10000f, int? cores = null)
     {
-        long b = keys.shape[0], groups = keys.shape[1], capacity = keys.shape[2], hd = keys.shape[3];
+        var shape = keys.shape;
+        long b = shape[0], groups = shape[1], capacity = shape[2], hd = shape[3];
         long heads = query.shape[2];
         using var m = mask?.reshape(b, length).to(ScalarType.Bool).contiguous();
         var job = new Job
@@ -120,13 +121,19 @@ internal static unsafe class DecodeAttention
     }
 
     /// <summary>Whether <see cref="Run"/> applies: CPU buffers of a supported type and layout.</summary>
-    internal static bool Applies(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask) =>
-        IsSupported && keys.device_type == DeviceType.CPU && query.device_type == DeviceType.CPU &&
-        keys.dtype is ScalarType.BFloat16 or ScalarType.Float32 && values.dtype == keys.dtype &&
-        keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && values.shape.SequenceEqual(keys.shape) &&
-        query.dim() == 4 && query.shape[0] == 1 && query.shape[1] == keys.shape[0] && query.shape[3] == keys.shape[3] &&
-        query.shape[2] % keys.shape[1] == 0 && length >= 1 && length <= keys.shape[2] && length <= int.MaxValue &&
-        (mask is null || (mask.device_type == DeviceType.CPU && mask.numel() == keys.shape[0] * length));
+    internal static bool Applies(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask)
+    {
+        // Each shape is read once (a native call that allocates; this check runs per layer and step).
+        if (!IsSupported || keys.device_type != DeviceType.CPU || query.device_type != DeviceType.CPU ||
+            keys.dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || values.dtype != keys.dtype ||
+            !keys.is_contiguous() || !values.is_contiguous())
+            return false;
+        var k = keys.shape;
+        var q = query.shape;
+        return k.Length == 4 && values.shape.SequenceEqual(k) && q.Length == 4 && q[0] == 1 && q[1] == k[0] && q[3] == k[3] &&
+            k[1] > 0 && q[2] % k[1] == 0 && length >= 1 && length <= k[2] && length <= int.MaxValue &&
+            (mask is null || (mask.device_type == DeviceType.CPU && mask.numel() == k[0] * length));
+    }
 
     private struct Job
     {

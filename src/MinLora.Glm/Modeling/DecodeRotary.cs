@@ -29,14 +29,19 @@ internal static unsafe class DecodeRotary
     /// Whether <see cref="Rotate"/> applies: AVX-512, bf16 throughout, contiguous, one position, 128-dim heads, tables
     /// [1, b, 1, 64] and cache buffers [b, heads, capacity, 128] with room at <paramref name="offset"/>.
     /// </summary>
-    internal static bool Applies(Tensor mixed, RotaryAngles angles, Tensor keys, Tensor values, long offset) =>
-        Avx512F.IsSupported && mixed.device_type == DeviceType.CPU && mixed.dtype == ScalarType.BFloat16 && mixed.is_contiguous() &&
-        mixed.dim() == 4 && mixed.shape[0] == 1 && mixed.shape[3] == 3 * HeadDim &&
-        keys.dtype == ScalarType.BFloat16 && values.dtype == ScalarType.BFloat16 && keys.device_type == DeviceType.CPU &&
-        keys.is_contiguous() && values.is_contiguous() && keys.dim() == 4 && values.shape.SequenceEqual(keys.shape) &&
-        keys.shape[0] == mixed.shape[1] && keys.shape[1] == mixed.shape[2] && keys.shape[3] == HeadDim && offset >= 0 && offset < keys.shape[2] &&
-        Table(angles.CosPosition, mixed.shape[1]) && Table(angles.SinPosition, mixed.shape[1]) &&
-        Table(angles.CosBlock, mixed.shape[1]) && Table(angles.SinBlock, mixed.shape[1]);
+    internal static bool Applies(Tensor mixed, RotaryAngles angles, Tensor keys, Tensor values, long offset)
+    {
+        // Each shape is read once (a native call that allocates; this check runs per layer and step).
+        if (!Avx512F.IsSupported || mixed.device_type != DeviceType.CPU || mixed.dtype != ScalarType.BFloat16 || !mixed.is_contiguous() ||
+            keys.dtype != ScalarType.BFloat16 || values.dtype != ScalarType.BFloat16 || keys.device_type != DeviceType.CPU ||
+            !keys.is_contiguous() || !values.is_contiguous())
+            return false;
+        var m = mixed.shape;
+        var k = keys.shape;
+        return m.Length == 4 && m[0] == 1 && m[3] == 3 * HeadDim && k.Length == 4 && values.shape.SequenceEqual(k) &&
+            k[0] == m[1] && k[1] == m[2] && k[3] == HeadDim && offset >= 0 && offset < k[2] &&
+            Table(angles.CosPosition, m[1]) && Table(angles.SinPosition, m[1]) && Table(angles.CosBlock, m[1]) && Table(angles.SinBlock, m[1]);
+    }
 
     private static bool Table(Tensor t, long batch) =>
         t.dtype == ScalarType.BFloat16 && t.device_type == DeviceType.CPU && t.is_contiguous() && t.numel() == batch * Half;
@@ -48,7 +53,8 @@ internal static unsafe class DecodeRotary
     /// </summary>
     internal static Tensor Rotate(Tensor mixed, RotaryAngles angles, Tensor keys, Tensor values, long offset)
     {
-        long batch = mixed.shape[1], heads = mixed.shape[2], capacity = keys.shape[2];
+        var shape = mixed.shape;
+        long batch = shape[1], heads = shape[2], capacity = keys.shape[2];
         var query = empty(new[] { 1, batch, heads, HeadDim }, dtype: ScalarType.BFloat16);
         var m = (ushort*)TensorMemory.Pointer(mixed);
         var q = (ushort*)TensorMemory.Pointer(query);

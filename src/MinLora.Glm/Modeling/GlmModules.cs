@@ -337,7 +337,8 @@ internal sealed class GlmSelfAttention : nn.Module
     /// </summary>
     public (Tensor Output, Tensor? Probs) Forward(Tensor x, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
-        long s = x.shape[0], b = x.shape[1];
+        var xs = x.shape;
+        long s = xs[0], b = xs[1];
         var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
         if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && mixed.requires_grad))
         {
