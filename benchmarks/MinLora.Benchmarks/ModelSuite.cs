@@ -106,7 +106,7 @@ internal static class ModelSuite
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
         // --ab-two-streams / --ab-bf16-activations: odd decode steps take the kernels' other form, timed apart.
-        string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations" : args.Contains("--ab-fused-gelu") ? "fused-gelu" : null;
+        string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations" : args.Contains("--ab-fused-ops") ? "fused-ops" : null;
         bool abOutlierSplit = args.Contains("--ab-outlier-split");
         if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
@@ -285,7 +285,7 @@ internal static class ModelSuite
                     ? new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}")
                     : abForm == "bf16-activations"
                     ? new($"  A/B: bf16 kernel on float32 activations (alternate steps; the row below: bf16 pairs)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"pairs ÷ float32: {stepMs / oneMs:F2}")
-                    : new($"  A/B: GELU as libtorch's nine ops (alternate steps; the row below: DecodeGelu)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ ops: {stepMs / oneMs:F2}"));
+                    : new($"  A/B: GELU and residuals as libtorch's ops (alternate steps; the row below: DecodeGelu, DecodeResidual)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ ops: {stepMs / oneMs:F2}"));
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token (best step {bestMs:F1})", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", $"{Pct(boundMs / stepMs)} (best step {Pct(boundMs / bestMs)})"));
         }
         if (readBest is not null)
@@ -426,7 +426,7 @@ internal static class ModelSuite
             bool one = abForm != null && step % 2 == 1;
             CpuGemv.TwoStreams = !(one && abForm == "two-streams");
             CpuGemv.Bf16Activations = !(one && abForm == "bf16-activations");
-            DecodeGelu.Enabled = !(one && abForm == "fused-gelu");
+            DecodeGelu.Enabled = DecodeResidual.Enabled = !(one && abForm == "fused-ops");
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -459,7 +459,7 @@ internal static class ModelSuite
         positions.Dispose();
         CpuGemv.TwoStreams = true;
         CpuGemv.Bf16Activations = true;
-        DecodeGelu.Enabled = true;
+        DecodeGelu.Enabled = DecodeResidual.Enabled = true;
         var measured = times.Skip(1).ToList();
         var oneMeasured = oneStream.Skip(1).ToList();   // its first step may carry the one-row methods' compilation
         (double, double)? oneForm = oneMeasured.Count == 0 ? null : (MedianOf(oneMeasured), oneMeasured.Min());

@@ -467,6 +467,8 @@ internal sealed class GlmBlock : nn.Module
     private readonly nn.Module<Tensor, Tensor> post_attention_layernorm;
     private readonly GlmMlp mlp;
     private readonly Scalar _alpha;
+    private readonly double _alphaValue;
+    private readonly long _hidden;
 
     public GlmBlock(GlmConfig c, int layerId, GlmBuildOptions o) : base("GLMBlock")
     {
@@ -476,19 +478,25 @@ internal sealed class GlmBlock : nn.Module
         mlp = new GlmMlp(c, o);
         // The reference's GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so
         // alpha is √56 for every ChatGLM-6B-architecture model, whatever its depth (the golden tiny models confirm it).
-        _alpha = Math.Sqrt(2.0 * ReferenceLayers);
+        _alphaValue = Math.Sqrt(2.0 * ReferenceLayers);
+        _alpha = _alphaValue;
+        _hidden = c.HiddenSize;
         RegisterComponents();
     }
 
     public GlmSelfAttention Attention => attention;
 
+    /// <summary>x·alpha + y; a decoding step's few bf16 rows in one managed pass (the same bf16 roundings).</summary>
+    private Tensor Residual(Tensor x, Tensor y) =>
+        DecodeResidual.Applies(x, y, CpuLinear.MaxRows * _hidden) ? DecodeResidual.Apply(x, _alphaValue, y) : x.mul(_alpha).add(y);
+
     public (Tensor Hidden, Tensor? Probs) Forward(Tensor h, RotaryAngles angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
         var x = input_layernorm.call(h);
         var (a, probs) = attention.Forward(x, angles, mask, past, slot, needProbs);
-        var h1 = x.mul(_alpha).add(a);
+        var h1 = Residual(x, a);
         var y = post_attention_layernorm.call(h1);
-        var outp = y.mul(_alpha).add(mlp.call(y));
+        var outp = Residual(y, mlp.call(y));
         return (outp, probs);
     }
 }

@@ -1,0 +1,61 @@
+using MinLora.Glm.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MinLora.Glm.Tests;
+
+/// <summary>ChatGLM-6B's scaled residual on a decoding step's bf16 rows in one pass, against libtorch's two ops.</summary>
+public class DecodeResidualTests
+{
+    /// <summary>
+    /// Values over many binades (so that both roundings go every way), NaN, ±∞ and a column count with a scalar tail:
+    /// bit for bit (NaN as NaN) libtorch's <c>x.mul(alpha).add(y)</c> in bf16, with ChatGLM's alpha √56 and an alpha whose float32
+    /// rounding matters.
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(1, 4096, 7.483314773547883)]
+    [InlineData(3, 37, 7.483314773547883)]
+    [InlineData(2, 5, 0.1)]
+    public void Apply_EqualsTheLibtorchOps(int rows, int columns, double alpha)
+    {
+        Skip.IfNot(System.Runtime.Intrinsics.X86.Avx512F.IsSupported, "needs AVX-512 F (elsewhere the libtorch path runs)");
+        manual_seed(601 + columns);
+        using var x = randn(rows, columns).mul(exp(randn(rows, columns).mul(4))).to(ScalarType.BFloat16);
+        using var y = randn(rows, columns).mul(exp(randn(rows, columns).mul(4))).to(ScalarType.BFloat16);
+        x[0, 0] = tensor(float.NaN).to(ScalarType.BFloat16);
+        y[rows - 1, columns - 1] = tensor(float.PositiveInfinity).to(ScalarType.BFloat16);
+        x[rows - 1, 0] = tensor(float.NegativeInfinity).to(ScalarType.BFloat16);
+        using var noGrad = no_grad();
+        Assert.True(DecodeResidual.Applies(x, y, rows * columns));
+        using var fused = DecodeResidual.Apply(x, alpha, y);
+        using var expected = x.mul(alpha).add(y);
+        Assert.Equal(ScalarType.BFloat16, fused.dtype);
+        Assert.Equal(x.shape, fused.shape);
+        byte[] got = fused.bytes.ToArray(), want = expected.bytes.ToArray();
+        // Bit for bit, a NaN's sign and payload aside (the hardware's NaN propagation decides them).
+        static bool IsNaN(ushort b) => (b & 0x7FFF) > 0x7F80;
+        var differing = Enumerable.Range(0, got.Length / 2)
+            .Where(i => BitConverter.ToUInt16(got, 2 * i) != BitConverter.ToUInt16(want, 2 * i) && !(IsNaN(BitConverter.ToUInt16(got, 2 * i)) && IsNaN(BitConverter.ToUInt16(want, 2 * i))))
+            .Select(i => $"{i}: {BitConverter.ToUInt16(got, 2 * i):X4} against {BitConverter.ToUInt16(want, 2 * i):X4}").ToList();
+        Assert.True(differing.Count == 0, $"the fused residual differs from libtorch's two ops at {string.Join(", ", differing.Take(5))}");
+    }
+
+    [Fact]
+    public void Applies_RefusesWhatItCannotRead()
+    {
+        using var x = randn(2, 64).to(ScalarType.BFloat16);
+        using var y = randn(2, 64).to(ScalarType.BFloat16);
+        bool avx512 = System.Runtime.Intrinsics.X86.Avx512F.IsSupported;
+        Assert.Equal(avx512, DecodeResidual.Applies(x, y, 128));
+        Assert.False(DecodeResidual.Applies(x, y, 127));                                         // too many values
+        using var other = randn(1, 128).to(ScalarType.BFloat16);
+        Assert.False(DecodeResidual.Applies(x, other, 128));                                     // another shape
+        using var f32 = randn(2, 64);
+        Assert.False(DecodeResidual.Applies(x, f32, 128));                                       // not bf16
+        using var strided = randn(64, 2).to(ScalarType.BFloat16).t();
+        Assert.False(DecodeResidual.Applies(strided, y, 128));                                   // not contiguous
+        using var wanted = randn(2, 64).to(ScalarType.BFloat16).requires_grad_();
+        Assert.False(DecodeResidual.Applies(x, wanted, 128));                                    // a gradient is wanted
+        using (no_grad()) Assert.Equal(avx512, DecodeResidual.Applies(x, wanted, 128));
+    }
+}
