@@ -33,6 +33,11 @@ internal static class GemvProbe
         Console.WriteLine("|---|---|---|---|---|");
         var modules = new List<IDisposable>();
         var chosen = formats?.Split(',').Select(f => f == "int4" ? "int4 chatglm" : f == "g128" ? "int4 g128" : f).ToHashSet();
+        if (chosen?.Except(new[] { "bf16", "int8", "int4 chatglm", "int4 g128" }).FirstOrDefault() is { } unknown)
+        {
+            Console.Error.WriteLine($"unknown format '{unknown}' (bf16, int8, int4, g128)");
+            return 2;
+        }
         foreach (var format in new[] { "bf16", "int8", "int4 chatglm", "int4 g128" }.Where(f => chosen == null || chosen.Contains(f)))
         {
             double bytesPerWeight = format == "bf16" ? 2 : format == "int8" ? 1 : 0.5;
@@ -47,9 +52,13 @@ internal static class GemvProbe
             using var x = randn(1, K).to(ScalarType.BFloat16);
             double streamBytes = layers * streamRows * K * bytesPerWeight, cachedBytes = cachedRows * K * bytesPerWeight;
             int repeats = (int)Math.Max(1, streamBytes / cachedBytes);
-            for (int i = 0; i < 3; i++) cached(x).Dispose();
             // bf16 alternates its two activation forms round by round (bf16 pairs, float32 de-interleaved).
             var variants = format == "bf16" ? new[] { (Name: "bf16", Bf16X: true), (Name: "bf16, float32 activations", Bf16X: false) } : new[] { (Name: format, Bf16X: true) };
+            foreach (var variant in variants)
+            {
+                CpuGemv.Bf16Activations = variant.Bf16X;   // each form compiled and warm before the timed rounds
+                for (int i = 0; i < 3; i++) cached(x).Dispose();
+            }
             var s = variants.Select(_ => new List<double>()).ToArray();
             var c = variants.Select(_ => new List<double>()).ToArray();
             var fixedCost = variants.Select(_ => new List<double>()).ToArray();

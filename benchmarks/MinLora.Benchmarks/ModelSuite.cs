@@ -105,7 +105,8 @@ internal static class ModelSuite
         bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
-        // --ab-two-streams / --ab-bf16-activations: odd decode steps take the kernels' other form, timed apart.
+        // --ab-two-streams / --ab-bf16-activations / --ab-fused-ops: odd decode steps take the other form, timed apart.
+        if (new[] { "--ab-two-streams", "--ab-bf16-activations", "--ab-fused-ops" }.Count(args.Contains) > 1) { Console.Error.WriteLine("give one --ab-… decode flag at a time"); return 2; }
         string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations" : args.Contains("--ab-fused-ops") ? "fused-ops" : null;
         bool abOutlierSplit = args.Contains("--ab-outlier-split");
         if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }

@@ -661,7 +661,7 @@ internal static unsafe class CpuGemv
     /// Whether the bf16 kernel keeps activations that are all exact bfloat16 values (a bfloat16 input, as in a bf16
     /// model) as bfloat16 pairs like its weights (<see cref="BFloat16Pairs"/>), instead of de-interleaved float32. Both
     /// loops give bit-identical outputs. Measured on a 2-core Zen 5 VM: the pair loop streams at 84 % of the best plain
-    /// read against 76 % (best of 9 interleaved rounds, K = 4,096 and 16,384), and bf16 ChatGLM-6B decodes in 0.92–0.99×
+    /// read against 76 % (best of 9 interleaved rounds, K = 4,096 and 16,384), and bf16 ChatGLM-6B decodes in 0.91–0.99×
     /// the time with decode steps alternating between the two (docs/measurements/cpu-model-6b.md). A field so that
     /// tests and the benchmark's A/B can take the float32 loop.
     /// </summary>
@@ -675,9 +675,10 @@ internal static unsafe class CpuGemv
     /// products summed in the same order. Returns false, having done nothing, when an activation is not a bfloat16
     /// (it is not rounded).
     /// </summary>
-    private static bool BFloat16Pairs(float* x, int rows, int k, ushort* w, float* bias, float* y, int n)
+    internal static bool BFloat16Pairs(float* x, int rows, int k, ushort* w, float* bias, float* y, int n)
     {
         long count = (long)rows * k;
+        if (count > Array.MaxLength - 32) return false;
         ushort[] xb = ArrayPool<ushort>.Shared.Rent((int)count + 32);
         try
         {

@@ -347,6 +347,8 @@ public class CpuGemvTests
     [InlineData(40, 96)]
     [InlineData(17, 200)]
     [InlineData(33, 4096)]
+    [InlineData(21, 33)]      // odd K: the rows of activations start at odd offsets
+    [InlineData(9, 4097)]
     public void BFloat16Linear_Bf16ActivationsGiveTheFloat32Results(long n, long k)
     {
         Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW");
@@ -372,6 +374,33 @@ public class CpuGemvTests
                 var worst = ((pairs.to(ScalarType.Float64) - reference).abs() - bound).max().item<double>();
                 Assert.True(worst <= 0, $"{n}x{k} rows {rows}: error exceeds the float32 bound by {worst}");
             }
+        }
+    }
+
+    /// <summary>The pair loop runs exactly when every activation is a bfloat16 (it reports whether it ran).</summary>
+    [SkippableFact]
+    public unsafe void BFloat16Pairs_RunsOnBFloat16ActivationsOnly()
+    {
+        Skip.IfNot(CpuGemv.IsSupported, "needs AVX-512 F/BW");
+        const int rows = 2, k = 67, n = 5;
+        var random = new Random(109);
+        float[] x = new float[rows * k];
+        for (int i = 0; i < x.Length; i++) x[i] = BitConverter.UInt32BitsToSingle(BitConverter.SingleToUInt32Bits((float)random.NextDouble() - 0.5f) & 0xFFFF0000u);
+        ushort[] w = new ushort[n * k];
+        for (int i = 0; i < w.Length; i++) w[i] = (ushort)(BitConverter.SingleToUInt32Bits((float)random.NextDouble() - 0.5f) >> 16);
+        float[] y = new float[rows * n];
+        fixed (float* px = x, py = y)
+        fixed (ushort* pw = w)
+        {
+            Assert.True(CpuGemv.BFloat16Pairs(px, rows, k, pw, null, py, n));
+            Assert.Contains(y, v => v != 0);
+            x[rows * k - 1] += 1e-3f;   // no longer a bfloat16 (the scalar tail)
+            Array.Clear(y);
+            Assert.False(CpuGemv.BFloat16Pairs(px, rows, k, pw, null, py, n));
+            Assert.All(y, v => Assert.Equal(0f, v));   // refused before any work
+            x[rows * k - 1] = 0.5f;
+            x[3] = BitConverter.UInt32BitsToSingle(BitConverter.SingleToUInt32Bits(x[3]) | 1);   // a vector lane
+            Assert.False(CpuGemv.BFloat16Pairs(px, rows, k, pw, null, py, n));
         }
     }
 

@@ -7,9 +7,10 @@ using static TorchSharp.torch;
 namespace MinLora.Glm.Modeling;
 
 /// <summary>
-/// ChatGLM-6B's scaled residual, <c>x.mul(alpha).add(y)</c>, on a decoding step's few bf16 rows in one managed pass:
-/// bf16(bf16(x·alpha) + y), alpha as float32, as libtorch's two bf16 kernels round (identical bit for bit). The two
-/// libtorch ops cost ~14 µs each on 4,096 values on a 2-core Zen 5 VM, two residuals per layer.
+/// ChatGLM-6B's scaled residual, <c>x.mul(alpha).add(y)</c>, on a few bf16 rows in one managed pass (a grad-free call
+/// of at most <see cref="CpuLinear.MaxRows"/> rows: a decoding step, a short prompt): bf16(bf16(x·alpha) + y), alpha
+/// as float32, as libtorch's two bf16 kernels round (identical bit for bit; a NaN is NaN, its sign and payload aside).
+/// The two libtorch ops cost ~14 µs each on 4,096 values on a 2-core Zen 5 VM, two residuals per layer.
 /// </summary>
 internal static unsafe class DecodeResidual
 {
@@ -21,7 +22,7 @@ internal static unsafe class DecodeResidual
     internal static bool Applies(Tensor x, Tensor y, long maxValues) =>
         Enabled && Avx512F.IsSupported && x.device_type == DeviceType.CPU && y.device_type == DeviceType.CPU &&
         x.dtype == ScalarType.BFloat16 && y.dtype == ScalarType.BFloat16 && x.is_contiguous() && y.is_contiguous() &&
-        x.numel() <= maxValues && !(is_grad_enabled() && (x.requires_grad || y.requires_grad)) && x.shape.SequenceEqual(y.shape);
+        x.numel() is > 0 and var n && n <= maxValues && !(is_grad_enabled() && (x.requires_grad || y.requires_grad)) && x.shape.SequenceEqual(y.shape);
 
     /// <summary>bf16(bf16(<paramref name="x"/>·<paramref name="alpha"/>) + <paramref name="y"/>), a new tensor of x's shape.</summary>
     internal static Tensor Apply(Tensor x, double alpha, Tensor y)

@@ -440,8 +440,11 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
     {
         dense_h_to_4h = GlmLayers.Projection(c.HiddenSize, c.MlpHiddenSize, true, o);
         dense_4h_to_h = GlmLayers.Projection(c.MlpHiddenSize, c.HiddenSize, true, o);
+        _width = c.MlpHiddenSize;
         RegisterComponents();
     }
+
+    private readonly long _width;
 
     private static readonly Scalar Half = 0.5, Sqrt2OverPi = 0.7978845608028654, Cubic = 0.044715, One = 1.0;
 
@@ -450,7 +453,7 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var h = CpuLinear.Forward(dense_h_to_4h, x);
         // 0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²))); a decoding step's few rows in one managed pass.
-        var g = DecodeGelu.Applies(h, CpuLinear.MaxRows * h.shape[^1])
+        var g = DecodeGelu.Applies(h, CpuLinear.MaxRows * _width)
             ? DecodeGelu.Apply(h)
             : h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
         return CpuLinear.Forward(dense_4h_to_h, g).MoveToOuterDisposeScope();
