@@ -648,7 +648,7 @@ internal static unsafe class CpuGemv
             {
                 Deinterleave(x, rows, k, pd);
                 var job = new Job { X = x, Xd = pd, Rows = rows, K = k, W = (byte*)w, Bias = bias, Y = y, N = n };
-                Run(ref job, &BFloat16Block);
+                Run(ref job, &BFloat16Block<DeinterleavedFloat32>);
             }
         }
         finally
@@ -701,7 +701,7 @@ internal static unsafe class CpuGemv
                 }
                 if (rest != 0 || low != Vector512<uint>.Zero) return false;
                 var job = new Job { X = x, Xb = pb, Rows = rows, K = k, W = (byte*)w, Bias = bias, Y = y, N = n };
-                Run(ref job, &BFloat16PairsBlock);
+                Run(ref job, &BFloat16Block<BFloat16PairActivations>);
                 return true;
             }
         }
@@ -711,124 +711,44 @@ internal static unsafe class CpuGemv
         }
     }
 
+    /// <summary>How the bf16 loops read one row's activations: a 32-column chunk as its 16 even and 16 odd columns in float32.</summary>
+    private interface IBf16Activations
+    {
+        /// <summary>The row's activations as <see cref="Chunk"/> reads them.</summary>
+        static abstract byte* Row(in Job j, int r);
+
+        /// <summary>Columns i, i + 2, … (Even) and i + 1, i + 3, … (Odd) of the 32 from column i.</summary>
+        static abstract (Vector512<float> Even, Vector512<float> Odd) Chunk(byte* row, int i);
+    }
+
+    /// <summary>float32 activations de-interleaved per 32-column chunk into [16 even | 16 odd] (<see cref="Deinterleave"/>).</summary>
+    private readonly struct DeinterleavedFloat32 : IBf16Activations
+    {
+        public static byte* Row(in Job j, int r) => (byte*)(j.Xd + (long)r * (j.K / 32 * 32));
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static (Vector512<float> Even, Vector512<float> Odd) Chunk(byte* row, int i) =>
+            (Avx512F.LoadVector512((float*)row + i), Avx512F.LoadVector512((float*)row + i + 16));
+    }
+
+    /// <summary>bfloat16 activations in column order: each 32-bit lane holds columns 2j (low half) and 2j + 1 (high half).</summary>
+    private readonly struct BFloat16PairActivations : IBf16Activations
+    {
+        public static byte* Row(in Job j, int r) => (byte*)(j.Xb + (long)r * j.K);
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static (Vector512<float> Even, Vector512<float> Odd) Chunk(byte* row, int i)
+        {
+            var v = Vector512.Load((uint*)((ushort*)row + i));
+            return (Avx512F.ShiftLeftLogical(v, 16).AsSingle(), (v & Vector512.Create(0xFFFF0000u)).AsSingle());
+        }
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void BFloat16PairsBlock(in Job j, int n0, int n1)
+    private static void BFloat16Block<TX>(in Job j, int n0, int n1)
+        where TX : struct, IBf16Activations
     {
         int k = j.K;
-        int half = TwoStreams ? (n1 - n0) / 2 : 0;
-        for (int i = 0; i < half; i++)
-        {
-            int na = n0 + i, nb = n0 + half + i;
-            ushort* wa = (ushort*)j.W + (long)na * k, wb = (ushort*)j.W + (long)nb * k;
-            float ba = j.Bias == null ? 0f : j.Bias[na], bb = j.Bias == null ? 0f : j.Bias[nb];
-            for (int r = 0; r < j.Rows; r++)
-            {
-                float da = DotBf16Pairs2(j.Xb + (long)r * k, j.X + (long)r * k, wa, wb, k, out float db);
-                j.Y[(long)r * j.N + na] = da + ba;
-                j.Y[(long)r * j.N + nb] = db + bb;
-            }
-        }
-        for (int n = n0 + 2 * half; n < n1; n++)
-        {
-            ushort* w = (ushort*)j.W + (long)n * k;
-            float b = j.Bias == null ? 0f : j.Bias[n];
-            for (int r = 0; r < j.Rows; r++)
-                j.Y[(long)r * j.N + n] = DotBf16Pairs(j.Xb + (long)r * k, j.X + (long)r * k, w, k) + b;
-        }
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
-    private static float DotBf16Pairs(ushort* xb, float* x, ushort* w, int k)
-    {
-        int i = 0;
-        var high = Vector512.Create(0xFFFF0000u);
-        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-        for (; i + 64 <= k; i += 64)
-        {
-            Sse.Prefetch1((byte*)(w + i) + L2PrefetchBytes);
-            Sse.Prefetch1((byte*)(w + i) + L2PrefetchBytes + 64);
-            var v0 = Vector512.Load((uint*)(w + i));
-            var v1 = Vector512.Load((uint*)(w + i + 32));
-            var x0 = Vector512.Load((uint*)(xb + i));
-            var x1 = Vector512.Load((uint*)(xb + i + 32));
-            a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v0, 16).AsSingle(), Avx512F.ShiftLeftLogical(x0, 16).AsSingle(), a0);
-            a1 = Avx512F.FusedMultiplyAdd((v0 & high).AsSingle(), (x0 & high).AsSingle(), a1);
-            a2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v1, 16).AsSingle(), Avx512F.ShiftLeftLogical(x1, 16).AsSingle(), a2);
-            a3 = Avx512F.FusedMultiplyAdd((v1 & high).AsSingle(), (x1 & high).AsSingle(), a3);
-        }
-        if (i + 32 <= k)
-        {
-            var v = Vector512.Load((uint*)(w + i));
-            var xv = Vector512.Load((uint*)(xb + i));
-            a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), Avx512F.ShiftLeftLogical(xv, 16).AsSingle(), a0);
-            a1 = Avx512F.FusedMultiplyAdd((v & high).AsSingle(), (xv & high).AsSingle(), a1);
-            i += 32;
-        }
-        float sum = Vector512.Sum((a0 + a1) + (a2 + a3));
-        for (; i < k; i++) sum += x[i] * Bf16(w[i]);
-        return sum;
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
-    private static float DotBf16Pairs2(ushort* xb, float* x, ushort* w0, ushort* w1, int k, out float second)
-    {
-        int i = 0;
-        var high = Vector512.Create(0xFFFF0000u);
-        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-        Vector512<float> b0 = default, b1 = default, b2 = default, b3 = default;
-        for (; i + 64 <= k; i += 64)
-        {
-            Sse.Prefetch1((byte*)(w0 + i) + L2PrefetchBytes);
-            Sse.Prefetch1((byte*)(w0 + i) + L2PrefetchBytes + 64);
-            Sse.Prefetch1((byte*)(w1 + i) + L2PrefetchBytes);
-            Sse.Prefetch1((byte*)(w1 + i) + L2PrefetchBytes + 64);
-            var xw0 = Vector512.Load((uint*)(xb + i));
-            var xw1 = Vector512.Load((uint*)(xb + i + 32));
-            var x0 = Avx512F.ShiftLeftLogical(xw0, 16).AsSingle();
-            var x1 = (xw0 & high).AsSingle();
-            var x2 = Avx512F.ShiftLeftLogical(xw1, 16).AsSingle();
-            var x3 = (xw1 & high).AsSingle();
-            var v0 = Vector512.Load((uint*)(w0 + i));
-            var v1 = Vector512.Load((uint*)(w0 + i + 32));
-            var u0 = Vector512.Load((uint*)(w1 + i));
-            var u1 = Vector512.Load((uint*)(w1 + i + 32));
-            a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v0, 16).AsSingle(), x0, a0);
-            a1 = Avx512F.FusedMultiplyAdd((v0 & high).AsSingle(), x1, a1);
-            a2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v1, 16).AsSingle(), x2, a2);
-            a3 = Avx512F.FusedMultiplyAdd((v1 & high).AsSingle(), x3, a3);
-            b0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(u0, 16).AsSingle(), x0, b0);
-            b1 = Avx512F.FusedMultiplyAdd((u0 & high).AsSingle(), x1, b1);
-            b2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(u1, 16).AsSingle(), x2, b2);
-            b3 = Avx512F.FusedMultiplyAdd((u1 & high).AsSingle(), x3, b3);
-        }
-        if (i + 32 <= k)
-        {
-            var xw = Vector512.Load((uint*)(xb + i));
-            var x0 = Avx512F.ShiftLeftLogical(xw, 16).AsSingle();
-            var x1 = (xw & high).AsSingle();
-            var v = Vector512.Load((uint*)(w0 + i));
-            var u = Vector512.Load((uint*)(w1 + i));
-            a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), x0, a0);
-            a1 = Avx512F.FusedMultiplyAdd((v & high).AsSingle(), x1, a1);
-            b0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(u, 16).AsSingle(), x0, b0);
-            b1 = Avx512F.FusedMultiplyAdd((u & high).AsSingle(), x1, b1);
-            i += 32;
-        }
-        float sum0 = Vector512.Sum((a0 + a1) + (a2 + a3));
-        float sum1 = Vector512.Sum((b0 + b1) + (b2 + b3));
-        for (; i < k; i++)
-        {
-            sum0 += x[i] * Bf16(w0[i]);
-            sum1 += x[i] * Bf16(w1[i]);
-        }
-        second = sum1;
-        return sum0;
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void BFloat16Block(in Job j, int n0, int n1)
-    {
-        int k = j.K, full = k / 32 * 32;
         int half = TwoStreams ? (n1 - n0) / 2 : 0;
         for (int i = 0; i < half; i++)
         {
@@ -838,7 +758,7 @@ internal static unsafe class CpuGemv
             float ba = j.Bias == null ? 0f : j.Bias[na], bb = j.Bias == null ? 0f : j.Bias[nb];
             for (int r = 0; r < j.Rows; r++)
             {
-                float da = DotBf16x2(j.Xd + (long)r * full, j.X + (long)r * k, wa, wb, k, out float db);
+                float da = DotBf16x2<TX>(TX.Row(j, r), j.X + (long)r * k, wa, wb, k, out float db);
                 j.Y[(long)r * j.N + na] = da + ba;
                 j.Y[(long)r * j.N + nb] = db + bb;
             }
@@ -848,16 +768,18 @@ internal static unsafe class CpuGemv
             ushort* w = (ushort*)j.W + (long)n * k;
             float b = j.Bias == null ? 0f : j.Bias[n];
             for (int r = 0; r < j.Rows; r++)
-                j.Y[(long)r * j.N + n] = DotBf16(j.Xd + (long)r * full, j.X + (long)r * k, w, k) + b;
+                j.Y[(long)r * j.N + n] = DotBf16<TX>(TX.Row(j, r), j.X + (long)r * k, w, k) + b;
         }
     }
 
     /// <summary>
     /// Σ x·w with w bfloat16 (a bf16 is the top half of a float32, so the conversion is exact): full 32-column chunks
-    /// against <paramref name="xd"/> ([16 even | 16 odd] per chunk), the columns past them against <paramref name="x"/>.
+    /// against <paramref name="row"/> as <typeparamref name="TX"/> reads it, the columns past them against
+    /// <paramref name="x"/>. Both activation forms give the same products summed in the same order.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
-    private static float DotBf16(float* xd, float* x, ushort* w, int k)
+    private static float DotBf16<TX>(byte* row, float* x, ushort* w, int k)
+        where TX : struct, IBf16Activations
     {
         int i = 0;
         float sum = 0;
@@ -871,16 +793,19 @@ internal static unsafe class CpuGemv
                 Sse.Prefetch1((byte*)(w + i) + L2PrefetchBytes + 64);
                 var v0 = Vector512.Load((uint*)(w + i));
                 var v1 = Vector512.Load((uint*)(w + i + 32));
-                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v0, 16).AsSingle(), Avx512F.LoadVector512(xd + i), a0);
-                a1 = Avx512F.FusedMultiplyAdd((v0 & high).AsSingle(), Avx512F.LoadVector512(xd + i + 16), a1);
-                a2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v1, 16).AsSingle(), Avx512F.LoadVector512(xd + i + 32), a2);
-                a3 = Avx512F.FusedMultiplyAdd((v1 & high).AsSingle(), Avx512F.LoadVector512(xd + i + 48), a3);
+                var (e0, o0) = TX.Chunk(row, i);
+                var (e1, o1) = TX.Chunk(row, i + 32);
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v0, 16).AsSingle(), e0, a0);
+                a1 = Avx512F.FusedMultiplyAdd((v0 & high).AsSingle(), o0, a1);
+                a2 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v1, 16).AsSingle(), e1, a2);
+                a3 = Avx512F.FusedMultiplyAdd((v1 & high).AsSingle(), o1, a3);
             }
             if (i + 32 <= k)
             {
                 var v = Vector512.Load((uint*)(w + i));
-                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), Avx512F.LoadVector512(xd + i), a0);
-                a1 = Avx512F.FusedMultiplyAdd((v & high).AsSingle(), Avx512F.LoadVector512(xd + i + 16), a1);
+                var (e, o) = TX.Chunk(row, i);
+                a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), e, a0);
+                a1 = Avx512F.FusedMultiplyAdd((v & high).AsSingle(), o, a1);
                 i += 32;
             }
             sum = Vector512.Sum((a0 + a1) + (a2 + a3));
@@ -890,11 +815,12 @@ internal static unsafe class CpuGemv
     }
 
     /// <summary>
-    /// <see cref="DotBf16"/> for two rows at once against the same activations (loaded once for both): returns the
-    /// first row's sum, <paramref name="second"/> the second's, each summed in the same order as <see cref="DotBf16"/>.
+    /// <see cref="DotBf16{TX}"/> for two rows at once against the same activations (loaded once for both): returns the
+    /// first row's sum, <paramref name="second"/> the second's, each summed in the same order as <see cref="DotBf16{TX}"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization | MethodImplOptions.NoInlining)]
-    private static float DotBf16x2(float* xd, float* x, ushort* w0, ushort* w1, int k, out float second)
+    private static float DotBf16x2<TX>(byte* row, float* x, ushort* w0, ushort* w1, int k, out float second)
+        where TX : struct, IBf16Activations
     {
         int i = 0;
         float sum0 = 0, sum1 = 0;
@@ -909,10 +835,8 @@ internal static unsafe class CpuGemv
                 Sse.Prefetch1((byte*)(w0 + i) + L2PrefetchBytes + 64);
                 Sse.Prefetch1((byte*)(w1 + i) + L2PrefetchBytes);
                 Sse.Prefetch1((byte*)(w1 + i) + L2PrefetchBytes + 64);
-                var x0 = Avx512F.LoadVector512(xd + i);
-                var x1 = Avx512F.LoadVector512(xd + i + 16);
-                var x2 = Avx512F.LoadVector512(xd + i + 32);
-                var x3 = Avx512F.LoadVector512(xd + i + 48);
+                var (x0, x1) = TX.Chunk(row, i);
+                var (x2, x3) = TX.Chunk(row, i + 32);
                 var v0 = Vector512.Load((uint*)(w0 + i));
                 var v1 = Vector512.Load((uint*)(w0 + i + 32));
                 var u0 = Vector512.Load((uint*)(w1 + i));
@@ -928,8 +852,7 @@ internal static unsafe class CpuGemv
             }
             if (i + 32 <= k)
             {
-                var x0 = Avx512F.LoadVector512(xd + i);
-                var x1 = Avx512F.LoadVector512(xd + i + 16);
+                var (x0, x1) = TX.Chunk(row, i);
                 var v = Vector512.Load((uint*)(w0 + i));
                 var u = Vector512.Load((uint*)(w1 + i));
                 a0 = Avx512F.FusedMultiplyAdd(Avx512F.ShiftLeftLogical(v, 16).AsSingle(), x0, a0);
