@@ -60,6 +60,15 @@ internal static unsafe class TensorMemory
         return Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), FastDequantize.RoundToBf16(v), nan);
     }
 
+    /// <summary><paramref name="v"/> rounded to bfloat16 as libtorch rounds (<see cref="RoundToBFloat16"/>), as float32.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector512<float> RoundedToBFloat16(Vector512<float> v) => Vector512.ShiftLeft(RoundToBFloat16(v), 16).AsSingle();
+
+    /// <summary>Stores 16 float32 values that are bfloat16 values (low halves zero) as bfloat16: their high halves.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static void StoreBFloat16Values(ushort* p, Vector512<float> v) =>
+        Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(v.AsUInt32(), 16)).Store(p);
+
     /// <summary>bfloat16 → float32: the 16 bits become the high half of the float (exact).</summary>
     internal static void WidenBFloat16(ushort* source, float* destination, long count)
     {

@@ -3,6 +3,7 @@ using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 using MinLora.Quantization;
 using TorchSharp;
+using static MinLora.Quantization.TensorMemory;
 using static TorchSharp.torch;
 
 namespace MinLora.Glm.Modeling;
@@ -47,7 +48,7 @@ internal static unsafe class DecodeGelu
         var source = (ushort*)TensorMemory.Pointer(x);
         var target = (ushort*)TensorMemory.Pointer(result);
         long i = 0;
-        for (; i + 16 <= count; i += 16) Store(target + i, Gelu(TensorMemory.LoadBFloat16(source + i)));
+        for (; i + 16 <= count; i += 16) StoreBFloat16Values(target + i, Gelu(TensorMemory.LoadBFloat16(source + i)));
         if (i < count)
         {
             // The tail through one padded vector.
@@ -55,7 +56,7 @@ internal static unsafe class DecodeGelu
             ushort* outTail = stackalloc ushort[16];
             new Span<ushort>(inTail, 16).Clear();
             new Span<ushort>(source + i, (int)(count - i)).CopyTo(new Span<ushort>(inTail, 16));
-            Store(outTail, Gelu(TensorMemory.LoadBFloat16(inTail)));
+            StoreBFloat16Values(outTail, Gelu(TensorMemory.LoadBFloat16(inTail)));
             new Span<ushort>(outTail, (int)(count - i)).CopyTo(new Span<ushort>(target + i, (int)(count - i)));
         }
         GC.KeepAlive(x);
@@ -66,14 +67,14 @@ internal static unsafe class DecodeGelu
     private static Vector512<float> Gelu(Vector512<float> h)
     {
         var one = Vector512.Create(1f);
-        var a = Round(h * Vector512.Create(0.5f));                                   // h.mul(0.5)
-        var b = Round(h * Vector512.Create((float)0.7978845608028654));              // h.mul(√(2/π))
-        var c = Round(h * h);                                                         // h.square()
-        c = Round(c * Vector512.Create((float)0.044715));                            // .mul(0.044715)
-        c = Round(c + one);                                                           // .add(1)
-        var d = Round(b * c);                                                         // b.mul(…)
-        var t = Round(Tanh(d));                                                       // .tanh()
-        return Round(a * Round(t + one));                                             // a.mul(t.add(1))
+        var a = RoundedToBFloat16(h * Vector512.Create(0.5f));                                   // h.mul(0.5)
+        var b = RoundedToBFloat16(h * Vector512.Create((float)0.7978845608028654));              // h.mul(√(2/π))
+        var c = RoundedToBFloat16(h * h);                                                         // h.square()
+        c = RoundedToBFloat16(c * Vector512.Create((float)0.044715));                            // .mul(0.044715)
+        c = RoundedToBFloat16(c + one);                                                           // .add(1)
+        var d = RoundedToBFloat16(b * c);                                                         // b.mul(…)
+        var t = RoundedToBFloat16(Tanh(d));                                                       // .tanh()
+        return RoundedToBFloat16(a * RoundedToBFloat16(t + one));                                             // a.mul(t.add(1))
     }
 
     /// <summary>tanh in float64, rounded once to float32 (see the remarks on <see cref="DecodeGelu"/>).</summary>
@@ -96,11 +97,4 @@ internal static unsafe class DecodeGelu
         var r = (e - Vector512<double>.One) / (e + Vector512<double>.One);
         return Vector512.CopySign(r, d);
     }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Round(Vector512<float> v) => Vector512.ShiftLeft(TensorMemory.RoundToBFloat16(v), 16).AsSingle();
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Store(ushort* p, Vector512<float> v) =>
-        Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(v.AsUInt32(), 16)).Store(p);
 }

@@ -2,6 +2,7 @@ using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 using MinLora.Quantization;
 using TorchSharp;
+using static MinLora.Quantization.TensorMemory;
 using static TorchSharp.torch;
 
 namespace MinLora.Glm.Modeling;
@@ -36,7 +37,7 @@ internal static unsafe class DecodeResidual
         long i = 0;
         for (; i + 16 <= count; i += 16)
         {
-            var scaled = Round(TensorMemory.LoadBFloat16(px + i) * a);
+            var scaled = RoundedToBFloat16(TensorMemory.LoadBFloat16(px + i) * a);
             Avx512F.ConvertToVector256UInt16(TensorMemory.RoundToBFloat16(scaled + TensorMemory.LoadBFloat16(py + i))).Store(pr + i);
         }
         float s = (float)alpha;
@@ -51,6 +52,4 @@ internal static unsafe class DecodeResidual
     }
 
     private static float Widen(ushort bits) => BitConverter.UInt32BitsToSingle((uint)bits << 16);
-
-    private static Vector512<float> Round(Vector512<float> v) => Vector512.ShiftLeft(TensorMemory.RoundToBFloat16(v), 16).AsSingle();
 }
