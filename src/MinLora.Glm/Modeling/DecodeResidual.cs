@@ -35,21 +35,24 @@ internal static unsafe class DecodeResidual
         var pr = (ushort*)TensorMemory.Pointer(result);
         var a = Vector512.Create((float)alpha);
         long i = 0;
-        for (; i + 16 <= count; i += 16)
+        for (; i + 16 <= count; i += 16) StoreBFloat16Values(pr + i, Residual(LoadBFloat16(px + i), a, LoadBFloat16(py + i)));
+        if (i < count)
         {
-            var scaled = RoundedToBFloat16(TensorMemory.LoadBFloat16(px + i) * a);
-            Avx512F.ConvertToVector256UInt16(TensorMemory.RoundToBFloat16(scaled + TensorMemory.LoadBFloat16(py + i))).Store(pr + i);
-        }
-        float s = (float)alpha;
-        for (; i < count; i++)
-        {
-            float scaled = Widen(FastDequantize.RoundToBf16(Widen(px[i]) * s));
-            pr[i] = FastDequantize.RoundToBf16(scaled + Widen(py[i]));
+            // The tail through padded vectors, with the same arithmetic.
+            int rest = (int)(count - i);
+            ushort* tail = stackalloc ushort[48];
+            new Span<ushort>(tail, 48).Clear();
+            new Span<ushort>(px + i, rest).CopyTo(new Span<ushort>(tail, 16));
+            new Span<ushort>(py + i, rest).CopyTo(new Span<ushort>(tail + 16, 16));
+            StoreBFloat16Values(tail + 32, Residual(LoadBFloat16(tail), a, LoadBFloat16(tail + 16)));
+            new Span<ushort>(tail + 32, rest).CopyTo(new Span<ushort>(pr + i, rest));
         }
         GC.KeepAlive(x);
         GC.KeepAlive(y);
         return result;
     }
 
-    private static float Widen(ushort bits) => BitConverter.UInt32BitsToSingle((uint)bits << 16);
+    /// <summary>bf16(bf16(x·alpha) + y) on 16 values.</summary>
+    private static Vector512<float> Residual(Vector512<float> x, Vector512<float> alpha, Vector512<float> y) =>
+        RoundedToBFloat16(RoundedToBFloat16(x * alpha) + y);
 }

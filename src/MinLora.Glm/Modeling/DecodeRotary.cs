@@ -175,11 +175,10 @@ internal static unsafe class DecodeRotary
         Unsafe.CopyBlockUnaligned(output + 16 * vectors, x + 16 * vectors, (uint)(HeadDim - 16 * vectors) * sizeof(ushort));
     }
 
+    // Short names for TensorMemory's bf16 helpers in the arithmetic above.
     private static Vector512<float> Load(ushort* p) => TensorMemory.LoadBFloat16(p);
 
-    /// <summary>To the nearest bf16 (ties to even), kept as float32; NaN stays NaN.</summary>
-    private static Vector512<float> Round(Vector512<float> v) => Vector512.ShiftLeft(TensorMemory.RoundToBFloat16(v), 16).AsSingle();
+    private static Vector512<float> Round(Vector512<float> v) => TensorMemory.RoundedToBFloat16(v);
 
-    private static void Store(ushort* p, Vector512<float> v) =>
-        Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(v.AsUInt32(), 16)).Store(p);
+    private static void Store(ushort* p, Vector512<float> v) => TensorMemory.StoreBFloat16Values(p, v);
 }
