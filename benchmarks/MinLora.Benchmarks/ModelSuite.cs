@@ -286,7 +286,9 @@ internal static class ModelSuite
                     ? new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}")
                     : abForm == "bf16-activations"
                     ? new($"  A/B: bf16 kernel on float32 activations (alternate steps; the row below: bf16 pairs)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"pairs ÷ float32: {stepMs / oneMs:F2}")
-                    : new($"  A/B: GELU and residuals as libtorch's ops (alternate steps; the row below: DecodeGelu, DecodeResidual)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ ops: {stepMs / oneMs:F2}"));
+                    : new(v2
+                        ? $"  A/B: RMSNorm, SwiGLU and residuals as libtorch's ops (alternate steps; the row below: DecodeRmsNorm, DecodeSwiGlu, DecodeResidual)"
+                        : $"  A/B: GELU and residuals as libtorch's ops (alternate steps; the row below: DecodeGelu, DecodeResidual)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ ops: {stepMs / oneMs:F2}"));
             rows.Add(new($"decode, context {context}", $"{stepMs:F1} ms/token (best step {bestMs:F1})", $"{boundMs:F1} ms ({bytes / 1e9:F2} GB ÷ {readBest.BestGBs:F1} GB/s)", $"{Pct(boundMs / stepMs)} (best step {Pct(boundMs / bestMs)})"));
         }
         if (readBest is not null)
@@ -427,7 +429,7 @@ internal static class ModelSuite
             bool one = abForm != null && step % 2 == 1;
             CpuGemv.TwoStreams = !(one && abForm == "two-streams");
             CpuGemv.Bf16Activations = !(one && abForm == "bf16-activations");
-            DecodeGelu.Enabled = DecodeResidual.Enabled = !(one && abForm == "fused-ops");
+            DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = !(one && abForm == "fused-ops");
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -460,7 +462,7 @@ internal static class ModelSuite
         positions.Dispose();
         CpuGemv.TwoStreams = true;
         CpuGemv.Bf16Activations = true;
-        DecodeGelu.Enabled = DecodeResidual.Enabled = true;
+        DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = true;
         var measured = times.Skip(1).ToList();
         var oneMeasured = oneStream.Skip(1).ToList();   // its first step may carry the one-row methods' compilation
         (double, double)? oneForm = oneMeasured.Count == 0 ? null : (MedianOf(oneMeasured), oneMeasured.Min());

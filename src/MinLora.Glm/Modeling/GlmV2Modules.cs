@@ -17,6 +17,8 @@ internal sealed class RmsNorm : nn.Module<Tensor, Tensor>
     // Held as a Scalar field, not an implicit temporary (see SelfAttention in GlmModules.cs: TorchSharp may finalise a
     // temporary Scalar during the native call).
     private readonly Scalar _eps;
+    private readonly float _epsValue;
+    private readonly long _width;
 
     public RmsNorm(long size, double eps, GlmBuildOptions o) : base("RMSNorm")
     {
@@ -25,11 +27,15 @@ internal sealed class RmsNorm : nn.Module<Tensor, Tensor>
             ? ones(size, dtype: o.Dtype, device: device)
             : empty(size, dtype: o.Dtype, device: device));
         _eps = eps;
+        _epsValue = (float)eps;   // libtorch adds the Scalar to the float32 mean as a float32
+        _width = size;
         RegisterComponents();
     }
 
     public override Tensor forward(Tensor x)
     {
+        // A decoding step's few bf16 rows in one managed pass (libtorch's arithmetic, see DecodeRmsNorm).
+        if (DecodeRmsNorm.Applies(x, weight, _width, CpuLinear.MaxRows * _width)) return DecodeRmsNorm.Apply(x, weight, _epsValue);
         using var scope = NewDisposeScope();
         var variance = x.to(ScalarType.Float32).square().mean(new long[] { -1 }, keepdim: true);
         var normalized = x.mul(variance.add(_eps).rsqrt());
@@ -235,15 +241,20 @@ internal sealed class V2Mlp : nn.Module<Tensor, Tensor>
         long ffn = c.FfnHiddenSize ?? 4L * c.HiddenSize;
         dense_h_to_4h = GlmLayers.Projection(c.HiddenSize, 2 * ffn, c.AddBiasLinear == true, o);
         dense_4h_to_h = GlmLayers.Projection(ffn, c.HiddenSize, c.AddBiasLinear == true, o);
+        _ffn = ffn;
         RegisterComponents();
     }
+
+    private readonly long _ffn;
 
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
         var h = CpuLinear.Forward(dense_h_to_4h, x);
-        long half = h.shape[^1] / 2;
-        var g = nn.functional.silu(h.narrow(-1, 0, half)).mul(h.narrow(-1, half, half));
+        // A decoding step's few bf16 rows in one managed pass (libtorch's roundings, see DecodeSwiGlu).
+        var g = DecodeSwiGlu.Applies(h, _ffn, CpuLinear.MaxRows * 2 * _ffn)
+            ? DecodeSwiGlu.Apply(h, _ffn)
+            : nn.functional.silu(h.narrow(-1, 0, _ffn)).mul(h.narrow(-1, _ffn, _ffn));
         return CpuLinear.Forward(dense_4h_to_h, g).MoveToOuterDisposeScope();
     }
 }
@@ -262,14 +273,21 @@ internal sealed class V2Block : nn.Module
         self_attention = new V2SelfAttention(c, layerNumber, o);
         post_attention_layernorm = new RmsNorm(c.HiddenSize, c.LayernormEpsilon, o);
         mlp = new V2Mlp(c, o);
+        _hidden = c.HiddenSize;
         RegisterComponents();
     }
+
+    private readonly long _hidden;
+
+    /// <summary>x + y; a decoding step's few bf16 rows in one managed pass (bf16(x·1 + y), libtorch's rounding).</summary>
+    private Tensor Residual(Tensor x, Tensor y) =>
+        DecodeResidual.Applies(x, y, CpuLinear.MaxRows * _hidden) ? DecodeResidual.Apply(x, 1.0, y) : x.add(y);
 
     public (Tensor Hidden, Tensor? Probs) Forward(Tensor h, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot, bool needProbs)
     {
         var (a, probs) = self_attention.Forward(input_layernorm.call(h), angles, mask, past, slot, needProbs);
-        var h1 = h.add(a);
-        var outp = h1.add(mlp.call(post_attention_layernorm.call(h1)));
+        var h1 = Residual(h, a);
+        var outp = Residual(h1, mlp.call(post_attention_layernorm.call(h1)));
         return (outp, probs);
     }
 }
