@@ -56,7 +56,7 @@ internal static class ModelSuite
         if (int4 is not ("chatglm" or "g128")) { Console.Error.WriteLine("--int4-format must be chatglm or g128"); return 2; }
         var format = bits == 8 ? QuantizationFormat.Int8PerRow : int4 == "g128" ? QuantizationFormat.Int4Grouped : QuantizationFormat.Int4PerRowChatGlm;
         string arch = Str(args, "--arch", "chatglm");
-        if (arch is not ("chatglm" or "chatglm3")) { Console.Error.WriteLine("--arch must be chatglm (ChatGLM-6B) or chatglm3 (ChatGLM2/3-6B)"); return 2; }
+        if (arch is not ("chatglm" or "chatglm3" or "glm4")) { Console.Error.WriteLine("--arch must be chatglm (ChatGLM-6B), chatglm3 (ChatGLM2/3-6B) or glm4 (GLM-4-9B)"); return 2; }
         // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
         var config = arch == "chatglm3"
             ? new GlmConfig
@@ -79,6 +79,29 @@ internal static class ModelSuite
                 NumLayers = quick ? 2 : 28,
                 NumAttentionHeads = quick ? 8 : 32,
             }
+            : arch == "glm4"
+            ? new GlmConfig
+            {
+                // GLM-4-9B (glm-4-9b-chat's config.json): the v2 architecture at 40 layers, a 151,552-id vocabulary.
+                VocabSize = 151552,
+                PaddedVocabSize = 151552,
+                MultiQueryAttention = true,
+                MultiQueryGroupNum = 2,
+                KvChannels = 128,
+                FfnHiddenSize = 13696,
+                Rmsnorm = true,
+                AddQkvBias = true,
+                AddBiasLinear = false,
+                PostLayerNorm = true,
+                SeqLength = 131072,
+                RopeRatio = 500,
+                LayernormEpsilon = 1.5625e-07,
+                EosTokenId = 151329,
+                PadTokenId = 151329,
+                HiddenSize = quick ? 512 : 4096,
+                NumLayers = quick ? 2 : 40,
+                NumAttentionHeads = quick ? 8 : 32,
+            }
             : quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
         if (args.Contains("--layers")) config = config with { NumLayers = Int(args, "--layers", config.NumLayers) };   // for probes, not figures
@@ -95,7 +118,7 @@ internal static class ModelSuite
             (args.Contains("--quantize-embeddings") && bits > 0 ? " + embeddings" : "") + (int8Gemm ? " + int8 GEMM" : "") +
             (int8Gemm && float.IsPositiveInfinity(outlierThreshold) ? " (no outlier split)" : int8Gemm && outlierThreshold != 6f ? $" (outlier threshold {outlierThreshold})" : "") +
             (outlierFeatures > 0 ? $", {outlierFeatures} outlier features" : "");
-        Console.WriteLine($"{(v2 ? "ChatGLM3-6B" : "ChatGLM-6B")} shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.ModelVocabSize}{(v2 ? $", {config.KvGroups} KV groups" : "")}; weights {label}, activations bf16; {get_num_threads()} threads");
+        Console.WriteLine($"{(arch == "glm4" ? "GLM-4-9B" : v2 ? "ChatGLM3-6B" : "ChatGLM-6B")} shape{(quick ? " (--quick: small)" : "")}: hidden {config.HiddenSize}, {config.NumLayers} layers, vocab {config.ModelVocabSize}{(v2 ? $", {config.KvGroups} KV groups" : "")}; weights {label}, activations bf16; {get_num_threads()} threads");
         var rows = new RowPrinter(label);
         bool doPrefill = only is "all" or "prefill", doDecode = only is "all" or "decode";
 
