@@ -222,7 +222,8 @@ def write_chatglm3(f, kind: str, proto: bytes, layers: int):
 
 
 def main():
-    arch = sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "chatglm"
+    at = sys.argv.index("--arch") if "--arch" in sys.argv else -1
+    arch = "chatglm" if at < 0 else sys.argv[at + 1] if at + 1 < len(sys.argv) else ""
     if len(sys.argv) < 4 or sys.argv[2] not in ("f16", "q8_0", "q4_0") or arch not in ("chatglm", "chatglm3"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)

@@ -17,13 +17,15 @@ namespace MinLora.Glm.Modeling;
 /// <para>
 /// libtorch runs it as eight ops (a float32 copy, the square, the mean, ε, rsqrt, two products and the bf16 cast), each
 /// a native call and a pass over the row. Here each row's squares are summed in float32 in the order of libtorch's
-/// cascade sum for a contiguous inner reduction (four vector accumulators over a four-level cascade of 16-step
-/// chunks, then the tail in scalars, then the lanes in order), with the vector width this process's libtorch uses
-/// (8 floats in its AVX2 kernels, which the TorchSharp build runs even on AVX-512 CPUs; 16 in AVX-512 ones: probed once),
-/// divided by the width as libtorch's <c>mean</c> does (<c>sum</c> then <c>div_</c>), and the rest is libtorch's float32
-/// arithmetic op by op: ε added as a float32, 1/√ (both correctly rounded), <c>float(x)·r</c>, <c>float(w)·that</c>, one
-/// rounding to bf16. The squares of bf16 values are exact in float32, so the result equals libtorch's ops bit for bit
-/// (the tests check it against libtorch on every run).
+/// cascade sum for a contiguous inner reduction (four vector accumulators over a four-level cascade of chunks of 16
+/// steps, or more past 2¹⁹ steps, then the tail in scalars, then the lanes in order), with the vector width of the
+/// kernel this process's libtorch dispatches: libtorch registers no AVX-512 kernel for <c>sum</c>, so it runs its AVX2
+/// one (8 floats) even on AVX-512 CPUs; a build that did would sum in 16 (probed once, see <see cref="LibtorchLanes"/>).
+/// The sum is divided by the width as libtorch's <c>mean</c> does (<c>sum</c> then <c>div_</c>), and the rest is
+/// libtorch's float32 arithmetic op by op: ε added as a float32, 1/√ (both correctly rounded), <c>float(x)·r</c>,
+/// <c>float(w)·that</c>, one rounding to bf16. The squares of bf16 values are exact in float32, so the result equals
+/// libtorch's ops bit for bit (the tests check it against libtorch on every run), a NaN being NaN, its sign and
+/// payload aside.
 /// </para>
 /// </remarks>
 internal static unsafe class DecodeRmsNorm
@@ -37,16 +39,20 @@ internal static unsafe class DecodeRmsNorm
     /// <summary>The narrowest row the kernel takes: libtorch's vectorised sum runs from one vector of 16 floats on.</summary>
     internal const int MinimumWidth = 16;
 
+    /// <summary>The widest row the kernel takes: from 32,768 values (libtorch's grain size) on, libtorch splits a single
+    /// row's sum over its threads (<c>two_pass_reduction</c>), in another order.</summary>
+    internal const int MaximumWidth = 32767;
+
     /// <summary>
     /// Whether <see cref="Apply"/> applies: AVX-512, a contiguous bf16 CPU input of at most <paramref name="maxValues"/>
-    /// values whose last dimension is <paramref name="width"/> (at least 16), a contiguous bf16 weight of that many
-    /// values, no gradient wanted.
+    /// values whose last dimension is <paramref name="width"/> (16 to 32,767), a contiguous bf16 weight of that many
+    /// values, no gradient wanted, and a libtorch whose sum order is known (<see cref="LibtorchLanes"/>).
     /// </summary>
     internal static bool Applies(Tensor x, Tensor weight, long width, long maxValues) =>
-        Enabled && Avx512F.IsSupported && width >= MinimumWidth && LibtorchLanes != 0 && x.device_type == DeviceType.CPU && weight.device_type == DeviceType.CPU &&
+        Enabled && Avx512F.IsSupported && width is >= MinimumWidth and <= MaximumWidth && x.device_type == DeviceType.CPU && weight.device_type == DeviceType.CPU &&
         x.dtype == ScalarType.BFloat16 && weight.dtype == ScalarType.BFloat16 && x.is_contiguous() && weight.is_contiguous() &&
         x.numel() is > 0 and var n && n <= maxValues && x.dim() > 0 && x.size(-1) == width && weight.numel() == width &&
-        !(is_grad_enabled() && (x.requires_grad || weight.requires_grad));
+        !(is_grad_enabled() && (x.requires_grad || weight.requires_grad)) && LibtorchLanes != 0;
 
     /// <summary>The RMSNorm of each row of <paramref name="x"/> (see <see cref="DecodeRmsNorm"/>), a new tensor of its shape.</summary>
     internal static Tensor Apply(Tensor x, Tensor weight, float epsilon)
@@ -86,25 +92,44 @@ internal static unsafe class DecodeRmsNorm
 
     /// <summary>
     /// The vector width, in floats, of the float32 <c>sum</c> kernel of the libtorch in this process: 8 (its AVX2 and
-    /// default kernels) or 16 (AVX-512), found once by summing 16 values whose float32 sum tells the two orders apart;
-    /// 0 when neither order gives libtorch's sum (then <see cref="Applies"/> refuses, and libtorch's ops run).
+    /// default kernels) or 16 (AVX-512), found once by summing 16 values whose float32 sum tells the two orders apart,
+    /// then confirmed by summing the squares of a 4,120-value row (three cascade levels, leftover vectors and floats)
+    /// both ways; 0 when libtorch's sum is neither order (then <see cref="Applies"/> refuses, and libtorch's ops run).
     /// </summary>
-    internal static int LibtorchLanes => _lanes ??= ProbeLanes();
+    internal static int LibtorchLanes => Lanes16Or8.Value;
 
-    private static int? _lanes;
+    private static readonly Lazy<int> Lanes16Or8 = new(ProbeLanes);
 
     private static int ProbeLanes()
     {
+        if (!Avx2.IsSupported) return 0;
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
         // 2²⁵, seven 1s, −2²⁵, seven 0s: summed lane by lane in one 16-float vector the 1s vanish into 2²⁵ (its float32 ulp
         // is 4) and the sum is 0; in 8-float vectors 2²⁵ meets −2²⁵ first and the sum is 7.
         var values = new float[16];
         values[0] = 1 << 25;
         for (int i = 1; i < 8; i++) values[i] = 1;
         values[8] = -(1 << 25);
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        float sum = tensor(values).view(1, 16).sum(new long[] { -1 }).item<float>();
-        return sum == 0 ? 16 : sum == 7 ? 8 : 0;
+        float sum = tensor(values, device: CPU).view(1, 16).sum(new long[] { -1 }).item<float>();
+        int lanes = sum == 0 ? 16 : sum == 7 ? 8 : 0;
+        if (lanes == 0) return 0;
+        // The whole order on a row of bfloat16 values of magnitudes spread over 2^±12 (a fixed pseudo-random sequence).
+        const int width = 4120;
+        var bits = new ushort[width];
+        var row = new float[width];
+        uint state = 2463534242;
+        for (int i = 0; i < width; i++)
+        {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            // Sign, exponent 115…139 (2⁻¹²…2¹²), 7 mantissa bits.
+            bits[i] = (ushort)(((state & 1) << 15) | ((115 + (state >> 1) % 25) << 7) | ((state >> 8) & 0x7F));
+            row[i] = BitConverter.UInt32BitsToSingle((uint)bits[i] << 16);
+        }
+        float libtorch = tensor(row, device: CPU).square().sum().item<float>();
+        fixed (ushort* p = bits) return SumOfSquares(p, width, lanes) == libtorch ? lanes : 0;
     }
 
     /// <summary>
@@ -170,6 +195,7 @@ internal static unsafe class DecodeRmsNorm
     internal static float SumOfSquares(ReadOnlySpan<ushort> row)
     {
         if (row.Length < MinimumWidth) throw new ArgumentException($"The row holds {row.Length} values; the sum needs at least {MinimumWidth}.", nameof(row));
+        if (!Avx2.IsSupported) throw new PlatformNotSupportedException("The sum of squares needs AVX2.");
         if (LibtorchLanes == 0) throw new NotSupportedException("libtorch's float32 sum order is neither its 8- nor its 16-float one.");
         fixed (ushort* p = row) return SumOfSquares(p, row.Length, LibtorchLanes);
     }
