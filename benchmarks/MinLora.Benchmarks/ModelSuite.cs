@@ -58,49 +58,38 @@ internal static class ModelSuite
         string arch = Str(args, "--arch", "chatglm");
         if (arch is not ("chatglm" or "chatglm3" or "glm4")) { Console.Error.WriteLine("--arch must be chatglm (ChatGLM-6B), chatglm3 (ChatGLM2/3-6B) or glm4 (GLM-4-9B)"); return 2; }
         // --quick: the same code on a small GLM (for checking the suite itself, not for figures).
-        var config = arch == "chatglm3"
-            ? new GlmConfig
+        // ChatGLM3-6B (= ChatGLM2-6B's architecture; 8k sequence).
+        var chatGlm3 = new GlmConfig
+        {
+            VocabSize = 65024,
+            PaddedVocabSize = 65024,
+            MultiQueryAttention = true,
+            MultiQueryGroupNum = 2,
+            KvChannels = 128,
+            FfnHiddenSize = 13696,
+            Rmsnorm = true,
+            AddQkvBias = true,
+            AddBiasLinear = false,
+            PostLayerNorm = true,
+            SeqLength = 8192,
+            EosTokenId = 2,
+            PadTokenId = 0,
+            HiddenSize = quick ? 512 : 4096,
+            NumLayers = quick ? 2 : 28,
+            NumAttentionHeads = quick ? 8 : 32,
+        };
+        var config = arch == "chatglm3" ? chatGlm3
+            // GLM-4-9B (glm-4-9b-chat's config.json): the same architecture at 40 layers, a 151,552-id vocabulary.
+            : arch == "glm4" ? chatGlm3 with
             {
-                // ChatGLM3-6B (= ChatGLM2-6B's architecture; 8k sequence).
-                VocabSize = 65024,
-                PaddedVocabSize = 65024,
-                MultiQueryAttention = true,
-                MultiQueryGroupNum = 2,
-                KvChannels = 128,
-                FfnHiddenSize = 13696,
-                Rmsnorm = true,
-                AddQkvBias = true,
-                AddBiasLinear = false,
-                PostLayerNorm = true,
-                SeqLength = 8192,
-                EosTokenId = 2,
-                PadTokenId = 0,
-                HiddenSize = quick ? 512 : 4096,
-                NumLayers = quick ? 2 : 28,
-                NumAttentionHeads = quick ? 8 : 32,
-            }
-            : arch == "glm4"
-            ? new GlmConfig
-            {
-                // GLM-4-9B (glm-4-9b-chat's config.json): the v2 architecture at 40 layers, a 151,552-id vocabulary.
                 VocabSize = 151552,
                 PaddedVocabSize = 151552,
-                MultiQueryAttention = true,
-                MultiQueryGroupNum = 2,
-                KvChannels = 128,
-                FfnHiddenSize = 13696,
-                Rmsnorm = true,
-                AddQkvBias = true,
-                AddBiasLinear = false,
-                PostLayerNorm = true,
                 SeqLength = 131072,
                 RopeRatio = 500,
                 LayernormEpsilon = 1.5625e-07,
                 EosTokenId = 151329,
                 PadTokenId = 151329,
-                HiddenSize = quick ? 512 : 4096,
                 NumLayers = quick ? 2 : 40,
-                NumAttentionHeads = quick ? 8 : 32,
             }
             : quick ? new GlmConfig { HiddenSize = 512, NumLayers = 2, NumAttentionHeads = 8, VocabSize = 130528 } : new GlmConfig();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
