@@ -690,7 +690,7 @@ internal static unsafe class CpuGemv
                 {
                     var v = Vector512.Load((uint*)(x + i));
                     low |= v & Vector512.Create(0xFFFFu);
-                    Avx512F.ConvertToVector256UInt16(Avx512F.ShiftRightLogical(v, 16)).Store(pb + i);
+                    TensorMemory.StoreBFloat16Values(pb + i, v.AsSingle());   // the high halves (exact when low is 0)
                 }
                 uint rest = 0;
                 for (; i < count; i++)

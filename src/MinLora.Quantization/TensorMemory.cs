@@ -69,6 +69,25 @@ internal static unsafe class TensorMemory
     internal static void StoreBFloat16Values(ushort* p, Vector512<float> v) =>
         Avx512F.ConvertToVector256UInt16(Vector512.ShiftRightLogical(v.AsUInt32(), 16)).Store(p);
 
+    /// <summary>The first <paramref name="count"/> (0 to 16) bfloat16 values at <paramref name="p"/> as float32, the
+    /// other lanes +0: the tail of a row through the same vector arithmetic as its full blocks.</summary>
+    internal static Vector512<float> LoadBFloat16Partial(ushort* p, int count)
+    {
+        ushort* padded = stackalloc ushort[16];
+        new Span<ushort>(padded, 16).Clear();
+        new Span<ushort>(p, count).CopyTo(new Span<ushort>(padded, 16));
+        return LoadBFloat16(padded);
+    }
+
+    /// <summary>Stores the first <paramref name="count"/> (0 to 16) lanes of <paramref name="v"/>, bfloat16 values, as
+    /// bfloat16 (<see cref="StoreBFloat16Values"/> for a row's tail).</summary>
+    internal static void StoreBFloat16Partial(ushort* p, Vector512<float> v, int count)
+    {
+        ushort* padded = stackalloc ushort[16];
+        StoreBFloat16Values(padded, v);
+        new Span<ushort>(padded, count).CopyTo(new Span<ushort>(p, count));
+    }
+
     /// <summary>bfloat16 → float32: the 16 bits become the high half of the float (exact).</summary>
     internal static void WidenBFloat16(ushort* source, float* destination, long count)
     {

@@ -52,12 +52,8 @@ internal static unsafe class DecodeGelu
         if (i < count)
         {
             // The tail through one padded vector.
-            ushort* inTail = stackalloc ushort[16];
-            ushort* outTail = stackalloc ushort[16];
-            new Span<ushort>(inTail, 16).Clear();
-            new Span<ushort>(source + i, (int)(count - i)).CopyTo(new Span<ushort>(inTail, 16));
-            StoreBFloat16Values(outTail, Gelu(TensorMemory.LoadBFloat16(inTail)));
-            new Span<ushort>(outTail, (int)(count - i)).CopyTo(new Span<ushort>(target + i, (int)(count - i)));
+            int rest = (int)(count - i);
+            StoreBFloat16Partial(target + i, Gelu(LoadBFloat16Partial(source + i, rest)), rest);
         }
         GC.KeepAlive(x);
         return result;

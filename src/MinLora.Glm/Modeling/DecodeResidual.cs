@@ -40,12 +40,7 @@ internal static unsafe class DecodeResidual
         {
             // The tail through padded vectors, with the same arithmetic.
             int rest = (int)(count - i);
-            ushort* tail = stackalloc ushort[48];
-            new Span<ushort>(tail, 48).Clear();
-            new Span<ushort>(px + i, rest).CopyTo(new Span<ushort>(tail, 16));
-            new Span<ushort>(py + i, rest).CopyTo(new Span<ushort>(tail + 16, 16));
-            StoreBFloat16Values(tail + 32, Residual(LoadBFloat16(tail), a, LoadBFloat16(tail + 16)));
-            new Span<ushort>(tail + 32, rest).CopyTo(new Span<ushort>(pr + i, rest));
+            StoreBFloat16Partial(pr + i, Residual(LoadBFloat16Partial(px + i, rest), a, LoadBFloat16Partial(py + i, rest)), rest);
         }
         GC.KeepAlive(x);
         GC.KeepAlive(y);

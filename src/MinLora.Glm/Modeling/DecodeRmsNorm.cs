@@ -63,7 +63,6 @@ internal static unsafe class DecodeRmsNorm
         var scale = (ushort*)TensorMemory.Pointer(weight);
         var target = (ushort*)TensorMemory.Pointer(result);
         int lanes = LibtorchLanes;
-        ushort* tail = stackalloc ushort[3 * Lanes];   // a padded tail: input(s) and output
         for (long r = 0; r < rows; r++)
         {
             var row = source + r * width;
@@ -78,11 +77,7 @@ internal static unsafe class DecodeRmsNorm
             {
                 // The tail through padded vectors, with the same arithmetic.
                 int rest = (int)(width - i);
-                new Span<ushort>(tail, 3 * Lanes).Clear();
-                new Span<ushort>(row + i, rest).CopyTo(new Span<ushort>(tail, Lanes));
-                new Span<ushort>(scale + i, rest).CopyTo(new Span<ushort>(tail + Lanes, Lanes));
-                StoreBFloat16Values(tail + 2 * Lanes, RoundedToBFloat16(LoadBFloat16(tail + Lanes) * (LoadBFloat16(tail) * factor)));
-                new Span<ushort>(tail + 2 * Lanes, rest).CopyTo(new Span<ushort>(output + i, rest));
+                StoreBFloat16Partial(output + i, RoundedToBFloat16(LoadBFloat16Partial(scale + i, rest) * (LoadBFloat16Partial(row + i, rest) * factor)), rest);
             }
         }
         GC.KeepAlive(x);

@@ -43,7 +43,6 @@ internal static unsafe class DecodeSwiGlu
         long rows = h.numel() / (2 * half);
         var source = (ushort*)TensorMemory.Pointer(h);
         var target = (ushort*)TensorMemory.Pointer(result);
-        ushort* tail = stackalloc ushort[48];   // a padded tail: input(s) and output
         for (long r = 0; r < rows; r++)
         {
             var a = source + r * 2 * half;
@@ -55,11 +54,7 @@ internal static unsafe class DecodeSwiGlu
             {
                 // The tail through padded vectors, with the same arithmetic.
                 int rest = (int)(half - i);
-                new Span<ushort>(tail, 48).Clear();
-                new Span<ushort>(a + i, rest).CopyTo(new Span<ushort>(tail, 16));
-                new Span<ushort>(b + i, rest).CopyTo(new Span<ushort>(tail + 16, 16));
-                StoreBFloat16Values(tail + 32, SwiGlu(LoadBFloat16(tail), LoadBFloat16(tail + 16)));
-                new Span<ushort>(tail + 32, rest).CopyTo(new Span<ushort>(output + i, rest));
+                StoreBFloat16Partial(output + i, SwiGlu(LoadBFloat16Partial(a + i, rest), LoadBFloat16Partial(b + i, rest)), rest);
             }
         }
         GC.KeepAlive(h);

@@ -161,7 +161,8 @@ internal sealed class V2SelfAttention : nn.Module
     /// </summary>
     public (Tensor Output, Tensor? Probs) Forward(Tensor x, Tensor angles, Tensor? mask, (Tensor Key, Tensor Value)? past, KvSlot? slot = null, bool needProbs = true)
     {
-        long s = x.shape[0], b = x.shape[1];
+        var xs = x.shape;   // read once: a native call that allocates, per layer and step
+        long s = xs[0], b = xs[1];
         var mixed = CpuLinear.Forward(query_key_value, x);
         long qSize = (long)_heads * _headDim, kvSize = (long)_groups * _headDim;
         if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && (mixed.requires_grad || (past is { } pp && (pp.Key.requires_grad || pp.Value.requires_grad)))))
