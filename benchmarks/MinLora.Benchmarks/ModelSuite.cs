@@ -117,9 +117,12 @@ internal static class ModelSuite
         bool quantizeHead = args.Contains("--quantize-head"), quantizeEmbeddings = args.Contains("--quantize-embeddings");
         // Huge pages for the weights (GlmBuildOptions.HugePages, the default); --no-huge-pages measures without.
         bool huge = !args.Contains("--no-huge-pages");
-        // --ab-two-streams / --ab-bf16-activations / --ab-fused-ops: odd decode steps take the other form, timed apart.
-        if (new[] { "--ab-two-streams", "--ab-bf16-activations", "--ab-fused-ops" }.Count(args.Contains) > 1) { Console.Error.WriteLine("give one --ab-… decode flag at a time"); return 2; }
-        string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations" : args.Contains("--ab-fused-ops") ? "fused-ops" : null;
+        // --ab-two-streams / --ab-bf16-activations / --ab-fused-ops / --ab-layer-norm: odd decode steps take the other
+        // form, timed apart.
+        if (new[] { "--ab-two-streams", "--ab-bf16-activations", "--ab-fused-ops", "--ab-layer-norm" }.Count(args.Contains) > 1) { Console.Error.WriteLine("give one --ab-… decode flag at a time"); return 2; }
+        string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations"
+            : args.Contains("--ab-fused-ops") ? "fused-ops" : args.Contains("--ab-layer-norm") ? "layer-norm" : null;
+        if (abForm == "layer-norm" && arch != "chatglm") { Console.Error.WriteLine("--ab-layer-norm needs --arch chatglm (v2 models have RMSNorm: --ab-fused-ops)"); return 2; }
         bool abOutlierSplit = args.Contains("--ab-outlier-split");
         if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }
         var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16, CPU, GlmInit.Random)
@@ -298,6 +301,8 @@ internal static class ModelSuite
                     ? new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}")
                     : abForm == "bf16-activations"
                     ? new($"  A/B: bf16 kernel on float32 activations (alternate steps; the row below: bf16 pairs)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"pairs ÷ float32: {stepMs / oneMs:F2}")
+                    : abForm == "layer-norm"
+                    ? new($"  A/B: LayerNorms as libtorch's layer_norm (alternate steps; the row below: DecodeLayerNorm)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ op: {stepMs / oneMs:F2}")
                     : new(v2
                         ? $"  A/B: RMSNorm, SwiGLU and residuals as libtorch's ops (alternate steps; the row below: DecodeRmsNorm, DecodeSwiGlu, DecodeResidual)"
                         : $"  A/B: GELU and residuals as libtorch's ops (alternate steps; the row below: DecodeGelu, DecodeResidual)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ ops: {stepMs / oneMs:F2}"));
@@ -442,6 +447,7 @@ internal static class ModelSuite
             CpuGemv.TwoStreams = !(one && abForm == "two-streams");
             CpuGemv.Bf16Activations = !(one && abForm == "bf16-activations");
             DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = !(one && abForm == "fused-ops");
+            DecodeLayerNorm.Enabled = !(one && abForm == "layer-norm");
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -474,7 +480,7 @@ internal static class ModelSuite
         positions.Dispose();
         CpuGemv.TwoStreams = true;
         CpuGemv.Bf16Activations = true;
-        DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = true;
+        DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = DecodeLayerNorm.Enabled = true;
         var measured = times.Skip(1).ToList();
         var oneMeasured = oneStream.Skip(1).ToList();   // its first step may carry the one-row methods' compilation
         (double, double)? oneForm = oneMeasured.Count == 0 ? null : (MedianOf(oneMeasured), oneMeasured.Min());

@@ -9,6 +9,7 @@ using static TorchSharp.torch;
 // (medians), cycling over enough weight copies to exceed the last-level cache.
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--shape KxN] [--rounds N] [--quick] [--default-malloc]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- load [--chatglm6b-layers N]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- norm-probe [--rounds N]   (ChatGLM-6B LayerNorm: libtorch vs DecodeLayerNorm)
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm [--outlier-threshold X|inf]] [--outlier-features N] [--ab-outlier-split] [--train] [--steps N] [--compare-bf16] [--ab-two-streams]
 //   any suite: [--default-malloc | --retain-below BYTES] (glibc policy: keep every freed block by default)
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
@@ -44,6 +45,7 @@ if (suite == "model")
 }
 if (suite == "data-parallel") return DataParallelSuite.Run(argsList);
 if (suite == "attention-probe") { AttentionProbe.Run(); return 0; }
+if (suite == "norm-probe") return NormProbe.Run(rounds);
 if (suite == "gemv-probe")
 {
     int f = argsList.IndexOf("--formats");
@@ -60,7 +62,7 @@ if (suite == "prompt-products")
 if (suite == "tokenizer") return TokenizerSuite.Run(argsList);
 if (suite is not ("lora" or "quant" or "load"))
 {
-    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover, prompt-products, attention-probe, gemv-probe)");
+    Console.Error.WriteLine($"unknown suite '{suite}' (available: lora, quant, load, model, data-parallel, tokenizer, crossover, prompt-products, attention-probe, norm-probe, gemv-probe)");
     return 2;
 }
 Console.WriteLine($"MinLora benchmarks — suite '{suite}', {get_num_threads()} threads, {rounds} interleaved rounds, medians, " +

@@ -110,4 +110,58 @@ public class DecodeFusionModelTests
         using var range = libtorch.to(ScalarType.Float32).abs().max();
         Assert.True(difference.item<float>() <= 0.02f * range.item<float>(), $"the fused GELU moved a logit by {difference.item<float>()}");
     }
+
+    /// <summary>
+    /// The fused LayerNorm (every block's two and the final one) leaves a few-row forward's logits bit-identical. In this
+    /// class so that no other test toggles the GELU (not exact) while it runs.
+    /// </summary>
+    [SkippableFact]
+    public void FewRowForward_LayerNormPassChangesNothing()
+    {
+        Skip.IfNot(System.Runtime.Intrinsics.X86.Avx512F.IsSupported && System.Runtime.Intrinsics.X86.Fma.IsSupported, "needs AVX-512 F and FMA (elsewhere the libtorch path runs)");
+        manual_seed(603);
+        var config = new GlmConfig
+        {
+            VocabSize = 320,
+            HiddenSize = 72,          // the rows' tail (72 = 4·16 + 8) runs too
+            NumLayers = 2,
+            NumAttentionHeads = 3,
+            MaxSequenceLength = 64,
+            BosTokenId = 290,
+            EosTokenId = 291,
+            MaskTokenId = 292,
+            GmaskTokenId = 293,
+            PadTokenId = 0,
+        };
+        using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16));
+        using (no_grad())
+        {
+            // Non-trivial LayerNorm weights and biases (they are built as ones and zeros).
+            foreach (var (name, p) in model.named_parameters().Where(n => n.name.Contains("layernorm")))
+                p.copy_(name.EndsWith("weight") ? rand(p.shape).add(0.5) : randn(p.shape).mul(0.1));
+        }
+        using var ids = randint(0, 280, new long[] { 1, 6 });
+        using var prompt = cat(new[] { ids, tensor(new long[] { 293, 290 }).unsqueeze(0) }, 1);
+        using var noGrad = no_grad();
+        using var x = ones(new long[] { 1, 8, 72 }, dtype: ScalarType.BFloat16);
+        using var w = ones(72, dtype: ScalarType.BFloat16);
+        Assert.True(DecodeLayerNorm.Applies(x, w, w, 72, MinLora.Quantization.CpuLinear.MaxRows * 72), "the pass does not apply to this model's shapes");
+        Tensor Logits(bool layerNorm)
+        {
+            DecodeLayerNorm.Enabled = layerNorm;
+            try
+            {
+                using var output = model.call(new GlmInput(prompt));
+                return output.Logits.detach().clone();
+            }
+            finally
+            {
+                DecodeLayerNorm.Enabled = true;
+            }
+        }
+        using var libtorch = Logits(false);
+        using var fused = Logits(true);
+        Assert.True(libtorch.isfinite().all().item<bool>());
+        Assert.True(fused.bytes.SequenceEqual(libtorch.bytes), "the fused LayerNorm changed the logits");
+    }
 }

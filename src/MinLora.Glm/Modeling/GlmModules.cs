@@ -153,8 +153,7 @@ internal static class GlmLayers
         }
     }
 
-    internal static LayerNorm LayerNorm(long size, double eps, GlmBuildOptions o) =>
-        nn.LayerNorm(new[] { size }, eps, device: o.Device ?? CPU, dtype: o.Dtype);
+    internal static GlmLayerNorm LayerNorm(long size, double eps, GlmBuildOptions o) => new(size, eps, o);
 
     internal static Parameter Table(long rows, long dim, GlmBuildOptions o)
     {
@@ -458,6 +457,38 @@ internal sealed class GlmMlp : nn.Module<Tensor, Tensor>
             : h.mul(Half).mul(h.mul(Sqrt2OverPi).mul(h.square().mul(Cubic).add(One)).tanh().add(One));
         return CpuLinear.Forward(dense_4h_to_h, g).MoveToOuterDisposeScope();
     }
+}
+
+/// <summary>
+/// ChatGLM-6B's LayerNorm over the last dimension, with the checkpoint's <c>weight</c> (ones when built) and
+/// <c>bias</c> (zeros): libtorch's <c>layer_norm</c>, or for a decoding step's few bf16 rows the same arithmetic in
+/// one managed pass (<see cref="DecodeLayerNorm"/>).
+/// </summary>
+internal sealed class GlmLayerNorm : nn.Module<Tensor, Tensor>
+{
+    private readonly Parameter weight;
+    private readonly Parameter bias;
+    private readonly long[] _shape;
+    private readonly double _eps;
+    private readonly float _epsValue;
+    private readonly long _width;
+
+    public GlmLayerNorm(long size, double eps, GlmBuildOptions o) : base("LayerNorm")
+    {
+        var device = o.Device ?? CPU;
+        weight = new Parameter(ones(size, dtype: o.Dtype, device: device));
+        bias = new Parameter(zeros(size, dtype: o.Dtype, device: device));
+        _shape = new[] { size };
+        _eps = eps;
+        _epsValue = (float)eps;   // libtorch's kernel takes ε as a float32
+        _width = size;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x) =>
+        DecodeLayerNorm.Applies(x, weight, bias, _width, CpuLinear.MaxRows * _width)
+            ? DecodeLayerNorm.Apply(x, weight, bias, _epsValue)
+            : nn.functional.layer_norm(x, _shape, weight, bias, _eps);
 }
 
 /// <summary>A ChatGLM-6B block: the residual adds the LayerNorm output times √(2·28).</summary>
