@@ -95,6 +95,65 @@ internal static class NormProbe
             double m = Median(cold[f]);
             Console.WriteLine($"| {forms[f].Name} | {m:F1} ({cold[f].Min():F1}) | {m * PerToken / 1e3:F2} | {m / coldBaseline:F2} |");
         }
+        // What single libtorch calls cost there: a decoding step makes ~13 tensors per layer (outputs and views).
+        var calls = new (string Name, Action Call)[]
+        {
+            ("nothing (the timer alone)", () => { }),
+            ("x.view(1, 4096), disposed", () => x.view(1, 4096).Dispose()),
+            ("x.narrow(2, 0, 128), disposed", () => x.narrow(2, 0, 128).Dispose()),
+            ("empty_like(x), disposed", () => empty_like(x).Dispose()),
+            ("x.dtype (a property read)", () => _ = x.dtype),
+        };
+        foreach (var (_, call) in calls)
+            for (int i = 0; i < 2000; i++) call();
+        Thread.Sleep(200);
+        var callTimes = calls.Select(_ => new List<double>()).ToArray();
+        for (int round = 0; round < rounds * 2; round++)
+        {
+            for (int c = 0; c < calls.Length; c++)
+            {
+                sink += Evict(evict);
+                var sw = Stopwatch.StartNew();
+                calls[c].Call();
+                callTimes[c].Add(sw.Elapsed.TotalMilliseconds * 1e3);
+            }
+        }
+        Console.WriteLine($"Single calls, each alone after reading 64 MB, {rounds * 2} calls each:");
+        Console.WriteLine("| call | µs: median (best) |");
+        Console.WriteLine("|---|---|");
+        for (int c = 0; c < calls.Length; c++) Console.WriteLine($"| {calls[c].Name} | {Median(callTimes[c]):F1} ({callTimes[c].Min():F1}) |");
+        // The same under inference mode (no autograd and no view tracking in the dispatch), on a tensor made there.
+        using (var inference = inference_mode())
+        {
+            using var xi = x.clone();
+            var inferenceCalls = new (string Name, Action Call)[]
+            {
+                ("nothing (the timer alone)", () => { }),
+                ("x.view(1, 4096), disposed", () => xi.view(1, 4096).Dispose()),
+                ("x.narrow(2, 0, 128), disposed", () => xi.narrow(2, 0, 128).Dispose()),
+                ("empty_like(x), disposed", () => empty_like(xi).Dispose()),
+                ("libtorch layer_norm", () => { DecodeLayerNorm.Enabled = false; norm.call(xi).Dispose(); }),
+                ("DecodeLayerNorm", () => { DecodeLayerNorm.Enabled = true; norm.call(xi).Dispose(); }),
+            };
+            foreach (var (_, call) in inferenceCalls)
+                for (int i = 0; i < 2000; i++) call();
+            Thread.Sleep(200);
+            var inferenceTimes = inferenceCalls.Select(_ => new List<double>()).ToArray();
+            for (int round = 0; round < rounds * 2; round++)
+            {
+                for (int c = 0; c < inferenceCalls.Length; c++)
+                {
+                    sink += Evict(evict);
+                    var sw = Stopwatch.StartNew();
+                    inferenceCalls[c].Call();
+                    inferenceTimes[c].Add(sw.Elapsed.TotalMilliseconds * 1e3);
+                }
+            }
+            Console.WriteLine($"The same under inference mode (torch.inference_mode()), {rounds * 2} calls each:");
+            Console.WriteLine("| call | µs: median (best) |");
+            Console.WriteLine("|---|---|");
+            for (int c = 0; c < inferenceCalls.Length; c++) Console.WriteLine($"| {inferenceCalls[c].Name} | {Median(inferenceTimes[c]):F1} ({inferenceTimes[c].Min():F1}) |");
+        }
         GC.KeepAlive(sink);
         foreach (var o in outputs) o.Dispose();
         return 0;

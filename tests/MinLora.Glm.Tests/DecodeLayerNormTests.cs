@@ -212,6 +212,37 @@ def moments(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
         }
     }
 
+    /// <summary>
+    /// Rows libtorch handles specially by arithmetic alone: a constant row (variance 0: 1/√ε), zeros, a row holding ∞
+    /// and one holding NaN (all NaN out): as libtorch's <c>layer_norm</c>, a NaN's sign and payload aside (libtorch's
+    /// vector conversion writes 0xFFFF, the pass a quiet NaN of the same sign).
+    /// </summary>
+    [SkippableFact]
+    public void SpecialRows_AreAsLibtorchs()
+    {
+        Skip.IfNot(Supported, "needs AVX-512 F and FMA (elsewhere the libtorch path runs)");
+        const int width = 4099;
+        using var x = Rows(5, width, 708);
+        x[0].fill_(3.25);
+        x[1].fill_(0);
+        x[2, 17] = tensor(float.PositiveInfinity).to(ScalarType.BFloat16);
+        x[3, 4000] = tensor(float.NaN).to(ScalarType.BFloat16);
+        x[4, width - 1] = tensor(float.NegativeInfinity).to(ScalarType.BFloat16);   // in the scalar leftovers
+        var (weight, bias) = Affine(width, 709);
+        using var w = weight;
+        using var b = bias;
+        using var noGrad = no_grad();
+        using var fused = DecodeLayerNorm.Apply(x, w, b, 1e-5f);
+        using var libtorch = nn.functional.layer_norm(x, new long[] { width }, w, b, 1e-5);
+        ushort[] got = Bits(fused), want = Bits(libtorch);
+        static bool IsNaN(ushort v) => (v & 0x7FFF) > 0x7F80;
+        var differing = Enumerable.Range(0, got.Length).Where(i => got[i] != want[i] && !(IsNaN(got[i]) && IsNaN(want[i])))
+            .Select(i => $"{i}: {got[i]:X4} against {want[i]:X4}").ToList();
+        Assert.True(differing.Count == 0, $"{differing.Count} values differ from libtorch's layer_norm, e.g. {string.Join(", ", differing.Take(5))}");
+        Assert.True(Enumerable.Range(2 * width, 3 * width).All(i => IsNaN(got[i])), "a row holding ∞ or NaN normalises to NaN");
+        Assert.True(Enumerable.Range(0, width).All(i => !IsNaN(got[i])), "a constant row is finite");
+    }
+
     /// <summary>What the pass refuses: other dtypes, strides, sizes, gradients (then libtorch's op runs).</summary>
     [SkippableFact]
     public void Applies_RefusesWhatItCannotTake()

@@ -26,9 +26,10 @@ public class DecodeRotaryTests
         var angles = new RotaryAngles(Table(), Table(), Table(), Table());
         using var keys = full(new long[] { batch, heads, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
         using var values = full(new long[] { batch, heads, capacity, 128 }, 7f, dtype: ScalarType.BFloat16);
-        Assert.True(DecodeRotary.Applies(mixed, angles, keys, values, offset));
+        using var projection = mixed.view(1, batch, heads * 384);   // the fused projection the model hands over
+        Assert.True(DecodeRotary.Applies(projection, heads, angles, keys, values, offset));
 
-        using var query = DecodeRotary.Rotate(mixed, angles, keys, values, offset);
+        using var query = DecodeRotary.Rotate(projection, heads, angles, keys, values, offset);
 
         var q = mixed.narrow(3, 0, 128);
         var k = mixed.narrow(3, 128, 128);
@@ -71,17 +72,21 @@ public class DecodeRotaryTests
     [Fact]
     public void Applies_RefusesWhatItCannotRead()
     {
-        using var mixed = zeros(new long[] { 1, 1, 2, 384 }, dtype: ScalarType.BFloat16);
+        using var projection = zeros(new long[] { 1, 1, 2 * 384 }, dtype: ScalarType.BFloat16);
         Tensor Table() => zeros(new long[] { 1, 1, 1, 64 }, dtype: ScalarType.BFloat16);
         var angles = new RotaryAngles(Table(), Table(), Table(), Table());
         using var keys = zeros(new long[] { 1, 2, 4, 128 }, dtype: ScalarType.BFloat16);
         using var values = zeros(new long[] { 1, 2, 4, 128 }, dtype: ScalarType.BFloat16);
-        Assert.False(DecodeRotary.Applies(mixed, angles, keys, values, 4));                                  // no room
-        Assert.False(DecodeRotary.Applies(mixed.to(ScalarType.Float32), angles, keys, values, 0));           // type
-        using var two = zeros(new long[] { 2, 1, 2, 384 }, dtype: ScalarType.BFloat16);
-        Assert.False(DecodeRotary.Applies(two, angles, keys, values, 0));                                    // two positions
-        using var wide = zeros(new long[] { 1, 1, 2, 3 * 64 }, dtype: ScalarType.BFloat16);
-        Assert.False(DecodeRotary.Applies(wide, angles, keys, values, 0));                                   // 64-dim heads
+        Assert.True(DecodeRotary.Applies(projection, 2, angles, keys, values, 0));                           // the control
+        Assert.False(DecodeRotary.Applies(projection, 2, angles, keys, values, 4));                          // no room
+        Assert.False(DecodeRotary.Applies(projection.to(ScalarType.Float32), 2, angles, keys, values, 0));   // type
+        using var two = zeros(new long[] { 2, 1, 2 * 384 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(two, 2, angles, keys, values, 0));                                 // two positions
+        using var wide = zeros(new long[] { 1, 1, 2 * 3 * 64 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(wide, 2, angles, keys, values, 0));                                // 64-dim heads
+        Assert.False(DecodeRotary.Applies(projection, 1, angles, keys, values, 0));                          // heads ≠ the cache's
+        using var fourD = zeros(new long[] { 1, 1, 2, 384 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(fourD, 2, angles, keys, values, 0));                               // not the projection
     }
 
     /// <summary>

@@ -121,15 +121,23 @@ internal static unsafe class DecodeAttention
     }
 
     /// <summary>Whether <see cref="Run"/> applies: CPU buffers of a supported type and layout.</summary>
-    internal static bool Applies(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask)
+    internal static bool Applies(Tensor query, Tensor keys, Tensor values, long length, Tensor? mask) =>
+        query.device_type == DeviceType.CPU && Applies(query.shape, keys, values, length, mask);
+
+    /// <summary>
+    /// <see cref="Applies(Tensor, Tensor, Tensor, long, Tensor?)"/> for a CPU query of shape
+    /// <paramref name="queryShape"/> that is yet to be made (a decoding step checks before it rotates the query, without
+    /// making a view of the projection to check).
+    /// </summary>
+    internal static bool Applies(ReadOnlySpan<long> queryShape, Tensor keys, Tensor values, long length, Tensor? mask)
     {
         // Each shape is read once (a native call that allocates; this check runs per layer and step).
-        if (!IsSupported || keys.device_type != DeviceType.CPU || query.device_type != DeviceType.CPU ||
+        if (!IsSupported || keys.device_type != DeviceType.CPU ||
             keys.dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || values.dtype != keys.dtype ||
             !keys.is_contiguous() || !values.is_contiguous())
             return false;
         var k = keys.shape;
-        var q = query.shape;
+        var q = queryShape;
         return k.Length == 4 && values.shape.SequenceEqual(k) && q.Length == 4 && q[0] == 1 && q[1] == k[0] && q[3] == k[3] &&
             k[1] > 0 && q[2] % k[1] == 0 && length >= 1 && length <= k[2] && length <= int.MaxValue &&
             (mask is null || (mask.device_type == DeviceType.CPU && mask.numel() == k[0] * length));

@@ -26,20 +26,21 @@ internal static unsafe class DecodeRotary
     private const int Half = 64;
 
     /// <summary>
-    /// Whether <see cref="Rotate"/> applies: AVX-512, bf16 throughout, contiguous, one position, 128-dim heads, tables
-    /// [1, b, 1, 64] and cache buffers [b, heads, capacity, 128] with room at <paramref name="offset"/>.
+    /// Whether <see cref="Rotate"/> applies: AVX-512, bf16 throughout, contiguous, one position, the fused projection
+    /// [1, b, heads·3·128] (128-dim heads), tables [1, b, 1, 64] and cache buffers [b, heads, capacity, 128] with room
+    /// at <paramref name="offset"/>.
     /// </summary>
-    internal static bool Applies(Tensor mixed, RotaryAngles angles, Tensor keys, Tensor values, long offset)
+    internal static bool Applies(Tensor projection, long heads, RotaryAngles angles, Tensor keys, Tensor values, long offset)
     {
         // Each shape is read once (a native call that allocates; this check runs per layer and step).
-        if (!Avx512F.IsSupported || mixed.device_type != DeviceType.CPU || mixed.dtype != ScalarType.BFloat16 || !mixed.is_contiguous() ||
+        if (!Avx512F.IsSupported || projection.device_type != DeviceType.CPU || projection.dtype != ScalarType.BFloat16 || !projection.is_contiguous() ||
             keys.dtype != ScalarType.BFloat16 || values.dtype != ScalarType.BFloat16 || keys.device_type != DeviceType.CPU ||
             !keys.is_contiguous() || !values.is_contiguous())
             return false;
-        var m = mixed.shape;
+        var m = projection.shape;
         var k = keys.shape;
-        return m.Length == 4 && m[0] == 1 && m[3] == 3 * HeadDim && k.Length == 4 && values.shape.SequenceEqual(k) &&
-            k[0] == m[1] && k[1] == m[2] && k[3] == HeadDim && offset >= 0 && offset < k[2] &&
+        return heads > 0 && m.Length == 3 && m[0] == 1 && m[2] == heads * 3 * HeadDim && k.Length == 4 && values.shape.SequenceEqual(k) &&
+            k[0] == m[1] && k[1] == heads && k[3] == HeadDim && offset >= 0 && offset < k[2] &&
             Table(angles.CosPosition, m[1]) && Table(angles.SinPosition, m[1]) && Table(angles.CosBlock, m[1]) && Table(angles.SinBlock, m[1]);
     }
 
@@ -47,16 +48,16 @@ internal static unsafe class DecodeRotary
         t.dtype == ScalarType.BFloat16 && t.device_type == DeviceType.CPU && t.is_contiguous() && t.numel() == batch * Half;
 
     /// <summary>
-    /// From the projection [1, b, heads, 3·128] (per head: query, key, value): rotates the query and key (first 64
-    /// dimensions by position, last 64 by block position, each as x·cos + rotate_half(x)·sin), writes the key and the
-    /// value at <paramref name="offset"/> of the cache buffers and returns the rotated query [1, b, heads, 128].
+    /// From the fused projection [1, b, heads·3·128] (per head: query, key, value; the model's
+    /// <c>view(1, b, heads, 3·128)</c> without making it): rotates the query and key (first 64 dimensions by position,
+    /// last 64 by block position, each as x·cos + rotate_half(x)·sin), writes the key and the value at
+    /// <paramref name="offset"/> of the cache buffers and returns the rotated query [1, b, heads, 128].
     /// </summary>
-    internal static Tensor Rotate(Tensor mixed, RotaryAngles angles, Tensor keys, Tensor values, long offset)
+    internal static Tensor Rotate(Tensor projection, long heads, RotaryAngles angles, Tensor keys, Tensor values, long offset)
     {
-        var shape = mixed.shape;
-        long batch = shape[1], heads = shape[2], capacity = keys.shape[2];
+        long batch = projection.shape[1], capacity = keys.shape[2];
         var query = empty(new[] { 1, batch, heads, HeadDim }, dtype: ScalarType.BFloat16);
-        var m = (ushort*)TensorMemory.Pointer(mixed);
+        var m = (ushort*)TensorMemory.Pointer(projection);
         var q = (ushort*)TensorMemory.Pointer(query);
         var k = (ushort*)TensorMemory.Pointer(keys);
         var v = (ushort*)TensorMemory.Pointer(values);
@@ -78,7 +79,7 @@ internal static unsafe class DecodeRotary
                 Unsafe.CopyBlockUnaligned(v + cache, source + 2 * HeadDim, HeadDim * sizeof(ushort));
             }
         }
-        GC.KeepAlive(mixed);
+        GC.KeepAlive(projection);
         GC.KeepAlive(keys);
         GC.KeepAlive(values);
         GC.KeepAlive(angles);

@@ -338,19 +338,20 @@ internal sealed class GlmSelfAttention : nn.Module
     {
         var xs = x.shape;
         long s = xs[0], b = xs[1];
-        var mixed = CpuLinear.Forward(query_key_value, x).view(s, b, _heads, 3 * _headDim);            // [s, b, np, 3·hn]
-        if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && mixed.requires_grad))
+        var projection = CpuLinear.Forward(query_key_value, x);                                          // [s, b, 3·h]
+        if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && projection.requires_grad))
         {
-            // One decoding position: rotary and cache writes in one managed pass, then the attention kernel.
+            // One decoding position: rotary and cache writes in one managed pass, then the attention kernel (checked
+            // on shapes: no view of the projection is made, each a native tensor costing ~10 µs in a decoding step).
             long length = step.Offset + 1;
-            using var queryShape = mixed.narrow(3, 0, _headDim);
-            if (DecodeRotary.Applies(mixed, angles, step.Keys, step.Values, step.Offset) &&
-                DecodeAttention.Applies(queryShape, step.Keys, step.Values, length, mask))
+            if (DecodeRotary.Applies(projection, _heads, angles, step.Keys, step.Values, step.Offset) &&
+                DecodeAttention.Applies(stackalloc long[] { s, b, _heads, _headDim }, step.Keys, step.Values, length, mask))
             {
-                var rotated = DecodeRotary.Rotate(mixed, angles, step.Keys, step.Values, step.Offset);
+                var rotated = DecodeRotary.Rotate(projection, _heads, angles, step.Keys, step.Values, step.Offset);
                 return (CpuLinear.Forward(dense, DecodeAttention.Run(rotated, step.Keys, step.Values, length, mask, _normValue, _layerId + 1)), null);
             }
         }
+        var mixed = projection.view(s, b, _heads, 3 * _headDim);                                        // [s, b, np, 3·hn]
         var q = mixed.narrow(3, 0, _headDim);
         var k = mixed.narrow(3, _headDim, _headDim);
         var v = mixed.narrow(3, 2 * _headDim, _headDim);
