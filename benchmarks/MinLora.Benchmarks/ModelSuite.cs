@@ -119,9 +119,12 @@ internal static class ModelSuite
         bool huge = !args.Contains("--no-huge-pages");
         // --ab-two-streams / --ab-bf16-activations / --ab-fused-ops / --ab-layer-norm: odd decode steps take the other
         // form, timed apart.
-        if (new[] { "--ab-two-streams", "--ab-bf16-activations", "--ab-fused-ops", "--ab-layer-norm" }.Count(args.Contains) > 1) { Console.Error.WriteLine("give one --ab-… decode flag at a time"); return 2; }
+        // --ab-blocks-per-core N: odd steps split each product into N blocks per core instead of CpuGemv.BlocksPerCore.
+        if (new[] { "--ab-two-streams", "--ab-bf16-activations", "--ab-fused-ops", "--ab-layer-norm", "--ab-blocks-per-core" }.Count(args.Contains) > 1) { Console.Error.WriteLine("give one --ab-… decode flag at a time"); return 2; }
         string? abForm = args.Contains("--ab-two-streams") ? "two-streams" : args.Contains("--ab-bf16-activations") ? "bf16-activations"
-            : args.Contains("--ab-fused-ops") ? "fused-ops" : args.Contains("--ab-layer-norm") ? "layer-norm" : null;
+            : args.Contains("--ab-fused-ops") ? "fused-ops" : args.Contains("--ab-layer-norm") ? "layer-norm" : args.Contains("--ab-blocks-per-core") ? "blocks" : null;
+        int abBlocks = Int(args, "--ab-blocks-per-core", 0);
+        if (abForm == "blocks" && abBlocks < 1) { Console.Error.WriteLine("--ab-blocks-per-core needs a count ≥ 1"); return 2; }
         if (abForm == "layer-norm" && arch != "chatglm") { Console.Error.WriteLine("--ab-layer-norm needs --arch chatglm (v2 models have RMSNorm: --ab-fused-ops)"); return 2; }
         bool abOutlierSplit = args.Contains("--ab-outlier-split");
         if (abOutlierSplit && (!int8Gemm || args.Contains("--compare-bf16"))) { Console.Error.WriteLine("--ab-outlier-split needs --int8-gemm and no --compare-bf16"); return 2; }
@@ -293,7 +296,7 @@ internal static class ModelSuite
         {
             Progress($"decode at context {context}");
             ArgumentNullException.ThrowIfNull(readBest);
-            var (stepMs, bestMs, cacheBytes, oneStream) = Decode(model, config, context, steps, readBest, abForm);
+            var (stepMs, bestMs, cacheBytes, oneStream) = Decode(model, config, context, steps, readBest, abForm, abBlocks);
             double bytes = weightRead + cacheBytes;
             double boundMs = bytes / (readBest.BestGBs * 1e9) * 1e3;
             if (oneStream is var (oneMs, oneBest))
@@ -301,6 +304,8 @@ internal static class ModelSuite
                     ? new($"  A/B: one stream per core (alternate steps; the row below: two)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"two ÷ one: {stepMs / oneMs:F2}")
                     : abForm == "bf16-activations"
                     ? new($"  A/B: bf16 kernel on float32 activations (alternate steps; the row below: bf16 pairs)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"pairs ÷ float32: {stepMs / oneMs:F2}")
+                    : abForm == "blocks"
+                    ? new($"  A/B: {abBlocks} blocks per core in each product (alternate steps; the row below: {DefaultBlocksPerCore})", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"{DefaultBlocksPerCore} ÷ {abBlocks}: {stepMs / oneMs:F2}")
                     : abForm == "layer-norm"
                     ? new($"  A/B: LayerNorms as libtorch's layer_norm (alternate steps; the row below: DecodeLayerNorm)", $"{oneMs:F1} ms/token (best step {oneBest:F1})", "", $"fused ÷ op: {stepMs / oneMs:F2}")
                     : new(v2
@@ -421,7 +426,7 @@ internal static class ModelSuite
     private static void Progress(string what) =>
         Console.Error.WriteLine($"  … {what} (RSS {Rss.Current() / 1e9:F2} GB, peak {Rss.Peak() / 1e9:F2} GB)");
 
-    private static (double MsPerToken, double BestMs, long CacheBytes, (double Ms, double Best)? OneStream) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read, string? abForm)
+    private static (double MsPerToken, double BestMs, long CacheBytes, (double Ms, double Best)? OneStream) Decode(GlmForCausalLM model, GlmConfig config, int context, int steps, ReadBandwidth read, string? abForm, int abBlocks)
     {
         using var noGrad = no_grad();
         bool v2 = config.Version == GlmVersion.ChatGlm2;
@@ -448,6 +453,7 @@ internal static class ModelSuite
             CpuGemv.Bf16Activations = !(one && abForm == "bf16-activations");
             DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = !(one && abForm == "fused-ops");
             DecodeLayerNorm.Enabled = !(one && abForm == "layer-norm");
+            CpuGemv.BlocksPerCore = one && abForm == "blocks" ? abBlocks : DefaultBlocksPerCore;
             var newMask = v2 ? null : GlmMasks.AppendTokenToMask(mask!);
             var newPositions = v2 ? positions.narrow(1, positions.shape[1] - 1, 1).add(1) : GlmMasks.AppendTokenToPositions(positions);
             mask?.Dispose();
@@ -481,6 +487,7 @@ internal static class ModelSuite
         CpuGemv.TwoStreams = true;
         CpuGemv.Bf16Activations = true;
         DecodeGelu.Enabled = DecodeResidual.Enabled = DecodeRmsNorm.Enabled = DecodeSwiGlu.Enabled = DecodeLayerNorm.Enabled = true;
+        CpuGemv.BlocksPerCore = DefaultBlocksPerCore;
         var measured = times.Skip(1).ToList();
         var oneMeasured = oneStream.Skip(1).ToList();   // its first step may carry the one-row methods' compilation
         (double, double)? oneForm = oneMeasured.Count == 0 ? null : (MedianOf(oneMeasured), oneMeasured.Min());
@@ -668,6 +675,9 @@ internal static class ModelSuite
     private static string Gb(long bytes) => (bytes / 1e9).ToString("F2", CultureInfo.InvariantCulture) + " GB";
 
     private static string Pct(double f) => (100 * f).ToString("F0", CultureInfo.InvariantCulture) + " %";
+
+    /// <summary>CpuGemv's own count of blocks per core, restored after an A/B.</summary>
+    private static readonly int DefaultBlocksPerCore = CpuGemv.BlocksPerCore;
 
     internal static int Int(List<string> args, string name, int fallback)
     {

@@ -413,11 +413,18 @@ internal static unsafe class CpuGemv
         public bool Signed;
     }
 
+    /// <summary>
+    /// Parallel blocks per core in a product (each at least 16 output rows): the cores claim them one at a time, so a
+    /// core that falls behind (another process, a descheduled vCPU) holds the call up by at most one block. A field so
+    /// that the benchmark's A/B can take another count; every count gives bit-identical outputs.
+    /// </summary>
+    internal static int BlocksPerCore = 2;
+
     private static void Run(ref Job job, delegate*<in Job, int, int, void> block)
     {
-        // Blocks of ≥ 16 output rows, two per core so a core taken by another process does not hold the call up.
+        // Blocks of ≥ 16 output rows, BlocksPerCore per core so a core taken by another process does not hold the call up.
         int n = job.N;
-        int blocks = Math.Max(1, Math.Min(Environment.ProcessorCount * 2, n / 16));
+        int blocks = Math.Max(1, Math.Min(Environment.ProcessorCount * Math.Max(1, BlocksPerCore), n / 16));
         if (blocks == 1)
         {
             block(job, 0, n);
