@@ -10,7 +10,7 @@ using static TorchSharp.torch;
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- lora|quant|load|crossover|prompt-products [--shape KxN] [--rounds N] [--quick] [--default-malloc]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- load [--chatglm6b-layers N]
 //   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- norm-probe [--rounds N]   (ChatGLM-6B LayerNorm: libtorch vs DecodeLayerNorm)
-//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm [--outlier-threshold X|inf]] [--outlier-features N] [--ab-outlier-split] [--train] [--steps N] [--compare-bf16] [--ab-two-streams]
+//   dotnet run -c Release --project benchmarks/MinLora.Benchmarks -- model [--bits 0|4|8] [--int4-format chatglm|g128] [--int8-gemm [--outlier-threshold X|inf]] [--outlier-features N] [--ab-outlier-split] [--train] [--steps N] [--compare-bf16] [--ab-two-streams|--ab-bf16-activations|--ab-fused-ops|--ab-layer-norm|--ab-blocks-per-core N]
 //   any suite: [--default-malloc | --retain-below BYTES] (glibc policy: keep every freed block by default)
 //   mpirun -np 2 dotnet benchmarks/MinLora.Benchmarks/bin/Release/net10.0/MinLora.Benchmarks.dll data-parallel [--bits 4] [--tokens 256]
 var argsList = args.ToList();

@@ -54,7 +54,7 @@ public class DecodeLayerNormTests
 
     /// <summary>
     /// Bit for bit libtorch's <c>layer_norm</c>, over widths that reach every part of its moments (no 16-value step,
-    /// one chunk, leftover steps, a cascade of 1 to 5 levels with leftover chunks, leftover values) and its output's
+    /// one chunk, leftover steps, a cascade of 1 to 9 levels with leftover chunks, leftover values) and its output's
     /// scalar tail, 1, 3 and 8 rows, and ε 1e-5 (ChatGLM-6B's) and 0.5.
     /// </summary>
     [SkippableTheory]
@@ -223,11 +223,14 @@ def moments(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
         Skip.IfNot(Supported, "needs AVX-512 F and FMA (elsewhere the libtorch path runs)");
         const int width = 4099;
         using var x = Rows(5, width, 708);
-        x[0].fill_(3.25);
-        x[1].fill_(0);
-        x[2, 17] = tensor(float.PositiveInfinity).to(ScalarType.BFloat16);
-        x[3, 4000] = tensor(float.NaN).to(ScalarType.BFloat16);
-        x[4, width - 1] = tensor(float.NegativeInfinity).to(ScalarType.BFloat16);   // in the scalar leftovers
+        using (NewDisposeScope())
+        {
+            x[0].fill_(3.25);
+            x[1].fill_(0);
+            x[2, 17] = tensor(float.PositiveInfinity).to(ScalarType.BFloat16);
+            x[3, 4000] = tensor(float.NaN).to(ScalarType.BFloat16);
+            x[4, width - 1] = tensor(float.NegativeInfinity).to(ScalarType.BFloat16);   // in the scalar leftovers
+        }
         var (weight, bias) = Affine(width, 709);
         using var w = weight;
         using var b = bias;
@@ -262,6 +265,8 @@ def moments(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
         Assert.False(DecodeLayerNorm.Applies(strided, w, b, 64, 8 * 64));
         using var w65 = ones(65, dtype: ScalarType.BFloat16);
         Assert.False(DecodeLayerNorm.Applies(x, w65, b, 64, 8 * 64));
+        using var w2d = ones(new long[] { 2, 32 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeLayerNorm.Applies(x, w2d, b, 64, 8 * 64));
         Assert.False(DecodeLayerNorm.Applies(x, w, b, 65, 8 * 64));
         using var many = ones(new long[] { 9, 64 }, dtype: ScalarType.BFloat16);
         Assert.False(DecodeLayerNorm.Applies(many, w, b, 64, 8 * 64));

@@ -87,6 +87,13 @@ public class DecodeRotaryTests
         Assert.False(DecodeRotary.Applies(projection, 1, angles, keys, values, 0));                          // heads ≠ the cache's
         using var fourD = zeros(new long[] { 1, 1, 2, 384 }, dtype: ScalarType.BFloat16);
         Assert.False(DecodeRotary.Applies(fourD, 2, angles, keys, values, 0));                               // not the projection
+        using var twice = zeros(new long[] { 1, 1, 2 * 384, 2 }, dtype: ScalarType.BFloat16);
+        using var strided = twice.select(3, 0);                                                              // [1, 1, 768], stride 2
+        Assert.False(strided.is_contiguous());
+        Assert.False(DecodeRotary.Applies(strided, 2, angles, keys, values, 0));                             // strided
+        using var keys2 = zeros(new long[] { 2, 2, 4, 128 }, dtype: ScalarType.BFloat16);
+        using var values2 = zeros(new long[] { 2, 2, 4, 128 }, dtype: ScalarType.BFloat16);
+        Assert.False(DecodeRotary.Applies(projection, 2, angles, keys2, values2, 0));                        // batch ≠ the cache's
     }
 
     /// <summary>

@@ -45,14 +45,12 @@ internal static unsafe class DecodeRmsNorm
 
     /// <summary>
     /// Whether <see cref="Apply"/> applies: AVX-512, a contiguous bf16 CPU input of at most <paramref name="maxValues"/>
-    /// values whose last dimension is <paramref name="width"/> (16 to 32,767), a contiguous bf16 weight of that many
+    /// values whose last dimension is <paramref name="width"/> (16 to 32,767), a contiguous 1-D bf16 weight of that many
     /// values, no gradient wanted, and a libtorch whose sum order is known (<see cref="LibtorchLanes"/>).
     /// </summary>
     internal static bool Applies(Tensor x, Tensor weight, long width, long maxValues) =>
-        Enabled && Avx512F.IsSupported && width is >= MinimumWidth and <= MaximumWidth && x.device_type == DeviceType.CPU && weight.device_type == DeviceType.CPU &&
-        x.dtype == ScalarType.BFloat16 && weight.dtype == ScalarType.BFloat16 && x.is_contiguous() && weight.is_contiguous() &&
-        x.numel() is > 0 and var n && n <= maxValues && x.dim() > 0 && x.size(-1) == width && weight.numel() == width &&
-        !(is_grad_enabled() && (x.requires_grad || weight.requires_grad)) && LibtorchLanes != 0;
+        Enabled && Avx512F.IsSupported && width is >= MinimumWidth and <= MaximumWidth &&
+        DecodeRows.Accept(x, width, maxValues, weight) && LibtorchLanes != 0;
 
     /// <summary>The RMSNorm of each row of <paramref name="x"/> (see <see cref="DecodeRmsNorm"/>), a new tensor of its shape.</summary>
     internal static Tensor Apply(Tensor x, Tensor weight, float epsilon)
