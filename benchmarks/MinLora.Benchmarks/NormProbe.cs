@@ -119,6 +119,7 @@ internal static class NormProbe
         Console.WriteLine($"The same, each call alone after reading 64 MB (caches cold, as between two LayerNorms of a decoding step), {rounds * 4} calls per form:");
         PrintForms(forms, cold);
 
+        using var mask = zeros(new long[] { 1, 1, 1, 1024 }, dtype: ScalarType.Bool);
         // What single libtorch calls cost there: a decoding step makes ~13 tensors per layer (outputs and views).
         var calls = new (string Name, Action Call)[]
         {
@@ -130,6 +131,7 @@ internal static class NormProbe
                 using var v = x.view(1, 1, 32, 128);
                 v.narrow(3, 0, 64).Dispose();
             }),
+            ("mask.reshape(1, 1024).to(Bool).contiguous(), disposed (the attention's old mask preparation)", () => mask.reshape(1, 1024).to(ScalarType.Bool).contiguous().Dispose()),
             ("empty_like(x), disposed", () => empty_like(x).Dispose()),
             ("x.dtype (a property read)", () => _ = x.dtype),
         };

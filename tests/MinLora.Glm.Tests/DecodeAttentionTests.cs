@@ -73,6 +73,22 @@ public class DecodeAttentionTests
         var bound = dtype == ScalarType.BFloat16 ? expected.abs() * Math.Pow(2, -8) + 1e-5 : expected.abs() * 1e-5 + 1e-5;
         var excess = ((got - expected).abs() - bound).max().item<double>();
         Assert.True(excess <= 0, $"kernel exceeds its bound by {excess}");
+
+        if (mask is not null)
+        {
+            // The mask read in place (contiguous bool, above) and converted (bytes; a strided bool view) give the
+            // same output bit for bit.
+            using var bytes = mask.to(ScalarType.Byte);
+            using var wide = zeros(new[] { b, 1, 1, 2L * length }, dtype: ScalarType.Bool);
+            wide.view(b, 1, 1, length, 2).select(4, 0).copy_(mask);
+            using var strided = wide.view(b, 1, 1, length, 2).select(4, 0);
+            Assert.False(strided.is_contiguous());
+            using var plain = DecodeAttention.Run(query, keys, values, length, mask, norm, coeff, maskValue, cores);
+            using var fromBytes = DecodeAttention.Run(query, keys, values, length, bytes, norm, coeff, maskValue, cores);
+            using var fromStrided = DecodeAttention.Run(query, keys, values, length, strided, norm, coeff, maskValue, cores);
+            Assert.True(fromBytes.bytes.SequenceEqual(plain.bytes), "a byte mask reads differently");
+            Assert.True(fromStrided.bytes.SequenceEqual(plain.bytes), "a strided mask reads differently");
+        }
     }
 
     /// <summary>The multi-query kernel's plan: every group's heads in one pass when that keeps every core busy, else
