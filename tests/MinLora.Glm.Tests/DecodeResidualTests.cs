@@ -64,23 +64,26 @@ public class DecodeResidualTests
 /// rows (where they run) with them on and off.</summary>
 public class DecodeFusionModelTests
 {
+    /// <summary>A two-layer ChatGLM-6B-architecture config of the given width.</summary>
+    private static GlmConfig Tiny(int hidden, int heads) => new()
+    {
+        VocabSize = 320,
+        HiddenSize = hidden,
+        NumLayers = 2,
+        NumAttentionHeads = heads,
+        MaxSequenceLength = 64,
+        BosTokenId = 290,
+        EosTokenId = 291,
+        MaskTokenId = 292,
+        GmaskTokenId = 293,
+        PadTokenId = 0,
+    };
+
     [Fact]
     public void FewRowForward_EqualsTheLibtorchOps()
     {
         manual_seed(602);
-        var config = new GlmConfig
-        {
-            VocabSize = 320,
-            HiddenSize = 64,
-            NumLayers = 2,
-            NumAttentionHeads = 4,
-            MaxSequenceLength = 64,
-            BosTokenId = 290,
-            EosTokenId = 291,
-            MaskTokenId = 292,
-            GmaskTokenId = 293,
-            PadTokenId = 0,
-        };
+        var config = Tiny(64, 4);
         using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16));
         using var ids = randint(0, 280, new long[] { 1, 6 });
         using var prompt = cat(new[] { ids, tensor(new long[] { 293, 290 }).unsqueeze(0) }, 1);
@@ -120,19 +123,7 @@ public class DecodeFusionModelTests
     {
         Skip.IfNot(System.Runtime.Intrinsics.X86.Avx512F.IsSupported && System.Runtime.Intrinsics.X86.Fma.IsSupported, "needs AVX-512 F and FMA (elsewhere the libtorch path runs)");
         manual_seed(603);
-        var config = new GlmConfig
-        {
-            VocabSize = 320,
-            HiddenSize = 72,          // the rows' tail (72 = 4·16 + 8) runs too
-            NumLayers = 2,
-            NumAttentionHeads = 3,
-            MaxSequenceLength = 64,
-            BosTokenId = 290,
-            EosTokenId = 291,
-            MaskTokenId = 292,
-            GmaskTokenId = 293,
-            PadTokenId = 0,
-        };
+        var config = Tiny(72, 3);          // the rows' tail (72 = 4·16 + 8) runs too
         using var model = new GlmForCausalLM(config, new GlmBuildOptions(ScalarType.BFloat16));
         using (no_grad())
         {
