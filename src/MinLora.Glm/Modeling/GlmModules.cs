@@ -342,7 +342,7 @@ internal sealed class GlmSelfAttention : nn.Module
         if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && projection.requires_grad))
         {
             // One decoding position: rotary and cache writes in one managed pass, then the attention kernel (checked
-            // on shapes: no view of the projection is made, each a native tensor costing ~10 µs in a decoding step).
+            // on shapes: no view of the projection is made, each a native tensor costing ~15–25 µs in a decoding step).
             long length = step.Offset + 1;
             if (DecodeRotary.Applies(projection, _heads, angles, step.Keys, step.Values, step.Offset) &&
                 DecodeAttention.Applies(stackalloc long[] { s, b, _heads, _headDim }, step.Keys, step.Values, length, mask))

@@ -168,7 +168,7 @@ internal sealed class V2SelfAttention : nn.Module
         if (slot is { } step && s == 1 && !needProbs && !(is_grad_enabled() && (mixed.requires_grad || (past is { } pp && (pp.Key.requires_grad || pp.Value.requires_grad)))))
         {
             // One decoding position: rotary and cache writes in one managed pass, then the attention kernel (checked
-            // on shapes: no view of the projection is made, each a native tensor costing ~10 µs in a decoding step).
+            // on shapes: no view of the projection is made, each a native tensor costing ~15–25 µs in a decoding step).
             long length = step.Offset + 1;
             if (DecodeRotary.AppliesV2(mixed, angles, step.Keys, step.Values, step.Offset, _heads, _groups) &&
                 DecodeAttention.Applies(stackalloc long[] { 1, b, _heads, _headDim }, step.Keys, step.Values, length, mask))
