@@ -238,11 +238,11 @@ internal static unsafe class DecodeLayerNorm
             var x = new ushort[2 * width];
             var w = new ushort[width];
             var b = new ushort[width];
-            for (int i = 0; i < x.Length; i++) x[i] = Pseudo(ref state, i < width ? 0f : 3f);
+            for (int i = 0; i < x.Length; i++) x[i] = DecodeRows.PseudoBFloat16(ref state, i < width ? 0f : 3f);
             for (int i = 0; i < width; i++)
             {
-                w[i] = Pseudo(ref state, 1f);
-                b[i] = Pseudo(ref state, 0f);
+                w[i] = DecodeRows.PseudoBFloat16(ref state, 1f);
+                b[i] = DecodeRows.PseudoBFloat16(ref state, 0f);
             }
             var input = BFloat16(x, 2, width);
             var weight = BFloat16(w, width);
@@ -255,17 +255,6 @@ internal static unsafe class DecodeLayerNorm
                 if (ours[i] != BitConverter.SingleToUInt32Bits(theirs[i]) >> 16) return false;
         }
         return true;
-    }
-
-    /// <summary>A pseudo-random bf16 value: <paramref name="offset"/> plus a signed magnitude over 2^±12.</summary>
-    private static ushort Pseudo(ref uint state, float offset)
-    {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        var bits = (ushort)(((state & 1) << 15) | ((115 + (state >> 1) % 25) << 7) | ((state >> 8) & 0x7F));
-        float value = BitConverter.UInt32BitsToSingle((uint)bits << 16) + offset;
-        return (ushort)(BitConverter.SingleToUInt32Bits(value) >> 16);
     }
 
     /// <summary>bf16 bit patterns as a bf16 tensor (through float32: exact).</summary>

@@ -114,11 +114,7 @@ internal static unsafe class DecodeRmsNorm
         uint state = 2463534242;
         for (int i = 0; i < width; i++)
         {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            // Sign, exponent 115…139 (2⁻¹²…2¹²), 7 mantissa bits.
-            bits[i] = (ushort)(((state & 1) << 15) | ((115 + (state >> 1) % 25) << 7) | ((state >> 8) & 0x7F));
+            bits[i] = DecodeRows.PseudoBFloat16(ref state);
             row[i] = BitConverter.UInt32BitsToSingle((uint)bits[i] << 16);
         }
         float libtorch = tensor(row, device: CPU).square().sum().item<float>();

@@ -30,8 +30,7 @@ internal static unsafe class DecodeSwiGlu
     /// values whose last dimension is 2·<paramref name="half"/>, no gradient wanted.
     /// </summary>
     internal static bool Applies(Tensor h, long half, long maxValues) =>
-        Enabled && Avx512F.IsSupported && half > 0 && h.device_type == DeviceType.CPU && h.dtype == ScalarType.BFloat16 && h.is_contiguous() &&
-        h.numel() is > 0 and var n && n <= maxValues && h.dim() > 0 && h.size(-1) == 2 * half && !(is_grad_enabled() && h.requires_grad);
+        Enabled && Avx512F.IsSupported && half > 0 && DecodeRows.Accept(h, 2 * half, maxValues);
 
     /// <summary>silu(first half)·second half of each row of <paramref name="h"/>, a new tensor whose last dimension is
     /// <paramref name="half"/>.</summary>
@@ -39,7 +38,7 @@ internal static unsafe class DecodeSwiGlu
     {
         var shape = h.shape;
         shape[^1] = half;
-        var result = empty(shape, dtype: ScalarType.BFloat16, device: h.device);
+        var result = empty(shape, dtype: ScalarType.BFloat16, device: CPU);   // Applies: h is on the CPU
         long rows = h.numel() / (2 * half);
         var source = (ushort*)TensorMemory.Pointer(h);
         var target = (ushort*)TensorMemory.Pointer(result);
